@@ -13,7 +13,7 @@ reads: the user (own features, aggregates, sampled ``friend_ids``), then those f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -120,15 +120,3 @@ def transform_profile(scalars: np.ndarray) -> np.ndarray:
         if feature.transform == "log1p":
             out[:, j] = np.log1p(np.maximum(out[:, j], 0.0))
     return out
-
-
-def fill_defaults(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Replace missing/None feature values with the contract defaults (unknown users)."""
-    filled = []
-    for row in rows:
-        out = dict(row)
-        for feature in ALL_FEATURES:
-            if out.get(feature.name) is None:
-                out[feature.name] = default_value(feature.name)
-        filled.append(out)
-    return filled

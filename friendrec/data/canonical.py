@@ -205,6 +205,7 @@ def prepare(settings: Settings, name: str | None = None) -> DatasetMeta:
         profile_ts=cfg.timeline_start,
         sources=graph.sources,
     )
+    _invalidate_downstream(paths, meta)
     staging = Path(tempfile.mkdtemp(prefix=f".{paths.slug}.", dir=_ensure(paths.data_dir.parent)))
     try:
         write_atomic(users_table(graph, meta.profile_ts), staging / paths.users.name)
@@ -228,6 +229,17 @@ def prepare(settings: Settings, name: str | None = None) -> DatasetMeta:
         datetime.fromtimestamp(meta.train_cutoff_ts, UTC).isoformat(),
     )
     return meta
+
+
+def _invalidate_downstream(paths: DatasetPaths, meta: DatasetMeta) -> None:
+    """A different split makes stored features and Feast state wrong: remove them."""
+    if not paths.meta.is_file():
+        return
+    previous = DatasetMeta.model_validate(json.loads(paths.meta.read_text()))
+    if previous.split_sha256 != meta.split_sha256:
+        log.warning("%s: the split changed; removing its features and Feast state", paths.name)
+        shutil.rmtree(paths.features_dir, ignore_errors=True)
+        shutil.rmtree(paths.feast_dir, ignore_errors=True)
 
 
 def _ensure(path: Path) -> Path:

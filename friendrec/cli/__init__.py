@@ -1,0 +1,74 @@
+"""`friendrec <command>`: one CLI for every component. Heavy imports happen inside commands so
+that `--help` stays instant."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from friendrec.cli import bench, data, features
+from friendrec.errors import FriendrecError
+
+app = typer.Typer(
+    name="friendrec",
+    help=(
+        "Friend recommendation with SSMTL embeddings over Feast, TensorFlow Recommenders, "
+        "Kafka and Milvus. Configuration: defaults < FRIENDREC_CONFIG / --config YAML < "
+        "FRIENDREC_* environment variables (nested with __, e.g. FRIENDREC_DATA__SEED=7)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data.app, name="data")
+app.add_typer(features.app, name="features")
+app.add_typer(bench.app, name="bench")
+console = Console(stderr=True)
+
+
+@app.callback()
+def root(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", exists=True, dir_okay=False, help="YAML settings file."
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+) -> None:
+    """Global options (they apply to every command)."""
+    if config is not None:
+        os.environ["FRIENDREC_CONFIG"] = str(config.resolve())
+    from friendrec.logs import setup_logging
+
+    setup_logging(log_level)
+
+
+@app.command()
+def config() -> None:
+    """Print the effective settings as JSON (after file and environment)."""
+    from friendrec.config import load_settings
+
+    typer.echo(load_settings().model_dump_json(indent=2))
+
+
+@app.command()
+def demo(
+    dataset: str = typer.Option("twitch/ENGB", help="Dataset to run the story on."),
+    users: list[int] = typer.Option([0, 1, 2], "--user", help="Users whose features to show."),
+) -> None:
+    """The main job on embedded defaults: prepare data, build and materialize features, then
+    print the online features of a few users."""
+    from friendrec.pipeline import run_demo
+
+    run_demo(dataset, users)
+
+
+def main() -> None:
+    """Console-script entry: project errors become one clear line and exit code 2."""
+    try:
+        app()
+    except FriendrecError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)

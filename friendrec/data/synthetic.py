@@ -1,0 +1,352 @@
+"""A seeded synthetic social graph, shaped like the real ones, for tests and benchmarks.
+
+Why not a uniform random graph: the pipeline's costs and the model's signal both depend on shape.
+Hubs (a heavy-tailed degree distribution) dominate neighbour fan-out, feature-job skew and
+negative sampling; communities with homophilous features are what a GraphSAGE tower learns from.
+So the generator plants both, and a test or benchmark on it exercises the same paths as MUSAE data.
+
+Model, all vectorised numpy:
+
+* Communities: ``n_users / community_size`` of them, sizes heavy-tailed (Pareto weights).
+* Degrees: Chung-Lu. Each user gets an expected degree from a power law with exponent
+  ``degree_exponent`` (capped at ``max_degree``); an edge joins two users with probability
+  proportional to the product of their weights. A share ``intra_fraction`` of each user's expected
+  degree is spent inside its community (capped at half the community, since one cannot have more
+  friends there than there are members), the rest across the whole graph.
+* Sparse ids: each community has a topic (``topic_size`` ids, Zipf-weighted); a user draws
+  ``ids_per_user`` ids, a share ``topic_fraction`` from its topic, the rest from a global Zipf.
+* Profile scalars (``contract.PROFILE_SCALARS`` order): views follow degree (popular users are
+  watched), partners are mostly high-view users, mature / ML-developer flags vary by community.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from friendrec import contract
+from friendrec.data.graph import RawGraph
+
+_CHUNK = 1 << 22  # endpoint samples per chunk: bounds the temporaries at ~100 MB
+_MAX_ROUNDS = 30  # top-up rounds; only near-complete tiny graphs need more than two or three
+
+
+def generate_synthetic(
+    n_users: int,
+    seed: int = 42,
+    *,
+    avg_degree: float = 20.0,
+    vocab_size: int = 4096,
+    community_size: float = 200.0,
+    community_alpha: float = 1.5,
+    degree_exponent: float = 2.5,
+    max_degree: int | None = None,
+    intra_fraction: float = 0.8,
+    ids_per_user: tuple[int, int] = (10, 30),
+    topic_size: int = 32,
+    topic_fraction: float = 0.7,
+    zipf_exponent: float = 1.1,
+) -> RawGraph:
+    """A synthetic ``RawGraph`` with ``n_users`` users and ~``n_users * avg_degree / 2`` edges.
+
+    Deterministic for a given ``seed`` and parameters. ``community_size`` is the mean community
+    size (``community_alpha`` the Pareto tail of the sizes, smaller is heavier); the degree
+    distribution follows a power law with exponent ``degree_exponent`` (> 2, so the mean exists),
+    capped at ``max_degree`` (default ``max(10 * avg_degree, sqrt(n_users * avg_degree))``).
+    Each user owns ``ids_per_user`` (inclusive range, before de-duplication) sparse ids in
+    ``[0, vocab_size)``. The edge count equals the target unless the graph is so dense that
+    sampling cannot find enough distinct pairs.
+    """
+    graph, _ = _generate(
+        n_users,
+        seed,
+        avg_degree=avg_degree,
+        vocab_size=vocab_size,
+        community_size=community_size,
+        community_alpha=community_alpha,
+        degree_exponent=degree_exponent,
+        max_degree=max_degree,
+        intra_fraction=intra_fraction,
+        ids_per_user=ids_per_user,
+        topic_size=topic_size,
+        topic_fraction=topic_fraction,
+        zipf_exponent=zipf_exponent,
+    )
+    return graph
+
+
+def _generate(
+    n_users: int,
+    seed: int,
+    *,
+    avg_degree: float,
+    vocab_size: int,
+    community_size: float,
+    community_alpha: float,
+    degree_exponent: float,
+    max_degree: int | None,
+    intra_fraction: float,
+    ids_per_user: tuple[int, int],
+    topic_size: int,
+    topic_fraction: float,
+    zipf_exponent: float,
+) -> tuple[RawGraph, np.ndarray]:
+    """``generate_synthetic`` plus each user's community (int64 [n]), which tests check."""
+    lo_ids, hi_ids = ids_per_user
+    if n_users < 1:
+        raise ValueError(f"n_users must be >= 1, got {n_users}")
+    if avg_degree < 0:
+        raise ValueError(f"avg_degree must be >= 0, got {avg_degree}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if degree_exponent <= 2:
+        raise ValueError(f"degree_exponent must be > 2 (finite mean), got {degree_exponent}")
+    if not (0.0 <= intra_fraction <= 1.0 and 0.0 <= topic_fraction <= 1.0):
+        raise ValueError("intra_fraction and topic_fraction must lie in [0, 1]")
+    if not 1 <= lo_ids <= hi_ids:
+        raise ValueError(f"ids_per_user must satisfy 1 <= lo <= hi, got {ids_per_user}")
+    if community_size < 1 or community_alpha <= 0 or topic_size < 1:
+        raise ValueError("community_size and topic_size must be >= 1, community_alpha > 0")
+
+    rng = np.random.default_rng(seed)
+    n = int(n_users)
+
+    # Communities: Pareto weights give a heavy-tailed size distribution.
+    k = max(1, round(n / community_size))
+    comm_w = rng.pareto(community_alpha, k) + 1.0
+    comm = rng.choice(k, size=n, p=comm_w / comm_w.sum()).astype(np.int64)
+    comm_count = np.bincount(comm, minlength=k)
+
+    # Expected degrees: power law, capped, rescaled towards the target mean.
+    default_cap = max(10 * avg_degree, np.sqrt(n * avg_degree))
+    cap = float(max_degree) if max_degree is not None else default_cap
+    cap = min(cap, n - 1.0)
+    theta = rng.pareto(degree_exponent - 1.0, n) + 1.0
+    deg = theta * (avg_degree / theta.mean())
+    for _ in range(3):
+        np.minimum(deg, cap, out=deg)
+        total = deg.sum()
+        if total > 0:
+            deg *= avg_degree * n / total
+    np.minimum(deg, cap, out=deg)
+    intra_w = _intra_weights(deg, 0.5 * (comm_count[comm] - 1.0), intra_fraction)
+    inter_w = deg - intra_w
+
+    target = min(round(n * avg_degree / 2), n * (n - 1) // 2)
+    keys = _sample_edges(rng, n, comm, intra_w, inter_w, target)
+    src = keys // n
+    dst = keys % n
+
+    offsets, values = _sparse_ids(
+        rng, comm, k, vocab_size, ids_per_user, topic_size, topic_fraction, zipf_exponent
+    )
+    profile = _profile(rng, comm, k, deg, avg_degree)
+
+    params = (
+        f"n_users={n}, seed={seed}, avg_degree={avg_degree}, vocab_size={vocab_size}, "
+        f"community_size={community_size}, community_alpha={community_alpha}, "
+        f"degree_exponent={degree_exponent}, max_degree={max_degree}, "
+        f"intra_fraction={intra_fraction}, ids_per_user={tuple(ids_per_user)}, "
+        f"topic_size={topic_size}, topic_fraction={topic_fraction}, zipf_exponent={zipf_exponent}"
+    )
+    graph = RawGraph(
+        name=f"synthetic:{n_users}",
+        user_ids=np.arange(n, dtype=np.int64),
+        profile=profile,
+        sparse_offsets=offsets,
+        sparse_values=values,
+        src=src,
+        dst=dst,
+        vocab_size=int(vocab_size),
+        sources={"generator": f"friendrec.data.synthetic.generate_synthetic({params})"},
+    )
+    graph.check()
+    return graph, comm
+
+
+def _intra_weights(deg: np.ndarray, room: np.ndarray, intra_fraction: float) -> np.ndarray:
+    """Each user's expected intra-community degree: ``min(f * deg, room)``, overall share kept.
+
+    ``room`` (half the community) caps hubs in small communities, whose excess goes across
+    communities; bisection on ``f`` in ``[intra_fraction, 1]`` lets the other users make up for
+    it, so the graph-wide intra share stays ``intra_fraction`` whenever the rooms allow it.
+    """
+    want = intra_fraction * deg.sum()
+    lo, hi = intra_fraction, 1.0
+    if np.minimum(hi * deg, room).sum() <= want:
+        lo = hi
+    for _ in range(40):
+        if hi - lo < 1e-9:
+            break
+        mid = 0.5 * (lo + hi)
+        if np.minimum(mid * deg, room).sum() < want:
+            lo = mid
+        else:
+            hi = mid
+    return np.minimum(lo * deg, room)
+
+
+def _sample_edges(
+    rng: np.random.Generator,
+    n: int,
+    comm: np.ndarray,
+    intra_w: np.ndarray,
+    inter_w: np.ndarray,
+    target: int,
+) -> np.ndarray:
+    """Exactly ``target`` distinct canonical pair keys ``src * n + dst`` (fewer only if too dense).
+
+    Samples Chung-Lu edges in rounds, de-duplicates with ``np.unique`` and tops up the deficit;
+    the last round overshoots, and a uniform random surplus is dropped so the count is exact.
+    """
+    if target <= 0:
+        return np.zeros(0, dtype=np.int64)
+    # Users sorted by community: each community's weight is one contiguous slice of a cumsum,
+    # so "a member of c, proportional to weight" is one searchsorted into that slice.
+    order = np.argsort(comm, kind="stable")
+    comm_sorted = comm[order]
+    intra_cum = np.cumsum(intra_w[order])
+    bounds = np.searchsorted(comm_sorted, np.arange(comm.max() + 2))  # community c: [b[c], b[c+1])
+    comm_lo_cum = np.concatenate([[0.0], intra_cum])[bounds[:-1]]
+    comm_hi_cum = np.concatenate([[0.0], intra_cum])[bounds[1:]]
+    inter_cum = np.cumsum(inter_w)
+    intra_total = float(intra_cum[-1])
+    inter_total = float(inter_cum[-1])
+    intra_share = intra_total / (intra_total + inter_total) if intra_total + inter_total else 0.0
+
+    def draw(count: int) -> np.ndarray:
+        out = []
+        n_intra = int(rng.binomial(count, intra_share))
+        for start in range(0, n_intra, _CHUNK):
+            m = min(_CHUNK, n_intra - start)
+            p1 = np.minimum(np.searchsorted(intra_cum, rng.random(m) * intra_total, "right"), n - 1)
+            c = comm_sorted[p1]
+            u = comm_lo_cum[c] + rng.random(m) * (comm_hi_cum[c] - comm_lo_cum[c])
+            p2 = np.searchsorted(intra_cum, u, "right")
+            p2 = np.clip(p2, bounds[c], bounds[c + 1] - 1)
+            out.append(_pair_keys(order[p1], order[p2], n))
+        n_inter = count - n_intra
+        for start in range(0, n_inter, _CHUNK):
+            m = min(_CHUNK, n_inter - start)
+            a = np.minimum(np.searchsorted(inter_cum, rng.random(m) * inter_total, "right"), n - 1)
+            b = np.minimum(np.searchsorted(inter_cum, rng.random(m) * inter_total, "right"), n - 1)
+            out.append(_pair_keys(a, b, n))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    keys = np.unique(draw(int(target * 1.05) + 16))
+    for _ in range(_MAX_ROUNDS):
+        if keys.size >= target:
+            break
+        deficit = target - keys.size
+        # Novelty of the last batch predicts the next one; oversample by it, plus a margin.
+        keys = np.unique(np.concatenate([keys, draw(int(deficit * 1.3) + 64)]))
+    if keys.size > target:
+        drop = rng.choice(keys.size, keys.size - target, replace=False)
+        keep = np.ones(keys.size, dtype=bool)
+        keep[drop] = False
+        keys = keys[keep]
+    return keys
+
+
+def _pair_keys(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """Canonical int64 keys ``min * n + max`` with self loops removed."""
+    a = a.astype(np.int64, copy=False)
+    b = b.astype(np.int64, copy=False)
+    lo = np.minimum(a, b)
+    hi = np.maximum(a, b)
+    ok = lo != hi
+    return lo[ok] * n + hi[ok]
+
+
+def _zipf_sampler(size: int, exponent: float) -> np.ndarray:
+    """CDF of a Zipf law over ranks ``0..size-1``, for inverse-CDF sampling with searchsorted."""
+    p = 1.0 / np.arange(1, size + 1, dtype=np.float64) ** exponent
+    cdf = np.cumsum(p)
+    return cdf / cdf[-1]
+
+
+def _sparse_ids(
+    rng: np.random.Generator,
+    comm: np.ndarray,
+    k: int,
+    vocab_size: int,
+    ids_per_user: tuple[int, int],
+    topic_size: int,
+    topic_fraction: float,
+    zipf_exponent: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Homophilous sparse ids as CSR (offsets int64 [n+1], values int64, unique per user).
+
+    Friends mostly share a community, hence a topic, hence ids: the signal the model should find.
+    """
+    n = comm.shape[0]
+    topics = rng.integers(0, vocab_size, size=(k, topic_size), dtype=np.int64)
+    topic_cdf = _zipf_sampler(topic_size, 1.0)
+    popular = rng.permutation(vocab_size).astype(np.int64)  # global popularity ranking
+    global_cdf = _zipf_sampler(vocab_size, zipf_exponent)
+
+    counts = rng.integers(ids_per_user[0], ids_per_user[1] + 1, size=n)
+    # Zipf draws repeat ids, so draw ~1.6x the slots and keep each user's first ``count`` distinct.
+    drawn = counts + (counts * 3 + 4) // 5
+    owner = np.repeat(np.arange(n, dtype=np.int64), drawn)
+    total = owner.shape[0]
+    from_topic = rng.random(total) < topic_fraction
+    ranks = np.searchsorted(topic_cdf, rng.random(total), "right")
+    np.minimum(ranks, topic_size - 1, out=ranks)
+    ids = topics[comm[owner], ranks]
+    n_global = int(total - from_topic.sum())
+    g_ranks = np.minimum(np.searchsorted(global_cdf, rng.random(n_global), "right"), vocab_size - 1)
+    ids[~from_topic] = popular[g_ranks]
+    del ranks, from_topic, g_ranks
+
+    keys = owner * vocab_size + ids
+    del owner, ids
+    _, first = np.unique(keys, return_index=True)
+    first.sort()  # first occurrences in draw order, which is grouped by user
+    keys = keys[first]
+    del first
+    users = keys // vocab_size
+    distinct = np.bincount(users, minlength=n)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(distinct[:-1], out=starts[1:])
+    keep = (np.arange(keys.shape[0], dtype=np.int64) - starts[users]) < counts[users]
+    values = keys[keep] % vocab_size
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.minimum(distinct, counts), out=offsets[1:])
+    return offsets, values
+
+
+def _profile(
+    rng: np.random.Generator,
+    comm: np.ndarray,
+    k: int,
+    deg: np.ndarray,
+    avg_degree: float,
+) -> np.ndarray:
+    """Raw profile scalars float32 [n, 5] in ``contract.PROFILE_SCALARS`` order.
+
+    Correlations a model can use: views rise with (expected) degree, partners are mostly
+    high-view users, and the mature / ML-developer rates differ by community.
+    """
+    n = comm.shape[0]
+    rel = np.log(np.maximum(deg, 1e-3) / max(avg_degree, 1e-3))
+    age = np.exp(np.log(700.0) + 0.2 * rel + 0.9 * rng.standard_normal(n))
+    age = np.clip(np.rint(age), 30.0, 4000.0)
+    log_views = 6.0 + 1.0 * rel + 1.6 * rng.standard_normal(n)
+    views = np.floor(np.exp(log_views))
+    views[rng.random(n) < 0.03] = 0.0  # never-viewed accounts
+    # Partner: logistic in log views around the ~97th percentile.
+    pivot = np.quantile(log_views, 0.97)
+    partner = rng.random(n) < 1.0 / (1.0 + np.exp(-2.0 * (log_views - pivot)))
+    mature = rng.random(n) < rng.beta(1.0, 9.0, k)[comm]
+    ml_dev = rng.random(n) < rng.beta(0.5, 8.0, k)[comm]
+    columns = {
+        "account_age_days": age,
+        "views": views,
+        "is_mature": mature,
+        "is_partner": partner,
+        "is_ml_developer": ml_dev,
+    }
+    profile = np.empty((n, len(contract.PROFILE_SCALAR_NAMES)), dtype=np.float32)
+    for j, name in enumerate(contract.PROFILE_SCALAR_NAMES):
+        profile[:, j] = columns[name]  # a KeyError here means the contract grew a scalar
+    return profile
