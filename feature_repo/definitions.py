@@ -18,7 +18,7 @@ from friendrec import contract
 from friendrec.config import get_settings
 from friendrec.paths import DatasetPaths
 
-_FEAST_TYPES: dict[str, FeastType] = {
+FEAST_TYPES: dict[str, FeastType] = {
     "int64": Int64,
     "float32": Float32,
     "int64_list": Array(Int64),
@@ -28,7 +28,7 @@ _FEAST_TYPES: dict[str, FeastType] = {
 
 def feast_schema(features: tuple[contract.Feature, ...]) -> list[Field]:
     return [
-        Field(name=f.name, dtype=_FEAST_TYPES[f.dtype], description=f.description) for f in features
+        Field(name=f.name, dtype=FEAST_TYPES[f.dtype], description=f.description) for f in features
     ]
 
 

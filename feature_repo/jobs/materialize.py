@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -45,14 +46,12 @@ def apply(settings: Settings, dataset: str | None = None) -> FeatureStore:
     return store
 
 
-def data_end(paths: DatasetPaths) -> datetime:
-    """Newest event timestamp in the offline sources, plus one second (an exclusive bound)."""
-    newest = max(
-        pc.max(
-            pq.read_table(p, columns=[contract.EVENT_TIMESTAMP])[contract.EVENT_TIMESTAMP]
-        ).as_py()
-        for p in (paths.profile_source, paths.graph_source)
-    )
+def data_end(source: Path) -> datetime:
+    """Newest event timestamp in an offline source, plus one second (an exclusive bound)."""
+    column = pq.read_table(source, columns=[contract.EVENT_TIMESTAMP])[contract.EVENT_TIMESTAMP]
+    newest = pc.max(column).as_py()
+    if newest is None:
+        return EPOCH
     return newest.astimezone(UTC) + timedelta(seconds=1)
 
 
@@ -87,9 +86,10 @@ def materialize(
         raise NotPreparedError(
             f"views {sorted(missing)} are not registered; run `friendrec features apply`"
         )
-    end = data_end(paths)
+    sources = {contract.PROFILE_VIEW: paths.profile_source, contract.GRAPH_VIEW: paths.graph_source}
     windows: dict[str, tuple[str, str] | None] = {}
     for name, view in views.items():
+        end = data_end(sources[name])
         start = EPOCH
         if incremental and view.most_recent_end_time is not None:
             start = view.most_recent_end_time.astimezone(UTC)

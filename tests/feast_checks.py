@@ -1,0 +1,44 @@
+"""Comparisons of Feast online/offline values against the offline parquet sources."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from feature_repo.jobs.graph_features import latest_rows
+from friendrec import contract
+from friendrec.config import Settings
+from friendrec.feast_store import online_features, open_store
+from friendrec.paths import DatasetPaths
+
+
+def offline_latest(settings: Settings, dataset: str) -> dict[int, dict]:
+    """Latest offline row per user over both sources, keyed by user id."""
+    paths = DatasetPaths.of(settings, dataset)
+    merged: dict[int, dict] = {}
+    for source in (paths.profile_source, paths.graph_source):
+        for row in latest_rows(pq.read_table(source)).to_pylist():
+            row.pop(contract.EVENT_TIMESTAMP)
+            merged.setdefault(row[contract.JOIN_KEY], {}).update(row)
+    return merged
+
+
+def assert_online_matches_offline(settings: Settings, dataset: str, users: list[int]) -> None:
+    offline = offline_latest(settings, dataset)
+    online = online_features(open_store(settings, dataset), users)
+    for row in online:
+        assert row["known"], row
+        expected = offline[row[contract.JOIN_KEY]]
+        for feature in contract.ALL_FEATURES:
+            got, want = row[feature.name], expected[feature.name]
+            if feature.dtype.startswith("float"):
+                np.testing.assert_allclose(got, want, rtol=0, atol=0, err_msg=feature.name)
+            else:
+                assert got == want, (feature.name, got, want)
+
+
+def sample_users(settings: Settings, dataset: str, k: int, seed: int = 0) -> list[int]:
+    ids = pq.read_table(DatasetPaths.of(settings, dataset).profile_source).column("user_id")
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(pa.array(ids).to_numpy(), size=k, replace=False).tolist())
