@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 _NOISY = ("feast", "faiss", "ibis", "urllib3", "kafka", "absl", "tensorflow", "pymilvus")
@@ -14,7 +15,8 @@ def setup_logging(level: str = "INFO") -> None:
         level=level.upper(),
         format="%(name)s: %(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(rich_tracebacks=True, show_path=False)],
+        # stderr: stdout is reserved for command results (JSON), so they can be piped.
+        handlers=[RichHandler(console=Console(stderr=True), rich_tracebacks=True, show_path=False)],
         force=True,
     )
     for name in _NOISY:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from rich.console import Console
+from rich.table import Table
 
 from friendrec.config import load_settings
 
@@ -47,10 +47,28 @@ def run_demo(dataset: str, users: Sequence[int]) -> None:
         lambda: materialize(settings, dataset, incremental=True),
     )
     rows = online_features(open_store(settings, dataset), [*users, 10**12])
-    console.rule("online features (the last user is unknown on purpose)")
+    console.print(_features_table(rows))
+
+
+def _features_table(rows: list[dict]) -> Table:
+    """A compact view of online feature rows (lists are shortened)."""
+    table = Table(title="online features (the last user is unknown on purpose)")
+    for column in ("user", "known", "degree", "friend_ids", "sparse_ids", "nbr top ids", "views"):
+        table.add_column(column)
+
+    def short(values: list) -> str:
+        return ", ".join(map(str, values[:3])) + (
+            f" ... ({len(values)})" if len(values) > 3 else ""
+        )
+
     for row in rows:
-        short = {
-            k: ([*v[:8], "..."] if isinstance(v, list) and len(v) > 8 else v)
-            for k, v in row.items()
-        }
-        console.print_json(json.dumps(short))
+        table.add_row(
+            str(row["user_id"]),
+            "yes" if row["known"] else "[yellow]no: defaults[/]",
+            str(row["degree"]),
+            short(row["friend_ids"]),
+            short(row["sparse_ids"]),
+            short(row["nbr_sparse_ids"]),
+            f"{row['views']:,.0f}",
+        )
+    return table

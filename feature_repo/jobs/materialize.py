@@ -10,7 +10,9 @@ appended since then travel.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -96,7 +98,9 @@ def materialize(
         if start >= end:
             windows[name] = None
             continue
-        store.materialize(start_date=start, end_date=end, feature_views=[name])
+        # Feast reports progress with print(): keep stdout for our JSON result.
+        with contextlib.redirect_stdout(sys.stderr):
+            store.materialize(start_date=start, end_date=end, feature_views=[name])
         windows[name] = (start.isoformat(), end.isoformat())
     report = MaterializeReport(
         paths.name,

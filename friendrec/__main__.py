@@ -1,0 +1,5 @@
+"""`python -m friendrec` == `friendrec`."""
+
+from friendrec.cli import main
+
+main()

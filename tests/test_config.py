@@ -1,0 +1,83 @@
+"""The shared settings: defaults, YAML file, environment, validation; the Feast config template."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from friendrec import contract
+from friendrec.config import PROJECT_ROOT, load_settings
+from friendrec.feast_store import render_config
+from friendrec.paths import DatasetPaths, dataset_slug
+
+
+def test_defaults_live_inside_the_repo_and_read_shared_datasets(monkeypatch):
+    for var in ("FRIENDREC_WORKDIR", "FRIENDREC_DATASETS_DIR", "FRIENDREC_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    settings = load_settings()
+    assert settings.workdir == PROJECT_ROOT / ".friendrec"
+    assert settings.datasets_dir == (PROJECT_ROOT.parent / "shared" / "datasets").resolve()
+    assert settings.features.online_store == "sqlite"
+
+
+def test_file_then_environment_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "friendrec.yaml"
+    config.write_text(
+        yaml.safe_dump({"workdir": str(tmp_path / "w"), "data": {"seed": 5, "test_fraction": 0.2}})
+    )
+    monkeypatch.setenv("FRIENDREC_CONFIG", str(config))
+    monkeypatch.setenv("FRIENDREC_DATA__SEED", "9")
+    settings = load_settings()
+    assert settings.workdir == tmp_path / "w"
+    assert settings.data.test_fraction == 0.2  # from the file
+    assert settings.data.seed == 9  # the environment wins over the file
+    assert load_settings(data={"seed": 1}).data.seed == 1  # explicit overrides win over both
+
+
+def test_invalid_settings_are_rejected(monkeypatch, tmp_path):
+    with pytest.raises(ValidationError, match="val_fraction"):
+        load_settings(data={"val_fraction": 0.5, "test_fraction": 0.5})
+    with pytest.raises(ValidationError):
+        load_settings(features={"online_store": "cassandra"})
+    with pytest.raises(ValidationError):
+        load_settings(no_such_setting=1)
+    monkeypatch.setenv("FRIENDREC_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
+        load_settings()
+
+
+def test_feature_store_yaml_template_renders_per_dataset(settings):
+    paths = DatasetPaths.of(settings, "synthetic:1000")
+    rendered = render_config(settings, paths)
+    assert rendered == {
+        "project": "friendrec_synthetic_1000",
+        "registry": str(settings.workdir / "feast" / "synthetic_1000" / "registry.db"),
+        "provider": "local",
+        "offline_store": {"type": "duckdb"},
+        "online_store": {
+            "type": "sqlite",
+            "path": str(settings.workdir / "feast" / "synthetic_1000" / "online.db"),
+        },
+        "entity_key_serialization_version": 3,
+    }
+
+
+def test_dataset_slugs_are_feast_safe():
+    assert dataset_slug("twitch/ENGB") == "twitch_engb"
+    assert dataset_slug("synthetic:100000") == "synthetic_100000"
+    assert dataset_slug("github") == "github"
+
+
+def test_contract_is_self_consistent():
+    names = [f.name for f in contract.ALL_FEATURES]
+    assert len(names) == len(set(names))
+    assert len(contract.NBR_PROFILE_MEAN.default) == len(contract.PROFILE_SCALARS)
+    refs = contract.feature_refs()
+    assert len(refs) == len(names) and refs[0] == "user_profile:account_age_days"
+    raw = [[0.0, 9.0, 1.0, 0.0, 1.0]]
+    assert contract.transform_profile(raw)[0].tolist() == pytest.approx(
+        [0.0, 2.302585, 1.0, 0.0, 1.0]
+    )
+    with pytest.raises(ValueError):
+        contract.transform_profile([[1.0, 2.0]])
