@@ -69,7 +69,10 @@ NBR_SPARSE_IDS = Feature(
     "nbr_sparse_ids", "int64_list", (), "Ids of the friends' mean sparse bag, heaviest first."
 )
 NBR_SPARSE_WEIGHTS = Feature(
-    "nbr_sparse_weights", "float32_list", (), "Weights of nbr_sparse_ids (share of friends)."
+    "nbr_sparse_weights",
+    "float32_list",
+    (),
+    "Weights of nbr_sparse_ids: the mean over friends of each friend's bag normalised to sum 1.",
 )
 NBR_PROFILE_MEAN = Feature(
     "nbr_profile_mean",

@@ -54,11 +54,15 @@ def test_hand_computed_small_graph(tiny):
         3: [2],
         4: [],
     }
-    # User 2's friends carry ids 0:[1,2] 1:[2,3] 3:[4] -> id 2 twice, the others once, over 3.
-    assert rows[2]["nbr_sparse_ids"] == [2, 1, 3, 4]
-    np.testing.assert_allclose(rows[2]["nbr_sparse_weights"], [2 / 3, 1 / 3, 1 / 3, 1 / 3])
+    # User 2's friends carry bags 0:[1,2] 1:[2,3] 3:[4], each normalised to sum 1:
+    # id1 1/2, id2 1/2 + 1/2, id3 1/2, id4 1, all over 3 friends; heaviest first, ties by id.
+    assert rows[2]["nbr_sparse_ids"] == [2, 4, 1, 3]
+    np.testing.assert_allclose(rows[2]["nbr_sparse_weights"], [1 / 3, 1 / 3, 1 / 6, 1 / 6])
+    # User 0's friends: 1:[2,3] and 2:[1] -> id1 1, id2 1/2, id3 1/2, over 2 friends.
     assert rows[0]["nbr_sparse_ids"] == [1, 2, 3]
-    np.testing.assert_allclose(rows[0]["nbr_sparse_weights"], [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(rows[0]["nbr_sparse_weights"], [0.5, 0.25, 0.25])
+    for row in rows.values():  # the mean of normalised bags sums to 1 (0 without friends)
+        assert sum(row["nbr_sparse_weights"]) == pytest.approx(1.0 if row["degree"] else 0.0)
     assert rows[4]["nbr_sparse_ids"] == [] and rows[4]["nbr_sparse_weights"] == []
 
     # Profiles written by musae_files: days = 100 (u + 1), views = 10 u, mature = u odd.

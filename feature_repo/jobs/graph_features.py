@@ -163,15 +163,18 @@ def compute_graph_features(
     nbr_profile_mean = (a @ profile_t) * inv_degree[:, None]
 
     # Friends' mean sparse bag, top nbr_sparse_cap ids per user, computed in blocks of users.
+    # Each friend contributes its own sparse bag normalised to sum 1 (the tower's mean bag), so
+    # the weights are exactly the mean of the friends' bags.
+    sp_offsets, sp_values = cap_sparse(data.sparse_offsets, data.sparse_values, cfg.sparse_cap)
+    x_len = np.diff(sp_offsets)
     x = sp.csr_matrix(
         (
-            np.ones(len(data.sparse_values), dtype=np.float32),
-            data.sparse_values,
-            data.sparse_offsets,
+            np.repeat(1.0 / np.maximum(x_len, 1), x_len).astype(np.float32),
+            sp_values,
+            sp_offsets,
         ),
         shape=(n, data.meta.vocab_size),
     )
-    x_len = np.diff(data.sparse_offsets)
     work = np.bincount(rows, weights=x_len[adj.indices], minlength=n)  # products per user
     bounds = _blocks(work, _BLOCK_NNZ)
     nbr_ids_parts, nbr_w_parts, nbr_counts = [], [], np.zeros(n, dtype=np.int64)
@@ -247,14 +250,20 @@ def latest_rows(table: pa.Table, before: int | None = None) -> pa.Table:
     return table.take(pa.array(order[last]))
 
 
+def cap_sparse(offsets: np.ndarray, values: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first ``cap`` sparse ids of every user (CSR in, CSR out)."""
+    lengths = np.minimum(np.diff(offsets), cap)
+    new_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    starts = np.repeat(offsets[:-1] - new_offsets[:-1], lengths)
+    return new_offsets, values[starts + np.arange(new_offsets[-1])]
+
+
 def profile_table(data: PreparedDataset, settings: Settings) -> pa.Table:
     """The profile source: users with sparse ids capped at ``features.sparse_cap``."""
-    cap = settings.features.sparse_cap
-    lengths = np.minimum(np.diff(data.sparse_offsets), cap)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    starts = np.repeat(data.sparse_offsets[:-1] - offsets[:-1], lengths)
-    values = data.sparse_values[starts + np.arange(offsets[-1])]
+    offsets, values = cap_sparse(
+        data.sparse_offsets, data.sparse_values, settings.features.sparse_cap
+    )
     columns: dict[str, pa.Array] = {contract.JOIN_KEY: pa.array(data.user_ids, type=pa.int64())}
     for j, feature in enumerate(contract.PROFILE_SCALARS):
         columns[feature.name] = pa.array(data.profile[:, j], type=pa.float32())

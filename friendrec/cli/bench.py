@@ -2,6 +2,72 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
+
+
+def _sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(part.replace("_", "")) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not sizes or min(sizes) < 2:
+        raise typer.BadParameter("sizes must be integers >= 2")
+    return sorted(set(sizes))
+
+
+@app.command()
+def features(
+    sizes: str = typer.Option(
+        "100000,1000000", "--sizes", help="Synthetic graph sizes (users), comma-separated."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", "--skip-1m", help="Smoke run: 100k users only, 200 requests per read."
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="JSON result (a .md with the tables is written beside it). "
+        "Default: bench/results/features.json (features_quick.json with --quick).",
+    ),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Benchmark artifacts (default: <settings.workdir>/bench)."
+    ),
+    tuned: str = typer.Option(
+        "sqlite_batch10k,redis_skip_dedup,redis_skip_dedup_batch10k",
+        "--tuned",
+        help="Extra Feast-setting variants to materialize besides the stock sqlite and redis "
+        "ones (comma-separated; empty for none). Known: sqlite_batch10k, redis_batch10k, "
+        "redis_skip_dedup, redis_skip_dedup_batch10k.",
+    ),
+    requests: int | None = typer.Option(
+        None, "--requests", min=10, help="Timed online reads per case (default 500; 200 quick)."
+    ),
+    warmup: int = typer.Option(50, "--warmup", min=1, help="Untimed reads before each case."),
+    profile: bool = typer.Option(
+        True, "--profile/--no-profile", help="cProfile one materialization per store."
+    ),
+) -> None:
+    """Materialization rows/s (sqlite, Redis), graph-feature job time and online read latency
+    (Feast SDK and `feast listen`) on synthetic graphs; prints tables and writes JSON."""
+    from bench.features import BenchConfig, default_output, print_tables, run
+    from friendrec.config import load_settings
+
+    settings = load_settings()
+    try:
+        config = BenchConfig(
+            sizes=[100_000] if quick else _sizes(sizes),
+            workdir=(workdir or settings.workdir / "bench").resolve(),
+            output=(output or default_output(quick)).resolve(),
+            tuned=[t.strip() for t in tuned.split(",") if t.strip()],
+            requests=requests or (200 if quick else 500),
+            warmup=warmup,
+            profile=profile,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tuned") from None
+    print_tables(run(config, settings))
