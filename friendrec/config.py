@@ -74,6 +74,32 @@ class FeatureSettings(BaseModel):
         return value
 
 
+class TrainingSettings(BaseModel):
+    """The SSMTL tower, its losses and the training loop (see training/ and PAPER.md)."""
+
+    objective: Literal["baseline", "ssmtl", "cca", "mae"] = "ssmtl"
+    embedding_dim: int = Field(64, gt=0)
+    sparse_dim: int = Field(32, gt=0, description="Width of the sparse-id embedding bag.")
+    hidden_dim: int = Field(128, gt=0)
+    fanout: int = Field(10, gt=0, description="Sampled friends in the second GraphSAGE layer.")
+    batch_size: int = Field(256, ge=8)
+    learning_rate: float = Field(2e-3, gt=0)
+    epochs: int = Field(10, gt=0)
+    max_steps_per_epoch: int | None = Field(None, description="Cap steps (quick runs, tests).")
+    patience: int = Field(2, ge=1, description="Epochs without val Recall@50 gain before stop.")
+    seed: int = 0
+    temperature: float = Field(0.1, gt=0)
+    log_q: bool = True
+    cca_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
+    cca_lambda: float = Field(5e-3, ge=0)
+    cca_fraction: float = Field(0.5, gt=0, le=1)
+    feature_drop: float = Field(0.2, ge=0, lt=1)
+    neighbour_drop: float = Field(0.2, ge=0, lt=1)
+    mae_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
+    mae_fraction: float = Field(0.5, gt=0, le=1)
+    mae_gamma: float = Field(2.0, ge=1)
+
+
 class Settings(BaseSettings):
     """The root configuration object (see module docstring for precedence)."""
 
@@ -93,6 +119,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     data: DataSettings = DataSettings()
     features: FeatureSettings = FeatureSettings()
+    training: TrainingSettings = TrainingSettings()
 
     @field_validator("workdir", "datasets_dir")
     @classmethod

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from friendrec.cli import bench, data, features
+from friendrec.cli import bench, data, features, model
 from friendrec.errors import FriendrecError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
 app.add_typer(bench.app, name="bench")
+model.register(app)
 console = Console(stderr=True)
 
 

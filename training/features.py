@@ -1,0 +1,187 @@
+"""Tower inputs: a columnar table of every user's features and the padded tensors the tower eats.
+
+The same ``FeatureTable`` is filled from the Feast *offline* store for training (a point-in-time
+join at the training cutoff) and from the Feast *online* store at serving time, and
+``node_inputs`` turns either into the tower's raw inputs. So training and serving cannot drift: the
+only transformation code is the model's own (``training/tower.py``) and the contract's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from friendrec import contract
+from friendrec.config import Settings
+from friendrec.data.canonical import PreparedDataset
+
+PAD_ID = -1  # padding of id lists; weight 0
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Fixed tensor shapes of the tower's raw inputs (the serving signature uses them too)."""
+
+    sparse_len: int  # = features.sparse_cap
+    nbr_len: int  # = features.nbr_sparse_cap
+    fanout: int  # sampled friends per user in the second layer
+    vocab_size: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, vocab_size: int, fanout: int) -> InputSpec:
+        return cls(
+            sparse_len=settings.features.sparse_cap,
+            nbr_len=settings.features.nbr_sparse_cap,
+            fanout=fanout,
+            vocab_size=vocab_size,
+        )
+
+
+def _pad(lists: Sequence[Sequence[Any]], width: int, fill: float, dtype: Any) -> np.ndarray:
+    out = np.full((len(lists), width), fill, dtype=dtype)
+    for i, values in enumerate(lists):
+        if values is None:
+            continue
+        n = min(len(values), width)
+        if n:
+            out[i, :n] = np.asarray(values[:n], dtype=dtype)
+    return out
+
+
+@dataclass
+class FeatureTable:
+    """Every feature of a set of users as padded numpy arrays, rows aligned with ``user_ids``."""
+
+    user_ids: np.ndarray  # int64 [n]
+    profile: np.ndarray  # float32 [n, P] raw scalars
+    sparse_ids: np.ndarray  # int64 [n, sparse_len], PAD_ID padded
+    nbr_ids: np.ndarray  # int64 [n, nbr_len]
+    nbr_weights: np.ndarray  # float32 [n, nbr_len]
+    nbr_profile: np.ndarray  # float32 [n, P]
+    degree: np.ndarray  # int64 [n]
+    friend_ids: list[np.ndarray]  # sampled friends (user ids) per row
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, Any]], spec: InputSpec) -> FeatureTable:
+        """From dict rows as Feast returns them (online, or a historical DataFrame's records)."""
+
+        def column(name: str) -> list[Any]:
+            return [contract.default_value(name) if r.get(name) is None else r[name] for r in rows]
+
+        profile = np.array(
+            [column(n) for n in contract.PROFILE_SCALAR_NAMES], dtype=np.float32
+        ).T.reshape(len(rows), len(contract.PROFILE_SCALARS))
+        width = len(contract.PROFILE_SCALARS)
+        return cls(
+            user_ids=np.array([int(r[contract.JOIN_KEY]) for r in rows], dtype=np.int64),
+            profile=profile,
+            sparse_ids=_pad(column(contract.SPARSE_IDS.name), spec.sparse_len, PAD_ID, np.int64),
+            nbr_ids=_pad(column(contract.NBR_SPARSE_IDS.name), spec.nbr_len, PAD_ID, np.int64),
+            nbr_weights=_pad(
+                column(contract.NBR_SPARSE_WEIGHTS.name), spec.nbr_len, 0.0, np.float32
+            ),
+            nbr_profile=_pad(column(contract.NBR_PROFILE_MEAN.name), width, 0.0, np.float32),
+            degree=np.array(column(contract.DEGREE.name), dtype=np.int64),
+            friend_ids=[np.asarray(v, dtype=np.int64) for v in column(contract.FRIEND_IDS.name)],
+        )
+
+    @classmethod
+    def from_offline_store(
+        cls, store: Any, data: PreparedDataset, spec: InputSpec, as_of: int | None = None
+    ) -> FeatureTable:
+        """Point-in-time join of every user at ``as_of`` (default: the training cutoff)."""
+        when = datetime.fromtimestamp((as_of or data.meta.train_cutoff_ts) + 1, UTC)
+        entity_df = pd.DataFrame(
+            {
+                contract.JOIN_KEY: data.user_ids,
+                contract.EVENT_TIMESTAMP: pd.Series([when] * len(data.user_ids)),
+            }
+        )
+        service = store.get_feature_service(contract.TRAINING_SERVICE)
+        frame = store.get_historical_features(entity_df=entity_df, features=service).to_df()
+        frame = frame.sort_values(contract.JOIN_KEY).reset_index(drop=True)
+        if not np.array_equal(frame[contract.JOIN_KEY].to_numpy(), data.user_ids):
+            raise RuntimeError("the offline store did not return exactly one row per user")
+        records = frame.replace({np.nan: None}).to_dict("records")
+        return cls.from_rows(records, spec)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def rows_of(self, user_ids: np.ndarray) -> np.ndarray:
+        """User ids -> row indices; -1 for users not in the table."""
+        pos = np.searchsorted(self.user_ids, user_ids)
+        pos = np.minimum(pos, len(self.user_ids) - 1)
+        return np.where(self.user_ids[pos] == user_ids, pos, -1)
+
+
+NODE_KEYS = ("profile", "sparse_ids", "nbr_ids", "nbr_weights", "nbr_profile", "has_friends")
+
+
+def node_features(table: FeatureTable, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-node raw inputs for row indices of any shape; row -1 = an absent node (zeros/pads)."""
+    rows = np.asarray(rows)
+    safe = np.maximum(rows, 0)
+    absent = rows < 0
+    out = {
+        "profile": table.profile[safe],
+        "sparse_ids": table.sparse_ids[safe],
+        "nbr_ids": table.nbr_ids[safe],
+        "nbr_weights": table.nbr_weights[safe],
+        "nbr_profile": table.nbr_profile[safe],
+        # The zero-neighbour path: aggregates of a user without friends must contribute nothing.
+        "has_friends": (table.degree[safe] > 0).astype(np.float32),
+    }
+    if absent.any():
+        out["profile"][absent] = 0.0
+        out["sparse_ids"][absent] = PAD_ID
+        out["nbr_ids"][absent] = PAD_ID
+        out["nbr_weights"][absent] = 0.0
+        out["nbr_profile"][absent] = 0.0
+        out["has_friends"][absent] = 0.0
+    return out
+
+
+def sample_neighbours(
+    table: FeatureTable,
+    rows: np.ndarray,
+    fanout: int,
+    rng: np.random.Generator | None,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """Second-layer neighbour rows [len(rows), fanout] (-1 = none) from each user's friend sample.
+
+    ``exclude[i]`` (a user id) is removed from row i's candidates: the leakage guard that keeps a
+    training positive out of its anchor's neighbourhood. With ``rng`` None the first ``fanout``
+    sampled friends are taken (deterministic: serving, evaluation, export).
+    """
+    out = np.full((len(rows), fanout), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        if row < 0:
+            continue
+        friends = table.friend_ids[row]
+        if exclude is not None:
+            friends = friends[friends != exclude[i]]
+        if len(friends) > fanout:
+            friends = rng.choice(friends, fanout, replace=False) if rng else friends[:fanout]
+        neighbour_rows = table.rows_of(friends) if len(friends) else friends
+        out[i, : len(neighbour_rows)] = neighbour_rows
+    return out
+
+
+def tower_inputs(
+    table: FeatureTable, rows: np.ndarray, neighbour_rows: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The named raw inputs of the tower for a batch: the user (``self_*``) and its neighbours
+    (``nbr_*`` with a leading fanout axis). This is the serving signature's input set."""
+    own = node_features(table, rows)
+    friends = node_features(table, neighbour_rows)
+    inputs = {f"self_{k}": v for k, v in own.items()}
+    inputs.update({f"friend_{k}": v for k, v in friends.items()})
+    inputs["friend_mask"] = (neighbour_rows >= 0).astype(np.float32)
+    return inputs

@@ -1,0 +1,163 @@
+"""The SSMTL two-tower model: one shared tower, the TFRS retrieval task, two auxiliary heads.
+
+L = L_ret + w_cca * L_cca + w_mae * L_mae. With both weights at zero the auxiliary heads are not
+even run, so the model *is* the single-task baseline (same parameters, same random stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from training.losses import cca_ssg_loss, scaled_cosine_error
+from training.tower import UserTower
+
+Objective = Literal["baseline", "ssmtl", "cca", "mae"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and augmentation rates (PAPER.md defaults; tune on validation edges)."""
+
+    temperature: float = 0.1
+    log_q: bool = True
+    cca_weight: float = 0.0
+    cca_lambda: float = 5e-3
+    cca_fraction: float = 0.5  # of the batch's anchors used for the CCA views
+    feature_drop: float = 0.2
+    neighbour_drop: float = 0.2
+    mae_weight: float = 0.0
+    mae_fraction: float = 0.5
+    mae_gamma: float = 2.0
+
+    @classmethod
+    def for_objective(cls, objective: Objective, **overrides: float) -> LossConfig:
+        weights = {
+            "baseline": {"cca_weight": 0.0, "mae_weight": 0.0},
+            "ssmtl": {"cca_weight": 0.05, "mae_weight": 0.5},
+            "cca": {"cca_weight": 0.05, "mae_weight": 0.0},
+            "mae": {"cca_weight": 0.0, "mae_weight": 0.5},
+        }[objective]
+        return cls(**{**weights, **overrides})
+
+
+def split_inputs(batch: dict[str, tf.Tensor], prefix: str) -> dict[str, tf.Tensor]:
+    return {k[len(prefix) :]: v for k, v in batch.items() if k.startswith(prefix)}
+
+
+class SSMTLModel(tfrs.Model):
+    """Training-time wrapper: serving uses ``self.tower`` alone."""
+
+    def __init__(self, tower: UserTower, losses: LossConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.tower = tower
+        self.loss_config = losses
+        # Mean over the batch, as in PAPER.md (TFRS defaults to a sum, which would rescale the
+        # auxiliary weights with the batch size).
+        self.task = tfrs.tasks.Retrieval(
+            loss=tf.keras.losses.CategoricalCrossentropy(
+                from_logits=True, reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE
+            ),
+            temperature=losses.temperature,
+            remove_accidental_hits=True,
+        )
+        self.rng = tf.random.Generator.from_seed(seed)
+        vocab = tower.spec.vocab_size
+        if losses.mae_weight > 0:
+            self.decoder = tf.keras.Sequential(
+                [
+                    tf.keras.layers.Dense(128, activation="relu", name="mae_hidden"),
+                    tf.keras.layers.Dense(vocab + tower.profile_mean.shape[0], name="mae_out"),
+                ],
+                name="mae_decoder",
+            )
+        self.loss_trackers = {
+            name: tf.keras.metrics.Mean(name=name) for name in ("retrieval", "cca", "mae")
+        }
+
+    def embed_pair_side(
+        self, side: dict[str, tf.Tensor], other: dict[str, tf.Tensor], **hooks: tf.Tensor
+    ) -> tf.Tensor:
+        """Embed one side of the training pairs, removing the other side from its aggregates."""
+        other_own = self.tower.encode_self(
+            {k[5:]: v for k, v in other.items() if k.startswith("self_")}
+        )
+        return self.tower.embed(
+            side,
+            exclude_own=other_own,
+            exclude_weight=tf.ones_like(other_own[:, 0]),
+            **hooks,
+        )
+
+    def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        cfg = self.loss_config
+        query = split_inputs(batch, "q/")
+        candidate = split_inputs(batch, "c/")
+        q = self.embed_pair_side(query, candidate)
+        c = self.embed_pair_side(candidate, query)
+        log_q = batch["c_sampling_prob"] if cfg.log_q else None
+        retrieval = self.task(
+            q,
+            c,
+            candidate_sampling_probability=log_q,
+            candidate_ids=batch["c_id"],
+            compute_metrics=False,
+        )
+        total = retrieval
+        self.loss_trackers["retrieval"].update_state(retrieval)
+        if cfg.cca_weight > 0:
+            cca = self.cca_loss(query, candidate)
+            self.loss_trackers["cca"].update_state(cca)
+            total += cfg.cca_weight * cca
+        if cfg.mae_weight > 0:
+            mae = self.mae_loss(query, candidate)
+            self.loss_trackers["mae"].update_state(mae)
+            total += cfg.mae_weight * mae
+        return total
+
+    def _head(self, inputs: dict[str, tf.Tensor], fraction: float) -> dict[str, tf.Tensor]:
+        batch = tf.shape(inputs["friend_mask"])[0]
+        m = tf.maximum(tf.cast(tf.cast(batch, tf.float32) * fraction, tf.int32), 2)
+        return {k: v[:m] for k, v in inputs.items()}
+
+    def cca_loss(self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Two independently augmented views of the first M anchors (only they are re-encoded)."""
+        cfg = self.loss_config
+        q = self._head(query, cfg.cca_fraction)
+        c = self._head(candidate, cfg.cca_fraction)
+        views = []
+        for _ in range(2):
+            id_keep = tf.cast(
+                self.rng.uniform(tf.shape(q["self_sparse_ids"])) >= cfg.feature_drop, tf.float32
+            )
+            friend_keep = tf.cast(
+                self.rng.uniform(tf.shape(q["friend_mask"])) >= cfg.neighbour_drop, tf.float32
+            )
+            views.append(self.embed_pair_side(q, c, id_keep=id_keep, friend_keep=friend_keep))
+        return cca_ssg_loss(views[0], views[1], cfg.cca_lambda)
+
+    def mae_loss(self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Replace M anchors' own features by [MASK], encode, decode, score with SCE."""
+        cfg = self.loss_config
+        q = self._head(query, cfg.mae_fraction)
+        c = self._head(candidate, cfg.mae_fraction)
+        m = tf.shape(q["friend_mask"])[0]
+        masked = tf.tile(self.tower.mask_token[None, :], [m, 1])
+        z = self.embed_pair_side(q, c, own_override=masked)
+        vocab = self.tower.spec.vocab_size
+        ids = q["self_sparse_ids"]
+        safe = tf.where((ids < 0) | (ids >= vocab), tf.constant(vocab, ids.dtype), ids)
+        multi_hot = tf.math.bincount(
+            tf.cast(safe, tf.int32), minlength=vocab, maxlength=vocab, axis=-1, binary_output=True
+        )
+        target = tf.concat(
+            [tf.cast(multi_hot, tf.float32), self.tower.standardise(q["self_profile"])], axis=-1
+        )
+        return scaled_cosine_error(self.decoder(z), target, cfg.mae_gamma)
+
+    @property
+    def metrics(self) -> list[tf.keras.metrics.Metric]:
+        return [*super().metrics, *self.loss_trackers.values()]

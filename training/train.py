@@ -1,0 +1,223 @@
+"""`friendrec train`: seeded training with checkpoints, resume and early stopping on validation
+Recall@50 (validation edges only; test edges are for `friendrec evaluate`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from friendrec import contract
+from friendrec.config import Settings, TrainingSettings
+from friendrec.data.canonical import PreparedDataset, load_prepared
+from friendrec.errors import NotPreparedError
+from friendrec.feast_store import open_store
+from friendrec.paths import DatasetPaths
+from training.evaluation import EvalSet, per_user_metrics, topk_from_embeddings
+from training.features import FeatureTable, InputSpec
+from training.model import LossConfig, SSMTLModel
+from training.pipeline import PairSampler, embed_all
+from training.tower import UserTower
+
+log = logging.getLogger(__name__)
+
+
+def loss_config(cfg: TrainingSettings) -> LossConfig:
+    """The objective's loss weights, with explicit weights in the settings taking precedence."""
+    overrides = {
+        k: getattr(cfg, k)
+        for k in (
+            "temperature",
+            "log_q",
+            "cca_lambda",
+            "cca_fraction",
+            "feature_drop",
+            "neighbour_drop",
+            "mae_fraction",
+            "mae_gamma",
+        )
+    }
+    for weight in ("cca_weight", "mae_weight"):
+        if getattr(cfg, weight) is not None:
+            overrides[weight] = getattr(cfg, weight)
+    return LossConfig.for_objective(cfg.objective, **overrides)
+
+
+def run_name(cfg: TrainingSettings) -> str:
+    digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:8]
+    return f"{cfg.objective}-seed{cfg.seed}-{digest}"
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    objective: str
+    best_epoch: int
+    best_val_recall50: float
+    epochs_run: int
+    examples_per_second: float
+    step_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model_dir"] = str(self.model_dir)
+        return out
+
+
+@dataclass
+class TrainingContext:
+    """Everything a run needs, loaded once (also used by evaluation and export)."""
+
+    settings: Settings
+    paths: DatasetPaths
+    data: PreparedDataset
+    table: FeatureTable
+    spec: InputSpec
+
+    @classmethod
+    def load(cls, settings: Settings, dataset: str | None = None) -> TrainingContext:
+        paths = DatasetPaths.of(settings, dataset)
+        data = load_prepared(paths)
+        if not paths.feast_registry.exists():
+            raise NotPreparedError(
+                f"no Feast registry for {paths.name}; run `friendrec features build` and "
+                "`friendrec features apply` first"
+            )
+        spec = InputSpec.from_settings(settings, data.meta.vocab_size, settings.training.fanout)
+        table = FeatureTable.from_offline_store(open_store(settings, paths.name), data, spec)
+        return cls(settings, paths, data, table, spec)
+
+    def build_tower(self, cfg: TrainingSettings) -> UserTower:
+        profile = contract.transform_profile(self.table.profile)
+        tf.keras.utils.set_random_seed(cfg.seed)
+        return UserTower(
+            self.spec,
+            profile.mean(axis=0),
+            profile.var(axis=0),
+            embedding_dim=cfg.embedding_dim,
+            sparse_dim=cfg.sparse_dim,
+            hidden_dim=cfg.hidden_dim,
+        )
+
+
+def validation_recall50(tower: UserTower, ctx: TrainingContext, evalset: EvalSet) -> float:
+    emb = embed_all(tower, ctx.table, ctx.spec.fanout)
+    topk = topk_from_embeddings(emb, evalset, k=50)
+    return float(per_user_metrics(topk, evalset, ks=(50,), ndcg_k=50)["recall@50"].mean())
+
+
+def train(
+    ctx: TrainingContext, cfg: TrainingSettings | None = None, show_progress: bool = True
+) -> tuple[TrainResult, UserTower]:
+    """Train one model; resumes from the run folder's checkpoint when one exists."""
+    cfg = cfg or ctx.settings.training
+    model_dir = ctx.settings.workdir / "models" / ctx.paths.slug / run_name(cfg)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    tower = ctx.build_tower(cfg)
+    model = SSMTLModel(tower, loss_config(cfg), seed=cfg.seed)
+    optimizer = tf.keras.optimizers.Adam(cfg.learning_rate)
+    sampler = PairSampler(ctx.data, ctx.table, cfg.fanout, cfg.batch_size, seed=cfg.seed)
+    evalset = EvalSet.from_prepared(ctx.data, "val")
+
+    epoch_var = tf.Variable(0, dtype=tf.int64)
+    best_var = tf.Variable(-1.0, dtype=tf.float64)
+    best_epoch_var = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, epoch=epoch_var, best=best_var, best_epoch=best_epoch_var
+    )
+    latest = tf.train.CheckpointManager(checkpoint, model_dir / "ckpt", max_to_keep=1)
+    best_weights = tf.train.Checkpoint(tower=tower)
+    history_path = model_dir / "history.json"
+    history: list[dict[str, float]] = []
+    if latest.latest_checkpoint:
+        checkpoint.restore(latest.latest_checkpoint)
+        history = json.loads(history_path.read_text()) if history_path.exists() else []
+        sampler.rng = np.random.default_rng([cfg.seed, int(epoch_var.numpy())])
+        log.info("resumed %s at epoch %d", model_dir.name, int(epoch_var.numpy()))
+
+    @tf.function(reduce_retracing=True)
+    def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(batch, training=True)
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(
+            [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        )
+        return loss
+
+    steps = sampler.steps_per_epoch
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    step_times: list[float] = []
+    examples, train_seconds = 0, 0.0
+    stale = sum(1 for h in history if h["epoch"] > int(best_epoch_var.numpy()))
+    while int(epoch_var.numpy()) < cfg.epochs and stale < cfg.patience:
+        epoch = int(epoch_var.numpy()) + 1
+        for tracker in model.loss_trackers.values():
+            tracker.reset_state()
+        bar = tqdm(total=steps, desc=f"{cfg.objective} epoch {epoch}", disable=not show_progress)
+        epoch_started = time.perf_counter()
+        for i, batch in enumerate(sampler.dataset()):
+            if i >= steps:
+                break
+            started = time.perf_counter()
+            loss = train_step(batch)
+            if i >= 2:  # skip tracing
+                step_times.append(time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{float(loss):.3f}",
+                **{k: f"{float(m.result()):.3f}" for k, m in model.loss_trackers.items()},
+            )
+        bar.close()
+        train_seconds += time.perf_counter() - epoch_started
+        examples += min(i + 1, steps) * cfg.batch_size
+        recall = validation_recall50(tower, ctx, evalset)
+        row = {"epoch": epoch, "val_recall@50": recall}
+        row.update({k: float(m.result()) for k, m in model.loss_trackers.items()})
+        history.append(row)
+        log.info("epoch %d: %s", epoch, row)
+        epoch_var.assign(epoch)
+        if recall > float(best_var.numpy()):
+            best_var.assign(recall)
+            best_epoch_var.assign(epoch)
+            best_weights.write(str(model_dir / "best" / "tower"))
+            stale = 0
+        else:
+            stale += 1
+        latest.save()
+        history_path.write_text(json.dumps(history, indent=2))
+
+    best_weights.read(str(model_dir / "best" / "tower")).expect_partial()
+    step_seconds = float(np.median(step_times)) if step_times else float("nan")
+    result = TrainResult(
+        model_dir=model_dir,
+        objective=cfg.objective,
+        best_epoch=int(best_epoch_var.numpy()),
+        best_val_recall50=float(best_var.numpy()),
+        epochs_run=int(epoch_var.numpy()),
+        examples_per_second=examples / train_seconds if train_seconds else float("nan"),
+        step_seconds=step_seconds,
+        history=history,
+    )
+    (model_dir / "result.json").write_text(json.dumps(result.as_dict(), indent=2))
+    log.info(
+        "trained %s: best val Recall@50 %.4f at epoch %d, %.0f examples/s",
+        cfg.objective,
+        result.best_val_recall50,
+        result.best_epoch,
+        result.examples_per_second,
+    )
+    return result, tower
