@@ -100,6 +100,15 @@ class TrainingSettings(BaseModel):
     mae_gamma: float = Field(2.0, ge=1)
 
 
+class ServingSettings(BaseModel):
+    """Where exported models live (the TF Serving model base path) and under which name."""
+
+    model_base_path: Path | None = Field(
+        None, description="TF Serving model base path; default <workdir>/serving_models."
+    )
+    model_name: str = Field("user_tower", pattern=r"^[A-Za-z0-9_\-]+$")
+
+
 class Settings(BaseSettings):
     """The root configuration object (see module docstring for precedence)."""
 
@@ -120,6 +129,11 @@ class Settings(BaseSettings):
     data: DataSettings = DataSettings()
     features: FeatureSettings = FeatureSettings()
     training: TrainingSettings = TrainingSettings()
+    serving: ServingSettings = ServingSettings()
+
+    @property
+    def model_base_path(self) -> Path:
+        return self.serving.model_base_path or self.workdir / "serving_models"
 
     @field_validator("workdir", "datasets_dir")
     @classmethod

@@ -120,7 +120,7 @@ class FeatureTable:
         return np.where(self.user_ids[pos] == user_ids, pos, -1)
 
 
-NODE_KEYS = ("profile", "sparse_ids", "nbr_ids", "nbr_weights", "nbr_profile", "has_friends")
+NODE_KEYS = ("profile", "sparse_ids", "nbr_ids", "nbr_weights", "nbr_profile", "degree")
 
 
 def node_features(table: FeatureTable, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -134,8 +134,7 @@ def node_features(table: FeatureTable, rows: np.ndarray) -> dict[str, np.ndarray
         "nbr_ids": table.nbr_ids[safe],
         "nbr_weights": table.nbr_weights[safe],
         "nbr_profile": table.nbr_profile[safe],
-        # The zero-neighbour path: aggregates of a user without friends must contribute nothing.
-        "has_friends": (table.degree[safe] > 0).astype(np.float32),
+        "degree": table.degree[safe],
     }
     if absent.any():
         out["profile"][absent] = 0.0
@@ -143,7 +142,7 @@ def node_features(table: FeatureTable, rows: np.ndarray) -> dict[str, np.ndarray
         out["nbr_ids"][absent] = PAD_ID
         out["nbr_weights"][absent] = 0.0
         out["nbr_profile"][absent] = 0.0
-        out["has_friends"][absent] = 0.0
+        out["degree"][absent] = 0
     return out
 
 

@@ -46,9 +46,7 @@ class PairSampler:
         neighbours = sample_neighbours(
             self.table, rows, self.fanout, self.rng, exclude=self.table.user_ids[other_rows]
         )
-        inputs = tower_inputs(self.table, rows, neighbours)
-        inputs["self_degree"] = self.table.degree[rows].astype(np.float32)
-        return inputs
+        return tower_inputs(self.table, rows, neighbours)
 
     def batch(self, q_rows: np.ndarray, c_rows: np.ndarray) -> dict[str, np.ndarray]:
         out = {f"q/{k}": v for k, v in self.side(q_rows, c_rows).items()}

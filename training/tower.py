@@ -90,7 +90,9 @@ class UserTower(tf.keras.Model):
             (node["nbr_profile"] - self.profile_mean) / self.profile_std
         )
         encoded = tf.concat([self.bag(node["nbr_ids"], node["nbr_weights"]), nbr_profile], -1)
-        return encoded * node["has_friends"][..., None]
+        # The zero-neighbour path: without friends the aggregates contribute nothing.
+        has_friends = tf.cast(node["degree"] > 0, tf.float32)
+        return encoded * has_friends[..., None]
 
     # -- layers 1 and 2 ------------------------------------------------------------------
     def hidden(self, own: tf.Tensor, neighbourhood: tf.Tensor) -> tf.Tensor:

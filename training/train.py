@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class TrainingContext:
         profile = contract.transform_profile(self.table.profile)
         tf.keras.utils.set_random_seed(cfg.seed)
         return UserTower(
-            self.spec,
+            replace(self.spec, fanout=cfg.fanout),
             profile.mean(axis=0),
             profile.var(axis=0),
             embedding_dim=cfg.embedding_dim,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -49,3 +50,49 @@ def register(app: typer.Typer) -> None:
         result, _ = run(ctx)
         typer.echo(json.dumps(result.as_dict(), indent=2))
 
+    @app.command()
+    def evaluate(
+        dataset: str = DATASET,
+        objective: list[str] = typer.Option(
+            ["baseline", "ssmtl"], "--objective", "-o", help="Runs to compare (latest of each)."
+        ),
+        seed: int = typer.Option(None, help="Only runs of this seed."),
+        split: str = typer.Option("test", help="test (report) or val (tuning)."),
+        json_path: Path = typer.Option(None, "--json", help="Also write the results here."),
+    ) -> None:
+        """Exact top-K over all users (the user and its training friends excluded) for the latest
+        run of each objective, plus Adamic-Adar and random; Recall/HitRate@10/50/100, NDCG@50,
+        MRR for all and cold-start users; paired bootstrap CIs against the baseline. Writes JSON,
+        a markdown table and a Recall@K plot."""
+        from friendrec.config import load_settings
+        from training.runs import evaluate_runs, latest_run
+        from training.train import TrainingContext
+
+        ctx = TrainingContext.load(load_settings(), dataset)
+        runs = {name: latest_run(ctx, name, seed) for name in objective}
+        out_dir = ctx.settings.workdir / "reports" / ctx.paths.slug / split
+        report = evaluate_runs(ctx, runs, out_dir, split=split)
+        for name, run_dir in runs.items():
+            (run_dir / f"evaluation_{split}.json").write_text(
+                json.dumps(report["results"][name], indent=2)
+            )
+        if json_path:
+            json_path.write_text(json.dumps(report, indent=2))
+        typer.echo(Path(report["files"]["markdown"]).read_text())
+
+    @app.command()
+    def export(
+        dataset: str = DATASET,
+        objective: str = typer.Option("ssmtl", "--objective", "-o", help="Latest run of this."),
+        run: Path = typer.Option(None, "--run", help="A run folder instead of the latest."),
+        version: int = typer.Option(None, help="Version number (default: next free)."),
+    ) -> None:
+        """Export the user tower as a TF Serving SavedModel (<base>/<model_name>/<version>/)
+        with a raw-feature serving signature, warmup requests and a model card."""
+        from friendrec.config import load_settings
+        from training.publish import export_run
+        from training.train import TrainingContext
+
+        ctx = TrainingContext.load(load_settings(), dataset)
+        path = export_run(ctx, run, objective, version)
+        typer.echo(str(path))

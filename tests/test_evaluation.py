@@ -1,0 +1,355 @@
+"""Offline evaluation: hand-computed metrics, exclusions, baselines, bootstrap, report, ENGB."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from friendrec.config import load_settings
+from friendrec.data.canonical import load_prepared, prepare
+from friendrec.paths import DatasetPaths
+from training.evaluation import (
+    EvalSet,
+    adamic_adar_topk_with_scores,
+    paired_bootstrap,
+    per_user_metrics,
+    recall_curve,
+    summarise,
+    summarise_slices,
+    topk_adamic_adar,
+    topk_from_embeddings,
+    topk_random,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+LN2, LN3 = math.log(2), math.log(3)
+
+
+def _edges(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    array = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return array[:, 0], array[:, 1]
+
+
+def _hand_evalset(n: int, train: list[tuple[int, int]], held: list[tuple[int, int]]) -> EvalSet:
+    train_src, train_dst = _edges(train)
+    held_src, held_dst = _edges(held)
+    return EvalSet.from_edges(n, train_src, train_dst, held_src, held_dst)
+
+
+def _random_graph(
+    n: int, train_edges: int, held_edges: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A random simple graph split into disjoint train / held-out edges (dense indices)."""
+    rng = np.random.default_rng(seed)
+    pairs = rng.integers(0, n, size=(4 * (train_edges + held_edges), 2))
+    pairs = np.sort(pairs[pairs[:, 0] != pairs[:, 1]], axis=1)
+    pairs = np.unique(pairs, axis=0)
+    pairs = pairs[rng.permutation(len(pairs))][: train_edges + held_edges]
+    train, held = pairs[:train_edges], pairs[train_edges:]
+    return train[:, 0], train[:, 1], held[:, 0], held[:, 1]
+
+
+def _assert_nothing_excluded_recommended(topk: np.ndarray, evalset: EvalSet) -> None:
+    """No query is recommended itself, a training friend, or the same user twice."""
+    valid = topk >= 0
+    rows = np.broadcast_to(np.arange(evalset.num_queries)[:, None], topk.shape)
+    friends = evalset.train[evalset.queries].toarray() > 0
+    assert not friends[rows[valid], topk[valid]].any(), "a training friend was recommended"
+    assert not (topk == evalset.queries[:, None]).any(), "a user was recommended to itself"
+    ordered = np.sort(np.where(valid, topk, -np.arange(1, topk.shape[1] + 1)), axis=1)
+    assert not (np.diff(ordered, axis=1) == 0).any(), "a user was recommended twice"
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_on_hand_example():
+    # Held-out friendships (0,1), (0,2), (3,4), (1,9): queries are users 0, 1, 2, 3, 4, 9 with
+    # held-out sets {1,2}, {0,9}, {0}, {4}, {3}, {1}.
+    evalset = _hand_evalset(10, train=[(5, 6)], held=[(0, 1), (0, 2), (3, 4), (1, 9)])
+    assert evalset.queries.tolist() == [0, 1, 2, 3, 4, 9]
+    assert evalset.heldout_count.tolist() == [2, 2, 1, 1, 1, 1]
+    topk = np.array(
+        [
+            [5, 2, -1, 1],  # user 0: hits at ranks 2 and 4
+            [0, 3, 4, 5],  # user 1: hit at rank 1; held-out 9 never retrieved
+            [-1, -1, -1, -1],  # user 2: nothing recommended (a -1 must never count as a hit)
+            [6, 7, 8, 4],  # user 3: hit at rank 4
+            [9, 8, 7, 6],  # user 4: no hit
+            [1, -1, -1, -1],  # user 9: hit at rank 1
+        ]
+    )
+    m = per_user_metrics(topk, evalset, ks=(1, 2, 4), ndcg_k=4)
+    l3, l5 = 1 / math.log2(3), 1 / math.log2(5)  # DCG discounts of ranks 2 and 4
+    expected = {
+        "recall@1": [0, 1 / 2, 0, 0, 0, 1],
+        "recall@2": [1 / 2, 1 / 2, 0, 0, 0, 1],
+        "recall@4": [1, 1 / 2, 0, 1, 0, 1],
+        "hitrate@1": [0, 1, 0, 0, 0, 1],
+        "hitrate@2": [1, 1, 0, 0, 0, 1],
+        "hitrate@4": [1, 1, 0, 1, 0, 1],
+        # DCG / ideal DCG over min(#held-out, 4) relevant items.
+        "ndcg@4": [(l3 + l5) / (1 + l3), 1 / (1 + l3), 0, l5, 0, 1],
+        "mrr": [1 / 2, 1, 0, 1 / 4, 0, 1],
+    }
+    assert set(m) == set(expected)
+    for name, values in expected.items():
+        np.testing.assert_allclose(m[name], values, err_msg=name)
+
+    means = summarise(m)
+    assert means["recall@4"] == pytest.approx(3.5 / 6)
+    assert means["mrr"] == pytest.approx(2.75 / 6)
+    assert means["users"] == 6
+    only_first_two = summarise(m, np.array([True, True, False, False, False, False]))
+    assert only_first_two["mrr"] == pytest.approx(0.75)
+    assert only_first_two["users"] == 2
+
+    # The ideal DCG is cut at the NDCG depth: user 1 (two held-out) hit at rank 1 is perfect @1.
+    assert per_user_metrics(topk, evalset, ks=(1,), ndcg_k=1)["ndcg@1"][1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="columns"):
+        per_user_metrics(topk, evalset, ks=(10,), ndcg_k=4)
+
+
+def test_cold_start_slice_and_recall_curve():
+    # User 0 has training degree 3 (not cold), users 1..3 degree 1 (cold), user 4 degree 0.
+    evalset = _hand_evalset(6, train=[(0, 1), (0, 2), (0, 3)], held=[(0, 4), (1, 5)])
+    assert evalset.queries.tolist() == [0, 1, 4, 5]
+    assert evalset.cold_start.tolist() == [False, True, True, True]
+    topk = np.array([[5, 4], [4, 5], [0, 1], [2, 3]])  # hits: user0@2, user1@2, user4@1, none
+    curve = recall_curve(topk, evalset, max_k=2)
+    assert curve["all"] == pytest.approx({1: 1 / 4, 2: 3 / 4})
+    assert curve["cold_start"] == pytest.approx({1: 1 / 3, 2: 2 / 3})
+    slices = summarise_slices(per_user_metrics(topk, evalset, ks=(2,), ndcg_k=2), evalset)
+    assert slices["all"]["recall@2"] == pytest.approx(3 / 4)
+    assert slices["cold_start"]["recall@2"] == pytest.approx(2 / 3)
+    assert slices["cold_start"]["users"] == 3
+
+
+# ------------------------------------------------------------------------------------ retrieval
+
+
+def test_embedding_topk_excludes_self_and_training_friends():
+    n, k = 300, 20
+    train_src, train_dst, held_src, held_dst = _random_graph(n, 900, 300, seed=1)
+    evalset = EvalSet.from_edges(n, train_src, train_dst, held_src, held_dst)
+    adjacency = evalset.train.toarray()
+    # Embeddings whose inner products are ~ (c + 3) on the diagonal, 2 between training friends
+    # and noise elsewhere (c makes the target PSD): unmasked, every list would start with the
+    # user itself, then all its training friends.
+    rng = np.random.default_rng(2)
+    noise = 0.01 * rng.standard_normal((n, n))
+    c = 2.0 * adjacency.sum(axis=1).max()
+    target = (c + 3) * np.eye(n) + 2 * adjacency + (noise + noise.T) / 2
+    eigval, eigvec = np.linalg.eigh(target)
+    assert eigval.min() > 0
+    emb = (eigvec * np.sqrt(eigval)).astype(np.float32)
+    raw = (emb[evalset.queries] @ emb.T).astype(np.float64)
+    ranked = np.argsort(-raw, axis=1)
+    assert (ranked[:, 0] == evalset.queries).all()
+    degree = evalset.train_degree[evalset.queries]
+    friend_slots = np.arange(1, n)[None, :] <= degree[:, None]
+    assert np.array_equal(adjacency[evalset.queries[:, None], ranked[:, 1:]] > 0, friend_slots)
+
+    topk = topk_from_embeddings(emb, evalset, k=k, batch=64)
+    assert topk.shape == (evalset.num_queries, k)
+    assert (topk >= 0).all()
+    _assert_nothing_excluded_recommended(topk, evalset)
+
+    # Same as brute force: the scores down each list equal the best allowed scores, in order.
+    masked = raw.copy()
+    masked[adjacency[evalset.queries] > 0] = -np.inf
+    masked[np.arange(evalset.num_queries), evalset.queries] = -np.inf
+    reference = -np.sort(-masked, axis=1)[:, :k]
+    got = np.take_along_axis(raw, topk, axis=1)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)  # float32 noise-level ties
+
+
+def test_embedding_topk_pads_with_minus_one_when_candidates_run_out():
+    # 4 users, user 0 befriends 1 and 2 in training: only user 3 can be recommended to user 0.
+    evalset = _hand_evalset(4, train=[(0, 1), (0, 2)], held=[(0, 3)])
+    emb = np.eye(4, dtype=np.float32)
+    topk = topk_from_embeddings(emb, evalset, k=6)
+    assert topk.shape == (2, 6)
+    assert topk[0].tolist() == [3, -1, -1, -1, -1, -1]
+    assert sorted(topk[1, :3].tolist()) == [0, 1, 2] and (topk[1, 3:] == -1).all()
+    with pytest.raises(ValueError, match="embeddings"):
+        topk_from_embeddings(np.ones((5, 2), dtype=np.float32), evalset)
+
+
+def test_adamic_adar_on_hand_graph():
+    # Training graph: 0-1, 0-2, 1-3, 2-3, 2-4, 4-5. Degrees 2, 2, 3, 2, 2, 1.
+    train = [(0, 1), (0, 2), (1, 3), (2, 3), (2, 4), (4, 5)]
+    evalset = _hand_evalset(6, train=train, held=[(0, 3), (1, 4), (2, 5)])
+    assert evalset.queries.tolist() == [0, 1, 2, 3, 4, 5]
+    top, score = adamic_adar_topk_with_scores(evalset, k=3)
+    # Rows are users 0..5. Common neighbours (weight 1/ln deg; degree-1 user 5 weighs nothing).
+    assert top[0].tolist() == [3, 4, -1]  # via 1 and 2 -> 3; via 2 -> 4
+    np.testing.assert_allclose(score[0, :2], [1 / LN2 + 1 / LN3, 1 / LN3], rtol=1e-6)
+    assert top[1].tolist() == [2, -1, -1]  # via 0 and 3
+    np.testing.assert_allclose(score[1, 0], 2 / LN2, rtol=1e-6)
+    assert top[2].tolist() == [1, 5, -1]  # 1 via 0 and 3; 5 via 4
+    np.testing.assert_allclose(score[2, :2], [2 / LN2, 1 / LN2], rtol=1e-6)
+    assert top[3].tolist() == [0, 4, -1]
+    np.testing.assert_allclose(score[3, :2], [1 / LN2 + 1 / LN3, 1 / LN3], rtol=1e-6)
+    # User 4: 0 and 3 tie via 2; its degree-1 neighbour 5 links it only to itself.
+    assert sorted(top[4, :2].tolist()) == [0, 3] and top[4, 2] == -1
+    np.testing.assert_allclose(score[4, :2], [1 / LN3, 1 / LN3], rtol=1e-6)
+    assert top[5].tolist() == [2, -1, -1]
+    np.testing.assert_allclose(score[5, 0], 1 / LN2, rtol=1e-6)
+    assert np.isneginf(score[top == -1]).all() and np.isfinite(score[top >= 0]).all()
+    assert np.array_equal(topk_adamic_adar(evalset, k=3), top)
+
+
+def test_adamic_adar_matches_brute_force():
+    n, k = 120, 15
+    evalset = EvalSet.from_edges(n, *_random_graph(n, 400, 100, seed=3))
+    top, score = adamic_adar_topk_with_scores(evalset, k=k, batch=16)
+    _assert_nothing_excluded_recommended(top, evalset)
+    adjacency = evalset.train.toarray().astype(np.float64)
+    degree = adjacency.sum(axis=1)
+    weight = np.where(degree >= 2, 1 / np.log(np.maximum(degree, 2)), 0.0)
+    full = (adjacency[evalset.queries] * weight) @ adjacency
+    full[adjacency[evalset.queries] > 0] = 0
+    full[np.arange(evalset.num_queries), evalset.queries] = 0
+    reference = -np.sort(-full, axis=1)[:, :k]
+    got = np.where(top >= 0, np.take_along_axis(full, np.maximum(top, 0), axis=1), 0.0)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)  # float32 noise-level ties
+    np.testing.assert_allclose(np.where(top >= 0, score, 0.0), reference, rtol=1e-5)
+    assert ((top == -1) == (reference == 0)).all()  # zero-score users are never recommended
+
+
+def test_random_baseline_excludes_and_recall_is_about_k_over_n():
+    n, k = 2000, 50
+    evalset = EvalSet.from_edges(n, *_random_graph(n, 6000, 3000, seed=4))
+    topk = topk_random(evalset, k=k, seed=7, batch=300)
+    assert (topk >= 0).all()
+    _assert_nothing_excluded_recommended(topk, evalset)
+    assert np.array_equal(topk, topk_random(evalset, k=k, seed=7, batch=300))
+    assert not np.array_equal(topk, topk_random(evalset, k=k, seed=8, batch=300))
+    recall = per_user_metrics(topk, evalset, ks=(k,), ndcg_k=k)[f"recall@{k}"]
+    allowed = n - 1 - evalset.train_degree[evalset.queries]
+    expected = float(np.mean(k / allowed))
+    stderr = float(np.sqrt(np.mean(expected * (1 - expected) / evalset.heldout_count)))
+    stderr /= math.sqrt(evalset.num_queries)
+    assert abs(recall.mean() - expected) < 4 * stderr, (recall.mean(), expected, stderr)
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(0)
+
+    def sample(users: int) -> tuple[np.ndarray, np.ndarray]:
+        b = rng.random(users)
+        return b + 0.1 + rng.normal(0, 0.3, users), b
+
+    a_small, b_small = sample(400)
+    diff, lo, hi = paired_bootstrap(a_small, b_small, seed=1)
+    assert diff == pytest.approx(float(np.mean(a_small - b_small)))
+    assert lo < 0.1 < hi and lo < diff < hi
+    a_big, b_big = sample(6400)  # more users than one bootstrap chunk: exercises chunking
+    _, lo_big, hi_big = paired_bootstrap(a_big, b_big, seed=1)
+    assert lo_big < 0.1 < hi_big
+    assert hi_big - lo_big < 0.4 * (hi - lo)  # ~1/4 expected: 16x the users
+
+    assert paired_bootstrap(b_small, b_small) == (0.0, 0.0, 0.0)
+    # Two exchangeable methods: the interval straddles zero.
+    diff0, lo0, hi0 = paired_bootstrap(rng.random(2000), rng.random(2000), seed=2)
+    assert lo0 < 0 < hi0 and abs(diff0) < (hi0 - lo0)
+    assert paired_bootstrap(a_small, b_small, seed=1) == (diff, lo, hi)  # seeded
+    with pytest.raises(ValueError):
+        paired_bootstrap(a_small, b_small[:-1])
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def test_write_report(tmp_path: Path):
+    evalset = _hand_evalset(6, train=[(0, 1), (0, 2), (0, 3)], held=[(0, 4), (1, 5)])
+    runs = {
+        "two-tower": np.array([[4, 5], [5, 4], [0, 1], [1, 2]]),
+        "random": np.array([[5, 4], [4, 5], [2, 3], [2, 3]]),
+    }
+    results, curves, per_user = {}, {}, {}
+    for method, topk in runs.items():
+        per_user[method] = per_user_metrics(topk, evalset, ks=(1, 2), ndcg_k=2)
+        results[method] = summarise_slices(per_user[method], evalset)
+        curves[method] = recall_curve(topk, evalset, max_k=2)
+    results["empty-slice"] = {"all": {"recall@1": 0.5}, "cold_start": {"recall@1": math.nan}}
+    diff, lo, hi = paired_bootstrap(per_user["two-tower"]["mrr"], per_user["random"]["mrr"])
+    comparisons = [
+        {"a": "two-tower", "b": "random", "metric": "mrr", "slice": "all", "diff": diff,
+         "lo": lo, "hi": hi}
+    ]  # fmt: skip
+    paths = write_report(results, curves, comparisons, tmp_path / "report")
+
+    assert set(paths) == {"json", "markdown", "plot"}
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["plot"].stat().st_size > 1000
+    markdown = paths["markdown"].read_text()
+    for method in results:
+        assert f"| {method} |" in markdown
+    for column in ("Recall@1", "Recall@2", "HitRate@2", "NDCG@2", "MRR", "cold_start"):
+        assert column in markdown
+    assert f"{diff:+.4f}" in markdown
+    payload = json.loads(paths["json"].read_text())
+    assert payload["results"]["two-tower"]["all"]["mrr"] == pytest.approx(
+        results["two-tower"]["all"]["mrr"]
+    )
+    assert payload["results"]["empty-slice"]["cold_start"]["recall@1"] is None  # NaN -> null
+    assert payload["curves"]["random"]["cold_start"]["2"] == pytest.approx(
+        curves["random"]["cold_start"][2]
+    )
+    assert payload["comparisons"][0]["metric"] == "mrr"
+
+
+# ------------------------------------------------------------------------------------ ENGB
+
+
+@pytest.fixture(scope="module")
+def engb(tmp_path_factory: pytest.TempPathFactory):
+    settings = load_settings(workdir=tmp_path_factory.mktemp("eval_engb"))
+    prepare(settings, "twitch/ENGB")
+    return load_prepared(DatasetPaths.of(settings, "twitch/ENGB"))
+
+
+def test_engb_evalset_counts(engb):
+    evalset = EvalSet.from_prepared(engb, "test")
+    assert engb.meta.split_counts["test"] == 3532
+    assert evalset.heldout.nnz == 2 * 3532  # each friendship counted for both endpoints
+    assert evalset.heldout_count.sum() == 2 * 3532
+    assert evalset.train.nnz == 2 * engb.meta.split_counts["train"]
+    test_src, test_dst = engb.edges("test")
+    endpoints = np.unique(engb.index_of(np.concatenate([test_src, test_dst])))
+    assert np.array_equal(evalset.queries, endpoints)
+    assert np.array_equal(evalset.cold_start, evalset.train_degree[evalset.queries] <= 2)
+    assert 0 < evalset.cold_start.sum() < evalset.num_queries
+    assert EvalSet.from_prepared(engb, "val").heldout.nnz == 2 * engb.meta.split_counts["val"]
+    with pytest.raises(ValueError, match="split"):
+        EvalSet.from_prepared(engb, "train")
+
+
+def test_engb_adamic_adar_beats_random(engb):
+    evalset = EvalSet.from_prepared(engb, "test")
+    start = time.perf_counter()
+    aa = topk_adamic_adar(evalset, k=100)
+    rand = topk_random(evalset, k=100, seed=0)
+    elapsed = time.perf_counter() - start
+    _assert_nothing_excluded_recommended(aa, evalset)
+    _assert_nothing_excluded_recommended(rand, evalset)
+    aa_m = summarise_slices(per_user_metrics(aa, evalset), evalset)
+    rand_m = summarise_slices(per_user_metrics(rand, evalset), evalset)
+    log.info("ENGB test, %.2fs: Adamic-Adar %s; random %s", elapsed, aa_m, rand_m)
+    # Measured: Adamic-Adar recall@50 0.292 (all), random 0.0076 (~50/7126).
+    assert aa_m["all"]["recall@50"] > 0.2
+    assert rand_m["all"]["recall@50"] < 0.02
+    assert aa_m["all"]["recall@50"] > 10 * rand_m["all"]["recall@50"]
+    assert aa_m["cold_start"]["recall@50"] > rand_m["cold_start"]["recall@50"]

@@ -1,0 +1,507 @@
+"""Offline evaluation protocol (docs/PAPER.md, "How to evaluate offline"), fully vectorised.
+
+Every user with a held-out friendship in the chosen split is a query. A method scores all users,
+the query itself and its *training* friends are dropped (they are known, recommending them is
+useless and counting them would inflate recall), and the top K remain. Metrics are per query user,
+so the same users can be compared across methods with a paired bootstrap.
+
+Top-k arrays are int64 ``[q, k]`` of dense user indices, best first; ``-1`` marks an empty slot
+(a method with fewer than k candidates) and never counts as a hit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from friendrec.data.canonical import SPLITS, PreparedDataset
+from friendrec.data.graph import Adjacency
+
+log = logging.getLogger(__name__)
+
+COLD_START_MAX_DEGREE = 2  # the paper's cold-start slice: training degree <= 2
+SLICES = ("all", "cold_start")
+NO_RECOMMENDATION = -1
+_BOOT_CHUNK_ELEMENTS = 1 << 22  # bootstrap index matrix chunk: ~32 MB of int64
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Queries, their held-out friends and what must be excluded, for one split."""
+
+    split: str
+    num_users: int
+    queries: np.ndarray  # int64 [q] dense user indices, ascending
+    heldout: sp.csr_array  # [q, n] binary, row i = held-out friends of queries[i]
+    train: sp.csr_array  # [n, n] binary symmetric training adjacency (the exclusions)
+    train_degree: np.ndarray  # int64 [n]
+    cold_start: np.ndarray  # bool [q]: training degree <= COLD_START_MAX_DEGREE
+
+    @classmethod
+    def from_prepared(cls, data: PreparedDataset, split: str) -> EvalSet:
+        """Queries and targets of a held-out split ("val" or "test") of a prepared dataset."""
+        if split not in SPLITS[1:]:
+            raise ValueError(f"split must be one of {SPLITS[1:]}, got {split!r}")
+        train_src, train_dst = data.edges("train")
+        held_src, held_dst = data.edges(split)
+        return cls.from_edges(
+            num_users=len(data.user_ids),
+            train_src=data.index_of(train_src),
+            train_dst=data.index_of(train_dst),
+            held_src=data.index_of(held_src),
+            held_dst=data.index_of(held_dst),
+            split=split,
+        )
+
+    @classmethod
+    def from_edges(
+        cls,
+        num_users: int,
+        train_src: np.ndarray,
+        train_dst: np.ndarray,
+        held_src: np.ndarray,
+        held_dst: np.ndarray,
+        split: str = "test",
+    ) -> EvalSet:
+        """Build from undirected edges over dense indices (tests use hand-made graphs)."""
+        adjacency = Adjacency.from_edges(num_users, train_src, train_dst)
+        train = sp.csr_array(
+            (
+                np.ones(len(adjacency.indices), dtype=np.float32),
+                adjacency.indices,
+                adjacency.indptr,
+            ),
+            shape=(num_users, num_users),
+        )
+        train.sum_duplicates()
+        train.data[:] = 1.0
+        degree = np.diff(train.indptr).astype(np.int64)
+
+        rows = np.concatenate([held_src, held_dst]).astype(np.int64)
+        cols = np.concatenate([held_dst, held_src]).astype(np.int64)
+        keep = rows != cols
+        held_full = sp.coo_array(
+            (np.ones(int(keep.sum()), dtype=np.float32), (rows[keep], cols[keep])),
+            shape=(num_users, num_users),
+        ).tocsr()
+        held_full.sum_duplicates()
+        held_full.data[:] = 1.0
+        # A held-out pair that is also a training friendship can never be recommended: drop it.
+        overlap = held_full.multiply(train)
+        if overlap.nnz:
+            log.warning("%d held-out pairs are also training friendships; dropped", overlap.nnz)
+            held_full = (held_full - overlap).tocsr()
+            held_full.eliminate_zeros()
+        queries = np.flatnonzero(np.diff(held_full.indptr)).astype(np.int64)
+        heldout = sp.csr_array(held_full[queries])
+        heldout.sort_indices()
+        evalset = cls(
+            split=split,
+            num_users=int(num_users),
+            queries=queries,
+            heldout=heldout,
+            train=train,
+            train_degree=degree,
+            cold_start=degree[queries] <= COLD_START_MAX_DEGREE,
+        )
+        log.info(
+            "eval set %s: %d users, %d queries (%d cold-start), %d held-out (user, friend) pairs",
+            split,
+            num_users,
+            evalset.num_queries,
+            int(evalset.cold_start.sum()),
+            evalset.heldout.nnz,
+        )
+        return evalset
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.queries.shape[0])
+
+    @property
+    def heldout_count(self) -> np.ndarray:
+        """Held-out friends per query (>= 1 by construction): the recall denominator."""
+        return np.diff(self.heldout.indptr).astype(np.int64)
+
+    def slice_masks(self) -> dict[str, np.ndarray]:
+        """Boolean masks over queries for every reported slice."""
+        return {"all": np.ones(self.num_queries, dtype=bool), "cold_start": self.cold_start}
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def _exclusion_coords(evalset: EvalSet, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row within batch, user) pairs that must never be recommended: self and training friends."""
+    rows_q = evalset.queries[lo:hi]
+    block = evalset.train[rows_q]
+    counts = np.diff(block.indptr)
+    friend_rows = np.repeat(np.arange(hi - lo), counts)
+    batch_rows = np.concatenate([np.arange(hi - lo), friend_rows])
+    users = np.concatenate([rows_q, block.indices.astype(np.int64)])
+    return batch_rows, users
+
+
+def _dense_topk(
+    evalset: EvalSet,
+    k: int,
+    batch: int,
+    scores_for: Callable[[np.ndarray], np.ndarray],
+    tie_seed: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact masked top-k over all users from dense per-batch scores (higher is better).
+
+    A score of -inf means "not a candidate". Ties go to the lower user index, or, with tie_seed,
+    follow a seeded random order of users: heuristics with many exact ties (Adamic-Adar) must not
+    be rewarded or punished for how the dataset happened to number its users.
+    Returns (users [q, k] padded with -1, their float32 scores padded with -inf).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n, q = evalset.num_users, evalset.num_queries
+    top = np.full((q, k), NO_RECOMMENDATION, dtype=np.int64)
+    top_score = np.full((q, k), -np.inf, dtype=np.float32)
+    kk = min(k, n)
+    perm = None if tie_seed is None else np.random.default_rng(tie_seed).permutation(n)
+    for lo in range(0, q, batch):
+        hi = min(lo + batch, q)
+        # Negate so that argpartition's ascending order puts the best first; +inf = excluded.
+        cost = np.negative(scores_for(evalset.queries[lo:hi]).astype(np.float32, copy=False))
+        cost[_exclusion_coords(evalset, lo, hi)] = np.inf
+        if perm is not None:
+            cost = cost[:, perm]  # column j is now user perm[j]
+        if kk < n:
+            part = np.argpartition(cost, kk - 1, axis=1)[:, :kk]
+        else:
+            part = np.broadcast_to(np.arange(n), (hi - lo, n))
+        part_cost = np.take_along_axis(cost, part, axis=1)
+        order = np.lexsort((part, part_cost), axis=1)
+        best = np.take_along_axis(part, order, axis=1)
+        best_cost = np.take_along_axis(part_cost, order, axis=1)
+        if perm is not None:
+            best = perm[best]
+        empty = np.isinf(best_cost) & (best_cost > 0)
+        top[lo:hi, :kk] = np.where(empty, NO_RECOMMENDATION, best)
+        top_score[lo:hi, :kk] = np.where(empty, -np.inf, -best_cost)
+    return top, top_score
+
+
+def topk_from_embeddings(
+    emb: np.ndarray, evalset: EvalSet, k: int = 100, batch: int = 1024
+) -> np.ndarray:
+    """Exact inner-product top-k over all users (brute force: the reference for any ANN index)."""
+    if emb.ndim != 2 or emb.shape[0] != evalset.num_users:
+        raise ValueError(f"embeddings must be [{evalset.num_users}, d], got {emb.shape}")
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings contain NaN or inf")
+    start = time.perf_counter()
+    out, _ = _dense_topk(evalset, k, batch, lambda rows: emb[rows] @ emb.T)
+    log.info(
+        "embedding top-%d for %d queries in %.2fs",
+        k,
+        evalset.num_queries,
+        time.perf_counter() - start,
+    )
+    return out
+
+
+def topk_random(evalset: EvalSet, k: int = 100, seed: int = 0, batch: int = 1024) -> np.ndarray:
+    """k users drawn uniformly without replacement from the allowed ones (the floor baseline)."""
+    rng = np.random.default_rng(seed)
+    top, _ = _dense_topk(
+        evalset, k, batch, lambda rows: rng.random((len(rows), evalset.num_users), np.float32)
+    )
+    return top
+
+
+def _adamic_adar_weighted(evalset: EvalSet) -> sp.csr_array:
+    """A @ diag(1 / log deg): degree-1 neighbours get weight 0 (they only link a user to itself)."""
+    degree = evalset.train_degree
+    weight = np.zeros(evalset.num_users, dtype=np.float64)
+    multi = degree >= 2
+    weight[multi] = 1.0 / np.log(degree[multi])
+    weighted = sp.csr_array(evalset.train.astype(np.float64) @ sp.diags_array(weight))
+    weighted.eliminate_zeros()
+    return weighted
+
+
+def adamic_adar_topk_with_scores(
+    evalset: EvalSet, k: int = 100, batch: int = 256, tie_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Friends-of-friends top-k and their Adamic-Adar scores (-1 / -inf where a slot is empty).
+
+    Per query batch: scores = (A D^-1)[batch] @ A, a sparse product densified to [batch, n] so that
+    the masked argpartition of the embedding path applies; users sharing no neighbour score 0 and
+    are not candidates. Exact ties are common (one shared neighbour of a given degree), so they
+    are broken in a seeded random user order rather than by user id.
+    """
+    start = time.perf_counter()
+    weighted = _adamic_adar_weighted(evalset)
+    train = evalset.train.astype(np.float64)
+
+    def scores_for(rows: np.ndarray) -> np.ndarray:
+        dense = (weighted[rows] @ train).toarray()
+        dense[dense <= 0] = -np.inf
+        return dense
+
+    top, score = _dense_topk(evalset, k, batch, scores_for, tie_seed=tie_seed)
+    log.info(
+        "Adamic-Adar top-%d for %d queries in %.2fs",
+        k,
+        evalset.num_queries,
+        time.perf_counter() - start,
+    )
+    return top, score
+
+
+def topk_adamic_adar(
+    evalset: EvalSet, k: int = 100, batch: int = 256, tie_seed: int = 0
+) -> np.ndarray:
+    """Friends-of-friends ranked by Adamic-Adar on the training graph ("people you may know")."""
+    return adamic_adar_topk_with_scores(evalset, k, batch, tie_seed)[0]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def hit_matrix(topk: np.ndarray, evalset: EvalSet) -> np.ndarray:
+    """bool [q, k]: is topk[i, j] a held-out friend of query i (empty slots never are)."""
+    if topk.ndim != 2 or topk.shape[0] != evalset.num_queries:
+        raise ValueError(f"top-k must be [{evalset.num_queries}, k], got {topk.shape}")
+    n = evalset.num_users
+    held = evalset.heldout
+    held_keys = np.repeat(np.arange(evalset.num_queries, dtype=np.int64), np.diff(held.indptr))
+    held_keys = held_keys * n + held.indices.astype(np.int64)  # ascending: rows, sorted indices
+    valid = topk >= 0
+    keys = np.arange(evalset.num_queries, dtype=np.int64)[:, None] * n + np.where(valid, topk, 0)
+    if held_keys.size == 0:
+        return np.zeros(topk.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(held_keys, keys), held_keys.size - 1)
+    return valid & (held_keys[pos] == keys)
+
+
+def per_user_metrics(
+    topk: np.ndarray, evalset: EvalSet, ks: Sequence[int] = (10, 50, 100), ndcg_k: int = 50
+) -> dict[str, np.ndarray]:
+    """Per query user: recall@K, hitrate@K, ndcg@ndcg_k (binary relevance) and MRR."""
+    width = topk.shape[1] if topk.ndim == 2 else 0
+    if max([*ks, ndcg_k]) > width:
+        raise ValueError(f"top-k has {width} columns; metrics need {max([*ks, ndcg_k])}")
+    hits = hit_matrix(topk, evalset)
+    count = evalset.heldout_count.astype(np.float64)
+    cum = np.cumsum(hits, axis=1)
+    metrics: dict[str, np.ndarray] = {}
+    for k in ks:
+        metrics[f"recall@{k}"] = cum[:, k - 1] / count
+    for k in ks:
+        metrics[f"hitrate@{k}"] = (cum[:, k - 1] > 0).astype(np.float64)
+    discount = 1.0 / np.log2(np.arange(2, ndcg_k + 2, dtype=np.float64))
+    dcg = hits[:, :ndcg_k] @ discount
+    ideal = np.concatenate([[0.0], np.cumsum(discount)])[np.minimum(count, ndcg_k).astype(int)]
+    metrics[f"ndcg@{ndcg_k}"] = dcg / ideal
+    any_hit = cum[:, -1] > 0
+    first = np.argmax(hits, axis=1)
+    metrics["mrr"] = np.where(any_hit, 1.0 / (first + 1), 0.0)
+    return metrics
+
+
+def recall_curve(
+    topk: np.ndarray, evalset: EvalSet, max_k: int = 100
+) -> dict[str, dict[int, float]]:
+    """Mean recall@K for K = 1..max_k per slice (the Recall@K plot)."""
+    max_k = min(max_k, topk.shape[1])
+    hits = hit_matrix(topk, evalset)[:, :max_k]
+    recall = np.cumsum(hits, axis=1) / evalset.heldout_count[:, None]
+    curves: dict[str, dict[int, float]] = {}
+    for name, mask in evalset.slice_masks().items():
+        means = recall[mask].mean(axis=0) if mask.any() else np.full(max_k, np.nan)
+        curves[name] = {k + 1: float(v) for k, v in enumerate(means)}
+    return curves
+
+
+def summarise(
+    per_user: Mapping[str, np.ndarray], mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """Mean of every metric over the (masked) users, plus the user count; NaN if none."""
+    out: dict[str, float] = {}
+    for name, values in per_user.items():
+        chosen = values if mask is None else values[mask]
+        out[name] = float(chosen.mean()) if chosen.size else math.nan
+    if mask is not None:
+        out["users"] = float(np.count_nonzero(mask))
+    else:
+        out["users"] = float(len(next(iter(per_user.values())))) if per_user else 0.0
+    return out
+
+
+def summarise_slices(
+    per_user: Mapping[str, np.ndarray], evalset: EvalSet
+) -> dict[str, dict[str, float]]:
+    """summarise() for every slice ("all", "cold_start") of an eval set."""
+    return {name: summarise(per_user, mask) for name, mask in evalset.slice_masks().items()}
+
+
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean(a - b), 2.5%, 97.5%) by resampling users: a and b are per-user metrics, same users."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"need two equal non-empty 1-d arrays, got {a.shape} and {b.shape}")
+    diff = a - b
+    n = diff.size
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // n)
+    means = np.empty(n_boot, dtype=np.float64)
+    for lo in range(0, n_boot, chunk):
+        hi = min(lo + chunk, n_boot)
+        means[lo:hi] = diff[rng.integers(0, n, size=(hi - lo, n))].mean(axis=1)
+    lo_ci, hi_ci = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(lo_ci), float(hi_ci)
+
+
+# --------------------------------------------------------------------------- report
+
+_FAMILIES = {"recall": "Recall", "hitrate": "HitRate", "ndcg": "NDCG", "mrr": "MRR"}
+
+
+def _metric_columns(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
+    """Metric names present, ordered recall@K, hitrate@K, ndcg@K, mrr (K ascending)."""
+    names = {m for slices in results.values() for row in slices.values() for m in row}
+    names.discard("users")
+
+    def key(name: str) -> tuple[int, int, str]:
+        family, _, k = name.partition("@")
+        order = list(_FAMILIES).index(family) if family in _FAMILIES else len(_FAMILIES)
+        return order, int(k) if k.isdigit() else 0, name
+
+    return sorted(names, key=key)
+
+
+def _label(metric: str) -> str:
+    family, sep, k = metric.partition("@")
+    return f"{_FAMILIES.get(family, family)}{sep}{k}"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _curve_slices(curve: Mapping[Any, Any]) -> dict[str, dict[int, float]]:
+    """Accept {slice: {K: recall}} or a bare {K: recall} (taken as the "all" slice)."""
+    if curve and all(isinstance(v, Mapping) for v in curve.values()):
+        return {str(s): {int(k): float(v) for k, v in c.items()} for s, c in curve.items()}
+    return {"all": {int(k): float(v) for k, v in curve.items()}}
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN -> null, numpy scalars -> Python, keys -> str: strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _markdown(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    comparisons: Sequence[Mapping[str, Any]],
+) -> str:
+    columns = _metric_columns(results)
+    slices = [s for s in SLICES if any(s in r for r in results.values())]
+    slices += sorted({s for r in results.values() for s in r} - set(slices))
+    lines = ["# Offline evaluation", ""]
+    for slice_name in slices:
+        users = {r[slice_name].get("users") for r in results.values() if slice_name in r}
+        users.discard(None)
+        suffix = f" ({int(next(iter(users)))} users)" if len(users) == 1 else ""
+        lines += [f"## Slice: {slice_name}{suffix}", ""]
+        lines.append("| Method | " + " | ".join(_label(c) for c in columns) + " |")
+        lines.append("|---|" + "---:|" * len(columns))
+        for method, by_slice in results.items():
+            row = by_slice.get(slice_name, {})
+            lines.append(f"| {method} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        lines.append("")
+    if comparisons:
+        lines += ["## Paired bootstrap (95% CI over users)", ""]
+        lines.append("| A | B | Metric | Slice | A - B | 95% CI |")
+        lines.append("|---|---|---|---|---:|---|")
+        for c in comparisons:
+            lines.append(
+                f"| {c['a']} | {c['b']} | {_label(str(c['metric']))} | {c['slice']} | "
+                f"{float(c['diff']):+.4f} | [{float(c['lo']):+.4f}, {float(c['hi']):+.4f}] |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(curves: Mapping[str, Mapping[Any, Any]], path: Path) -> None:
+    """Recall@K per method, one subplot per slice; Agg canvas, no pyplot global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    per_method = {m: _curve_slices(c) for m, c in curves.items()}
+    slices = [s for s in SLICES if any(s in c for c in per_method.values())] or list(SLICES)
+    fig = Figure(figsize=(5.5 * len(slices), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    for ax, slice_name in zip(axes, slices, strict=True):
+        for method, by_slice in per_method.items():
+            curve = by_slice.get(slice_name)
+            if curve:
+                ks = sorted(curve)
+                ax.plot(ks, [curve[k] for k in ks], label=method)
+        ax.set_title(f"Recall@K ({slice_name})")
+        ax.set_xlabel("K")
+        ax.set_ylabel("recall")
+        ax.set_xlim(1, None)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+
+
+def write_report(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    curves: Mapping[str, Mapping[Any, Any]],
+    comparisons: Sequence[Mapping[str, Any]],
+    out_dir: Path | str,
+) -> dict[str, Path]:
+    """Write metrics.json, metrics.md and recall_at_k.png; return their paths by kind.
+
+    results: method -> slice -> metric -> value; curves: method -> slice -> {K: recall}
+    (recall_curve's output; a bare {K: recall} counts as the "all" slice); comparisons: dicts with
+    a, b, metric, slice, diff, lo, hi.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "metrics.json",
+        "markdown": out / "metrics.md",
+        "plot": out / "recall_at_k.png",
+    }
+    payload = {
+        "results": results,
+        "curves": {m: _curve_slices(c) for m, c in curves.items()},
+        "comparisons": list(comparisons),
+    }
+    paths["json"].write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+    paths["markdown"].write_text(_markdown(results, comparisons))
+    _plot(curves, paths["plot"])
+    log.info("wrote evaluation report to %s", out)
+    return paths

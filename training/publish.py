@@ -1,0 +1,47 @@
+"""Export a trained run for TF Serving, with the model card that ties it to its data and quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from friendrec import contract
+from training.export import export_tower
+from training.features import sample_neighbours, tower_inputs
+from training.runs import latest_run, offline_metrics_of, restore_tower
+from training.train import TrainingContext
+
+WARMUP_USERS = 4
+
+
+def export_run(
+    ctx: TrainingContext,
+    run_dir: Path | None = None,
+    objective: str = "ssmtl",
+    version: int | None = None,
+) -> Path:
+    """Export a run's best tower to ``<model_base_path>/<model_name>/<version>/``."""
+    run_dir = run_dir or latest_run(ctx, objective)
+    tower, cfg = restore_tower(ctx, run_dir)
+    rows = np.arange(min(WARMUP_USERS, len(ctx.table)))
+    warmup = tower_inputs(ctx.table, rows, sample_neighbours(ctx.table, rows, cfg.fanout, None))
+    card = {
+        "feature_service": contract.SERVING_SERVICE,
+        "contract_version": contract.CONTRACT_VERSION,
+        "dataset": ctx.data.meta.name,
+        "data_split_sha256": ctx.data.meta.split_sha256,
+        "training_cutoff_ts": ctx.data.meta.train_cutoff_ts,
+        "training_config": cfg.model_dump(),
+        "feature_settings": ctx.settings.features.model_dump(),
+        "run": run_dir.name,
+        "offline_metrics": offline_metrics_of(run_dir),
+    }
+    return export_tower(
+        tower,
+        ctx.settings.model_base_path,
+        ctx.settings.serving.model_name,
+        warmup,
+        card,
+        version,
+    )

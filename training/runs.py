@@ -1,0 +1,113 @@
+"""Trained runs on disk: find them, restore their towers, evaluate them against the baselines."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from friendrec.config import TrainingSettings
+from friendrec.errors import NotPreparedError
+from training import evaluation as ev
+from training.pipeline import embed_all
+from training.tower import UserTower
+from training.train import TrainingContext
+
+log = logging.getLogger(__name__)
+
+KS = (10, 50, 100)
+
+
+def runs_dir(ctx: TrainingContext) -> Path:
+    return ctx.settings.workdir / "models" / ctx.paths.slug
+
+
+def latest_run(ctx: TrainingContext, objective: str, seed: int | None = None) -> Path:
+    """The most recently finished run of an objective (and seed) for the dataset."""
+    candidates = []
+    for result in runs_dir(ctx).glob("*/result.json"):
+        cfg = TrainingSettings.model_validate_json((result.parent / "config.json").read_text())
+        if cfg.objective == objective and (seed is None or cfg.seed == seed):
+            candidates.append(result)
+    if not candidates:
+        raise NotPreparedError(
+            f"no finished {objective!r} run for {ctx.paths.name}; "
+            f"run `friendrec train --objective {objective}` first"
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime).parent
+
+
+def restore_tower(ctx: TrainingContext, run_dir: Path) -> tuple[UserTower, TrainingSettings]:
+    """Rebuild a run's tower from its config and load its best weights."""
+    cfg = TrainingSettings.model_validate_json((run_dir / "config.json").read_text())
+    tower = ctx.build_tower(cfg)
+    embed_all(tower, ctx.table, cfg.fanout, batch=4)  # build the variables before restoring
+    tf.train.Checkpoint(tower=tower).read(str(run_dir / "best" / "tower")).expect_partial()
+    return tower, cfg
+
+
+def evaluate_runs(
+    ctx: TrainingContext,
+    runs: dict[str, Path],
+    out_dir: Path,
+    split: str = "test",
+    baseline: str = "baseline",
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """Exact top-K of every run plus Adamic-Adar and random, metrics per slice, paired bootstrap
+    CIs of each run minus ``baseline``; writes JSON, markdown and the Recall@K plot."""
+    evalset = ev.EvalSet.from_prepared(ctx.data, split)
+    topks: dict[str, np.ndarray] = {}
+    for name, run_dir in runs.items():
+        tower, cfg = restore_tower(ctx, run_dir)
+        topks[name] = ev.topk_from_embeddings(embed_all(tower, ctx.table, cfg.fanout), evalset)
+    topks["adamic_adar"] = ev.topk_adamic_adar(evalset, k=max(KS))
+    topks["random"] = ev.topk_random(evalset, k=max(KS), seed=ctx.settings.data.seed)
+    per_user = {name: ev.per_user_metrics(topk, evalset, ks=KS) for name, topk in topks.items()}
+    results = {name: ev.summarise_slices(metrics, evalset) for name, metrics in per_user.items()}
+    curves = {name: ev.recall_curve(topk, evalset) for name, topk in topks.items()}
+    comparisons = []
+    if baseline in per_user:
+        for name in per_user:
+            if name in (baseline, "random"):
+                continue
+            for slice_name, mask in evalset.slice_masks().items():
+                for metric in ("recall@50", "recall@100"):
+                    diff, lo, hi = ev.paired_bootstrap(
+                        per_user[name][metric][mask], per_user[baseline][metric][mask], n_boot
+                    )
+                    comparisons.append(
+                        {
+                            "a": name,
+                            "b": baseline,
+                            "metric": metric,
+                            "slice": slice_name,
+                            "diff": diff,
+                            "lo": lo,
+                            "hi": hi,
+                        }
+                    )
+    paths = ev.write_report(results, curves, comparisons, out_dir)
+    log.info("evaluation written to %s", {k: str(v) for k, v in paths.items()})
+    return {
+        "split": split,
+        "runs": {k: str(v) for k, v in runs.items()},
+        "results": results,
+        "comparisons": comparisons,
+        "files": {k: str(v) for k, v in paths.items()},
+    }
+
+
+def offline_metrics_of(run_dir: Path) -> dict[str, Any]:
+    """What the run knows about its own quality (for the model card)."""
+    result = json.loads((run_dir / "result.json").read_text())
+    metrics: dict[str, Any] = {"val_recall@50": result["best_val_recall50"]}
+    for split in ("val", "test"):
+        evaluation = run_dir / f"evaluation_{split}.json"
+        if evaluation.exists():
+            metrics[split] = json.loads(evaluation.read_text())
+    return metrics
