@@ -80,6 +80,9 @@ class TrainingSettings(BaseModel):
     objective: Literal["baseline", "ssmtl", "cca", "mae"] = "ssmtl"
     embedding_dim: int = Field(64, gt=0)
     sparse_dim: int = Field(32, gt=0, description="Width of the sparse-id embedding bag.")
+    id_dim: int = Field(
+        32, ge=0, description="Learned user-id vector width (0: features and graph only)."
+    )
     hidden_dim: int = Field(128, gt=0)
     fanout: int = Field(10, gt=0, description="Sampled friends in the second GraphSAGE layer.")
     batch_size: int = Field(256, ge=8)

@@ -36,12 +36,14 @@ def input_signature(spec: InputSpec) -> dict[str, tf.TensorSpec]:
     (``friend_*``, a fanout axis after the batch axis) and ``friend_mask``."""
     p = len(contract.PROFILE_SCALARS)
     node = {
+        "user_id": ([], tf.int64),
         "profile": ([p], tf.float32),
         "sparse_ids": ([spec.sparse_len], tf.int64),
         "nbr_ids": ([spec.nbr_len], tf.int64),
         "nbr_weights": ([spec.nbr_len], tf.float32),
         "nbr_profile": ([p], tf.float32),
         "degree": ([], tf.int64),
+        "friend_ids": ([spec.friend_len], tf.int64),
     }
     out = {}
     for key, (shape, dtype) in node.items():

@@ -29,6 +29,7 @@ class InputSpec:
 
     sparse_len: int  # = features.sparse_cap
     nbr_len: int  # = features.nbr_sparse_cap
+    friend_len: int  # = features.friend_cap
     fanout: int  # sampled friends per user in the second layer
     vocab_size: int
 
@@ -37,6 +38,7 @@ class InputSpec:
         return cls(
             sparse_len=settings.features.sparse_cap,
             nbr_len=settings.features.nbr_sparse_cap,
+            friend_len=settings.features.friend_cap,
             fanout=fanout,
             vocab_size=vocab_size,
         )
@@ -65,6 +67,7 @@ class FeatureTable:
     nbr_profile: np.ndarray  # float32 [n, P]
     degree: np.ndarray  # int64 [n]
     friend_ids: list[np.ndarray]  # sampled friends (user ids) per row
+    friend_matrix: np.ndarray  # int64 [n, friend_len]: the same, PAD_ID padded
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]], spec: InputSpec) -> FeatureTable:
@@ -88,6 +91,7 @@ class FeatureTable:
             nbr_profile=_pad(column(contract.NBR_PROFILE_MEAN.name), width, 0.0, np.float32),
             degree=np.array(column(contract.DEGREE.name), dtype=np.int64),
             friend_ids=[np.asarray(v, dtype=np.int64) for v in column(contract.FRIEND_IDS.name)],
+            friend_matrix=_pad(column(contract.FRIEND_IDS.name), spec.friend_len, PAD_ID, np.int64),
         )
 
     @classmethod
@@ -120,7 +124,16 @@ class FeatureTable:
         return np.where(self.user_ids[pos] == user_ids, pos, -1)
 
 
-NODE_KEYS = ("profile", "sparse_ids", "nbr_ids", "nbr_weights", "nbr_profile", "degree")
+NODE_KEYS = (
+    "user_id",
+    "profile",
+    "sparse_ids",
+    "nbr_ids",
+    "nbr_weights",
+    "nbr_profile",
+    "degree",
+    "friend_ids",
+)
 
 
 def node_features(table: FeatureTable, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -129,14 +142,18 @@ def node_features(table: FeatureTable, rows: np.ndarray) -> dict[str, np.ndarray
     safe = np.maximum(rows, 0)
     absent = rows < 0
     out = {
+        "user_id": table.user_ids[safe],
         "profile": table.profile[safe],
         "sparse_ids": table.sparse_ids[safe],
         "nbr_ids": table.nbr_ids[safe],
         "nbr_weights": table.nbr_weights[safe],
         "nbr_profile": table.nbr_profile[safe],
         "degree": table.degree[safe],
+        "friend_ids": table.friend_matrix[safe],
     }
     if absent.any():
+        out["user_id"][absent] = PAD_ID
+        out["friend_ids"][absent] = PAD_ID
         out["profile"][absent] = 0.0
         out["sparse_ids"][absent] = PAD_ID
         out["nbr_ids"][absent] = PAD_ID
@@ -184,3 +201,37 @@ def tower_inputs(
     inputs.update({f"friend_{k}": v for k, v in friends.items()})
     inputs["friend_mask"] = (neighbour_rows >= 0).astype(np.float32)
     return inputs
+
+
+def fetch_online_inputs(
+    store: Any, user_ids: Sequence[int], spec: InputSpec
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The serving feature path: two online reads (the users, then their first ``fanout``
+    sampled friends) -> the tower's raw inputs, plus a known-to-Feast flag per user.
+
+    Unknown users get the contract defaults (no friends, empty ids): the cold-start path.
+    """
+    from friendrec.feast_store import online_features
+
+    users = online_features(store, list(user_ids))
+    friend_lists = [list(row[contract.FRIEND_IDS.name])[: spec.fanout] for row in users]
+    wanted = sorted({f for friends in friend_lists for f in friends})
+    friends = online_features(store, wanted) if wanted else []
+    table = FeatureTable.from_rows(users, spec)
+    friend_table = FeatureTable.from_rows(friends, spec) if friends else None
+    neighbour_rows = np.full((len(users), spec.fanout), -1, dtype=np.int64)
+    known_friends = {row[contract.JOIN_KEY] for row in friends if row["known"]}
+    for i, friend_ids in enumerate(friend_lists):
+        # A friend the store does not know is absent, exactly as in the training table.
+        present = [f for f in friend_ids if f in known_friends]
+        if present and friend_table is not None:
+            neighbour_rows[i, : len(present)] = friend_table.rows_of(np.array(present))
+    own = node_features(table, np.arange(len(users)))
+    inputs = {f"self_{k}": v for k, v in own.items()}
+    if friend_table is not None:
+        theirs = node_features(friend_table, neighbour_rows)
+    else:
+        theirs = node_features(table, np.full_like(neighbour_rows, -1))
+    inputs.update({f"friend_{k}": v for k, v in theirs.items()})
+    inputs["friend_mask"] = (neighbour_rows >= 0).astype(np.float32)
+    return inputs, np.array([row["known"] for row in users])

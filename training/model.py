@@ -81,16 +81,9 @@ class SSMTLModel(tfrs.Model):
     def embed_pair_side(
         self, side: dict[str, tf.Tensor], other: dict[str, tf.Tensor], **hooks: tf.Tensor
     ) -> tf.Tensor:
-        """Embed one side of the training pairs, removing the other side from its aggregates."""
-        other_own = self.tower.encode_self(
-            {k[5:]: v for k, v in other.items() if k.startswith("self_")}
-        )
-        return self.tower.embed(
-            side,
-            exclude_own=other_own,
-            exclude_weight=tf.ones_like(other_own[:, 0]),
-            **hooks,
-        )
+        """Embed one side of the training pairs with the other side removed from its
+        neighbourhood (the leakage guard)."""
+        return self.tower.embed(side, exclude=other, **hooks)
 
     def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         cfg = self.loss_config

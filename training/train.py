@@ -103,8 +103,10 @@ class TrainingContext:
             replace(self.spec, fanout=cfg.fanout),
             profile.mean(axis=0),
             profile.var(axis=0),
+            known_user_ids=self.table.user_ids,
             embedding_dim=cfg.embedding_dim,
             sparse_dim=cfg.sparse_dim,
+            id_dim=cfg.id_dim,
             hidden_dim=cfg.hidden_dim,
         )
 

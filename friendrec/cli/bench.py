@@ -9,12 +9,19 @@ import typer
 app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
 
 
-def _sizes(value: str) -> list[int]:
+def _counts(value: str) -> list[int]:
     try:
-        sizes = [int(part.replace("_", "")) for part in value.split(",") if part.strip()]
+        counts = [int(part.replace("_", "")) for part in value.split(",") if part.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not sizes or min(sizes) < 2:
+    if not counts:
+        raise typer.BadParameter("expected at least one integer")
+    return counts
+
+
+def _sizes(value: str) -> list[int]:
+    sizes = _counts(value)
+    if min(sizes) < 2:
         raise typer.BadParameter("sizes must be integers >= 2")
     return sorted(set(sizes))
 
@@ -47,6 +54,12 @@ def features(
     requests: int | None = typer.Option(
         None, "--requests", min=10, help="Timed online reads per case (default 500; 200 quick)."
     ),
+    repeats: str | None = typer.Option(
+        None,
+        "--repeats",
+        help="Materializations per variant, one count per size or one for all; the table shows "
+        "their median. Default: 3 below 1M users, 1 from 1M up (1 with --quick).",
+    ),
     warmup: int = typer.Option(50, "--warmup", min=1, help="Untimed reads before each case."),
     profile: bool = typer.Option(
         True, "--profile/--no-profile", help="cProfile one materialization per store."
@@ -58,9 +71,15 @@ def features(
     from friendrec.config import load_settings
 
     settings = load_settings()
+    size_list = [100_000] if quick else _sizes(sizes)
+    if repeats is not None:
+        repeat_list = _counts(repeats)
+    else:
+        repeat_list = [1 if quick or size >= 1_000_000 else 3 for size in size_list]
     try:
         config = BenchConfig(
-            sizes=[100_000] if quick else _sizes(sizes),
+            sizes=size_list,
+            repeats=repeat_list,
             workdir=(workdir or settings.workdir / "bench").resolve(),
             output=(output or default_output(quick)).resolve(),
             tuned=[t.strip() for t in tuned.split(",") if t.strip()],
@@ -69,5 +88,5 @@ def features(
             profile=profile,
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--tuned") from None
+        raise typer.BadParameter(str(exc)) from None
     print_tables(run(config, settings))

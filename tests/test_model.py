@@ -1,0 +1,217 @@
+"""The SSMTL model: losses on hand-made tensors, the baseline identity, the leakage guard,
+training progress, export round trip, and training/serving parity through Feast."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from musae_files import write_twitch
+from tensorflow_serving.apis import prediction_log_pb2
+
+import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from feature_repo.jobs.graph_features import compute_graph_features, profile_table
+from friendrec import contract
+from friendrec.config import TrainingSettings, load_settings
+from friendrec.data.canonical import load_prepared, prepare
+from friendrec.feast_store import open_store
+from friendrec.paths import DatasetPaths
+from training.export import MODEL_CARD, WARMUP_FILE, export_tower, load_signature
+from training.features import (
+    FeatureTable,
+    InputSpec,
+    fetch_online_inputs,
+    sample_neighbours,
+    tower_inputs,
+)
+from training.losses import cca_ssg_loss, scaled_cosine_error
+from training.model import LossConfig, SSMTLModel
+from training.pipeline import PairSampler, embed_all
+from training.tower import UserTower, transform_profile_tf
+from training.train import TrainingContext, loss_config
+
+SMALL = TrainingSettings(
+    embedding_dim=16, sparse_dim=8, id_dim=8, hidden_dim=32, fanout=5, batch_size=64, seed=3
+)
+
+
+# -- losses ------------------------------------------------------------------------------------
+def test_cca_loss_known_values_and_collapse_penalty():
+    # Two standardised, uncorrelated columns over M = 4 users: C = C_A = C_B = I.
+    z = tf.constant([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    assert float(cca_ssg_loss(z, z, lambd=0.5)) == pytest.approx(-2.0, abs=1e-5)
+    # Collapse: both columns identical -> C_A has off-diagonal 1, each view pays 2.
+    collapsed = tf.constant([[1.0, 1.0], [1.0, 1.0], [-1.0, -1.0], [-1.0, -1.0]])
+    assert float(cca_ssg_loss(collapsed, collapsed, lambd=0.5)) == pytest.approx(
+        -2.0 + 0.5 * 4.0, abs=1e-5
+    )
+    # Unrelated views: the invariance term vanishes (trace C = 0) but decorrelation does not.
+    other = tf.constant([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
+    assert float(cca_ssg_loss(z, other, lambd=0.5)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_scaled_cosine_error_known_values():
+    x = tf.constant([[1.0, 0.0], [0.0, 2.0]])
+    assert float(scaled_cosine_error(x, x, gamma=2.0)) == pytest.approx(0.0, abs=1e-6)
+    orthogonal = tf.constant([[0.0, 3.0], [5.0, 0.0]])
+    assert float(scaled_cosine_error(orthogonal, x, gamma=3.0)) == pytest.approx(1.0, abs=1e-6)
+    assert float(scaled_cosine_error(-x, x, gamma=2.0)) == pytest.approx(4.0, abs=1e-5)
+    half = tf.constant([[1.0, 1.0]])  # cos 45 degrees
+    expected = (1 - np.sqrt(0.5)) ** 2
+    assert float(scaled_cosine_error(half, tf.constant([[1.0, 0.0]]), 2.0)) == pytest.approx(
+        expected, rel=1e-5
+    )
+
+
+def test_profile_transform_matches_the_contract():
+    raw = np.array([[0.0, 9.0, 1.0, 0.0, 1.0], [1459.0, 9528.0, 0.0, 1.0, 0.0]], np.float32)
+    np.testing.assert_allclose(
+        transform_profile_tf(tf.constant(raw)).numpy(), contract.transform_profile(raw), rtol=1e-6
+    )
+
+
+# -- the model on real data ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ctx(engb_store):
+    settings = engb_store.model_copy(update={"training": SMALL})
+    return TrainingContext.load(settings, "twitch/ENGB")
+
+
+def test_zero_auxiliary_weights_are_exactly_the_baseline(ctx):
+    tower = ctx.build_tower(SMALL)
+    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, seed=0)
+    batch = {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
+    baseline = SSMTLModel(tower, LossConfig.for_objective("baseline"), seed=1)
+    zeroed = SSMTLModel(
+        tower, LossConfig.for_objective("ssmtl", cca_weight=0.0, mae_weight=0.0), seed=1
+    )
+    full = SSMTLModel(tower, LossConfig.for_objective("ssmtl"), seed=1)
+    base_loss = float(baseline.compute_loss(batch))
+    assert float(zeroed.compute_loss(batch)) == base_loss
+    assert float(full.compute_loss(batch)) != base_loss
+    assert float(full.loss_trackers["retrieval"].result()) == pytest.approx(base_loss, rel=1e-6)
+
+
+def test_training_steps_lower_the_loss(ctx):
+    cfg = SMALL.model_copy(update={"objective": "ssmtl"})
+    tower = ctx.build_tower(cfg)
+    model = SSMTLModel(tower, loss_config(cfg), seed=0)
+    optimizer = tf.keras.optimizers.Adam(5e-3)
+    sampler = PairSampler(ctx.data, ctx.table, cfg.fanout, 128, seed=0)
+    fixed = {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
+
+    def retrieval_loss() -> float:
+        model.loss_trackers["retrieval"].reset_state()
+        model.compute_loss(fixed)
+        return float(model.loss_trackers["retrieval"].result())
+
+    before = retrieval_loss()
+    for i, batch in enumerate(sampler.epoch()):
+        if i == 40:
+            break
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(batch, training=True)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(
+            [(g, v) for g, v in zip(grads, model.trainable_variables, strict=True) if g is not None]
+        )
+    assert retrieval_loss() < before - 0.2
+
+
+def test_positive_never_among_sampled_neighbours(ctx):
+    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, 256, seed=0)
+    batch = next(sampler.epoch())
+    for side, other in (("q/", "c/"), ("c/", "q/")):
+        friends = batch[f"{side}friend_user_id"]
+        positives = batch[f"{other}self_user_id"]
+        mask = batch[f"{side}friend_mask"] > 0
+        assert not np.any((friends == positives[:, None]) & mask)
+        assert mask.sum() > 256  # neighbours are sampled at all
+
+
+def test_leakage_guard_equals_removing_the_friendship(tmp_path):
+    """Embedding u with its training positive v excluded == embedding u in the graph without
+    the friendship (u, v): the exclusion removes exactly v's contribution."""
+    edges = [(0, 1), (0, 2), (1, 2), (2, 3), (1, 4)]
+    features = {0: [1, 2], 1: [2, 3], 2: [1, 5], 3: [4], 4: [5, 6]}
+    datasets = tmp_path / "datasets"
+    write_twitch(datasets, "TINY", edges, features, num_users=5)
+    settings = load_settings(
+        workdir=tmp_path / "work",
+        datasets_dir=datasets,
+        data={"val_fraction": 0.0, "test_fraction": 0.0},
+    )
+    prepare(settings, "twitch/TINY")
+    data = load_prepared(DatasetPaths.of(settings, "twitch/TINY"))
+    spec = InputSpec.from_settings(settings, data.meta.vocab_size, fanout=4)
+
+    def table_for(graph):
+        rows = {r["user_id"]: r for r in profile_table(graph, settings).to_pylist()}
+        for r in compute_graph_features(graph, 2**40, settings, False).to_table(0).to_pylist():
+            rows[r["user_id"]].update(r)
+        return FeatureTable.from_rows([rows[u] for u in sorted(rows)], spec)
+
+    full = table_for(data)
+    keep = ~((data.src == 0) & (data.dst == 2))
+    reduced_data = type(data)(
+        **{
+            **data.__dict__,
+            "src": data.src[keep],
+            "dst": data.dst[keep],
+            "created_ts": data.created_ts[keep],
+            "split": data.split[keep],
+        }
+    )
+    reduced = table_for(reduced_data)
+    profile = contract.transform_profile(full.profile)
+    tower = UserTower(spec, profile.mean(0), profile.var(0), full.user_ids, 16, 8, 8, 32)
+
+    u, v = np.array([0]), np.array([2])
+    guarded = tower_inputs(full, u, sample_neighbours(full, u, 4, None, exclude=v))
+    other = tower_inputs(full, v, sample_neighbours(full, v, 4, None, exclude=u))
+    with_guard = tower.embed(guarded, exclude=other).numpy()
+    without_edge = tower(tower_inputs(reduced, u, sample_neighbours(reduced, u, 4, None))).numpy()
+    np.testing.assert_allclose(with_guard, without_edge, atol=1e-5)
+    unguarded = tower(tower_inputs(full, u, sample_neighbours(full, u, 4, None))).numpy()
+    assert np.abs(unguarded - without_edge).max() > 1e-3  # the guard is not a no-op
+
+
+def test_export_round_trip_and_training_serving_parity(ctx, engb_store, tmp_path):
+    """The served embedding (Feast online reads -> SavedModel) equals the training-code embedding
+    (offline point-in-time table -> tower) for the same users."""
+    tower = ctx.build_tower(SMALL)
+    users = np.array([0, 1, 17, 300, 7125])
+    rows = ctx.table.rows_of(users)
+    inputs = tower_inputs(ctx.table, rows, sample_neighbours(ctx.table, rows, SMALL.fanout, None))
+    trained = embed_all(tower, ctx.table, SMALL.fanout)[rows]
+    path = export_tower(tower, tmp_path / "models", "user_tower", inputs, {"test": True})
+    assert path.name == "1"
+    served = load_signature(path)(**{k: tf.constant(v) for k, v in inputs.items()})["embedding"]
+    assert np.abs(served.numpy() - trained).max() <= 1e-5
+
+    online, known = fetch_online_inputs(open_store(engb_store, "twitch/ENGB"), users, tower.spec)
+    assert known.all()
+    served_online = load_signature(path)(**{k: tf.constant(v) for k, v in online.items()})
+    assert np.abs(served_online["embedding"].numpy() - trained).max() <= 1e-5
+
+    card = json.loads((path / MODEL_CARD).read_text())
+    assert card["version"] == 1 and card["signature"] == "serving_default"
+    assert set(card["inputs"]) == set(inputs)
+    record = next(iter(tf.data.TFRecordDataset(str(path / "assets.extra" / WARMUP_FILE))))
+    log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+    assert set(log.predict_log.request.inputs) == set(inputs)
+    assert export_tower(tower, tmp_path / "models", "user_tower", inputs, {}).name == "2"
+
+
+def test_unknown_users_take_the_cold_start_path(ctx, engb_store):
+    tower = ctx.build_tower(SMALL)
+    inputs, known = fetch_online_inputs(
+        open_store(engb_store, "twitch/ENGB"), [5, 10**12], tower.spec
+    )
+    assert known.tolist() == [True, False]
+    assert inputs["friend_mask"][1].sum() == 0 and (inputs["self_sparse_ids"][1] < 0).all()
+    emb = tower(inputs).numpy()
+    assert np.isfinite(emb).all()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
