@@ -83,6 +83,9 @@ class TrainingSettings(BaseModel):
     id_dim: int = Field(
         32, ge=0, description="Learned user-id vector width (0: features and graph only)."
     )
+    id_dropout: float = Field(
+        0.5, ge=0, lt=1, description="Training-time drop rate of whole user-id vectors."
+    )
     hidden_dim: int = Field(128, gt=0)
     fanout: int = Field(10, gt=0, description="Sampled friends in the second GraphSAGE layer.")
     batch_size: int = Field(256, ge=8)

@@ -7,7 +7,7 @@ even run, so the model *is* the single-task baseline (same parameters, same rand
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -79,7 +79,7 @@ class SSMTLModel(tfrs.Model):
         }
 
     def embed_pair_side(
-        self, side: dict[str, tf.Tensor], other: dict[str, tf.Tensor], **hooks: tf.Tensor
+        self, side: dict[str, tf.Tensor], other: dict[str, tf.Tensor], **hooks: Any
     ) -> tf.Tensor:
         """Embed one side of the training pairs with the other side removed from its
         neighbourhood (the leakage guard)."""
@@ -89,8 +89,8 @@ class SSMTLModel(tfrs.Model):
         cfg = self.loss_config
         query = split_inputs(batch, "q/")
         candidate = split_inputs(batch, "c/")
-        q = self.embed_pair_side(query, candidate)
-        c = self.embed_pair_side(candidate, query)
+        q = self.embed_pair_side(query, candidate, training=training)
+        c = self.embed_pair_side(candidate, query, training=training)
         log_q = batch["c_sampling_prob"] if cfg.log_q else None
         retrieval = self.task(
             q,
@@ -102,11 +102,11 @@ class SSMTLModel(tfrs.Model):
         total = retrieval
         self.loss_trackers["retrieval"].update_state(retrieval)
         if cfg.cca_weight > 0:
-            cca = self.cca_loss(query, candidate)
+            cca = self.cca_loss(query, candidate, training)
             self.loss_trackers["cca"].update_state(cca)
             total += cfg.cca_weight * cca
         if cfg.mae_weight > 0:
-            mae = self.mae_loss(query, candidate)
+            mae = self.mae_loss(query, candidate, training)
             self.loss_trackers["mae"].update_state(mae)
             total += cfg.mae_weight * mae
         return total
@@ -116,7 +116,9 @@ class SSMTLModel(tfrs.Model):
         m = tf.maximum(tf.cast(tf.cast(batch, tf.float32) * fraction, tf.int32), 2)
         return {k: v[:m] for k, v in inputs.items()}
 
-    def cca_loss(self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor]) -> tf.Tensor:
+    def cca_loss(
+        self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor], training: bool = False
+    ) -> tf.Tensor:
         """Two independently augmented views of the first M anchors (only they are re-encoded)."""
         cfg = self.loss_config
         q = self._head(query, cfg.cca_fraction)
@@ -132,14 +134,16 @@ class SSMTLModel(tfrs.Model):
             views.append(self.embed_pair_side(q, c, id_keep=id_keep, friend_keep=friend_keep))
         return cca_ssg_loss(views[0], views[1], cfg.cca_lambda)
 
-    def mae_loss(self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor]) -> tf.Tensor:
+    def mae_loss(
+        self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor], training: bool = False
+    ) -> tf.Tensor:
         """Replace M anchors' own features by [MASK], encode, decode, score with SCE."""
         cfg = self.loss_config
         q = self._head(query, cfg.mae_fraction)
         c = self._head(candidate, cfg.mae_fraction)
         m = tf.shape(q["friend_mask"])[0]
         masked = tf.tile(self.tower.mask_token[None, :], [m, 1])
-        z = self.embed_pair_side(q, c, own_override=masked)
+        z = self.embed_pair_side(q, c, own_override=masked, training=training)
         vocab = self.tower.spec.vocab_size
         ids = q["self_sparse_ids"]
         safe = tf.where((ids < 0) | (ids >= vocab), tf.constant(vocab, ids.dtype), ids)

@@ -50,6 +50,47 @@ def restore_tower(ctx: TrainingContext, run_dir: Path) -> tuple[UserTower, Train
     return tower, cfg
 
 
+def baseline_topks(evalset: ev.EvalSet, seed: int) -> dict[str, np.ndarray]:
+    """The non-learned methods of the comparison table."""
+    return {
+        "adamic_adar": ev.topk_adamic_adar(evalset, k=max(KS)),
+        "random": ev.topk_random(evalset, k=max(KS), seed=seed),
+    }
+
+
+def compare_to(
+    per_user: dict[str, dict[str, np.ndarray]],
+    evalset: ev.EvalSet,
+    baseline: str,
+    n_boot: int = 1000,
+    metrics: tuple[str, ...] = ("recall@50", "recall@100"),
+) -> list[dict[str, Any]]:
+    """Paired bootstrap 95% CIs (over users) of every method minus ``baseline``, per slice."""
+    comparisons: list[dict[str, Any]] = []
+    if baseline not in per_user:
+        return comparisons
+    for name in per_user:
+        if name in (baseline, "random"):
+            continue
+        for slice_name, mask in evalset.slice_masks().items():
+            for metric in metrics:
+                diff, lo, hi = ev.paired_bootstrap(
+                    per_user[name][metric][mask], per_user[baseline][metric][mask], n_boot
+                )
+                comparisons.append(
+                    {
+                        "a": name,
+                        "b": baseline,
+                        "metric": metric,
+                        "slice": slice_name,
+                        "diff": diff,
+                        "lo": lo,
+                        "hi": hi,
+                    }
+                )
+    return comparisons
+
+
 def evaluate_runs(
     ctx: TrainingContext,
     runs: dict[str, Path],
@@ -65,32 +106,11 @@ def evaluate_runs(
     for name, run_dir in runs.items():
         tower, cfg = restore_tower(ctx, run_dir)
         topks[name] = ev.topk_from_embeddings(embed_all(tower, ctx.table, cfg.fanout), evalset)
-    topks["adamic_adar"] = ev.topk_adamic_adar(evalset, k=max(KS))
-    topks["random"] = ev.topk_random(evalset, k=max(KS), seed=ctx.settings.data.seed)
+    topks.update(baseline_topks(evalset, ctx.settings.data.seed))
     per_user = {name: ev.per_user_metrics(topk, evalset, ks=KS) for name, topk in topks.items()}
     results = {name: ev.summarise_slices(metrics, evalset) for name, metrics in per_user.items()}
     curves = {name: ev.recall_curve(topk, evalset) for name, topk in topks.items()}
-    comparisons = []
-    if baseline in per_user:
-        for name in per_user:
-            if name in (baseline, "random"):
-                continue
-            for slice_name, mask in evalset.slice_masks().items():
-                for metric in ("recall@50", "recall@100"):
-                    diff, lo, hi = ev.paired_bootstrap(
-                        per_user[name][metric][mask], per_user[baseline][metric][mask], n_boot
-                    )
-                    comparisons.append(
-                        {
-                            "a": name,
-                            "b": baseline,
-                            "metric": metric,
-                            "slice": slice_name,
-                            "diff": diff,
-                            "lo": lo,
-                            "hi": hi,
-                        }
-                    )
+    comparisons = compare_to(per_user, evalset, baseline, n_boot)
     paths = ev.write_report(results, curves, comparisons, out_dir)
     log.info("evaluation written to %s", {k: str(v) for k, v in paths.items()})
     return {

@@ -47,6 +47,7 @@ class UserTower(tf.keras.Model):
         sparse_dim: int = 32,
         id_dim: int = 32,
         hidden_dim: int = 128,
+        id_dropout: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -54,6 +55,9 @@ class UserTower(tf.keras.Model):
         self.embedding_dim = embedding_dim
         self.sparse_dim = sparse_dim
         self.id_dim = id_dim
+        # Training drops whole user-id vectors so the tower cannot lean on memorised ids alone:
+        # less overfitting, and practice for the cold-start path (new users have no id vector).
+        self.id_dropout = tf.keras.layers.Dropout(id_dropout, noise_shape=None, name="id_dropout")
         # Row vocab_size is the out-of-vocabulary bucket for ids a newer vocabulary may bring.
         self.sparse_embedding = tf.keras.layers.Embedding(
             spec.vocab_size + 1, sparse_dim, name="sparse_embedding"
@@ -100,7 +104,12 @@ class UserTower(tf.keras.Model):
     def user_vectors(self, user_ids: tf.Tensor) -> tf.Tensor:
         return self.id_embedding(self.id_rows.lookup(tf.convert_to_tensor(user_ids, tf.int64)))
 
-    def encode_self(self, node: dict[str, tf.Tensor], id_keep: tf.Tensor | None = None):
+    def encode_self(
+        self,
+        node: dict[str, tf.Tensor],
+        id_keep: tf.Tensor | None = None,
+        training: bool = False,
+    ) -> tf.Tensor:
         """Layer-0 encoding of a node's own features."""
         ids = node["sparse_ids"]
         valid = tf.cast(ids >= 0, tf.float32)
@@ -109,7 +118,9 @@ class UserTower(tf.keras.Model):
         weights = valid / tf.maximum(tf.reduce_sum(valid, axis=-1, keepdims=True), 1.0)
         parts = [self.bag(ids, weights), self.profile_encoder(self.standardise(node["profile"]))]
         if self.id_dim:
-            parts.append(self.user_vectors(node["user_id"]))
+            vectors = self.user_vectors(node["user_id"])
+            keep = tf.ones_like(vectors[..., :1])
+            parts.append(vectors * self.id_dropout(keep, training=training))
         return tf.concat(parts, axis=-1)
 
     def encode_neighbourhood(
@@ -143,6 +154,7 @@ class UserTower(tf.keras.Model):
         exclude: dict[str, tf.Tensor] | None = None,
         id_keep: tf.Tensor | None = None,
         friend_keep: tf.Tensor | None = None,
+        training: bool = False,
     ) -> tf.Tensor:
         """The full tower with the training-time hooks.
 
@@ -154,7 +166,9 @@ class UserTower(tf.keras.Model):
         """
         own_node = {k[5:]: v for k, v in inputs.items() if k.startswith("self_")}
         friend_node = {k[7:]: v for k, v in inputs.items() if k.startswith("friend_")}
-        own = self.encode_self(own_node, id_keep) if own_override is None else own_override
+        own = (
+            self.encode_self(own_node, id_keep, training) if own_override is None else own_override
+        )
         if exclude is None:
             neighbourhood = self.encode_neighbourhood(own_node)
         else:
@@ -171,7 +185,7 @@ class UserTower(tf.keras.Model):
             neighbourhood = tf.concat([corrected, neighbourhood[:, features:]], axis=-1)
         h_self = self.hidden(own, neighbourhood)
         h_friends = self.hidden(
-            self.encode_self(friend_node), self.encode_neighbourhood(friend_node)
+            self.encode_self(friend_node, training=training), self.encode_neighbourhood(friend_node)
         )
         mask = inputs["friend_mask"]
         if friend_keep is not None:
@@ -180,4 +194,4 @@ class UserTower(tf.keras.Model):
         return tf.math.l2_normalize(z, axis=-1)
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        return self.embed(inputs)
+        return self.embed(inputs, training=training)

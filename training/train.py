@@ -107,6 +107,7 @@ class TrainingContext:
             embedding_dim=cfg.embedding_dim,
             sparse_dim=cfg.sparse_dim,
             id_dim=cfg.id_dim,
+            id_dropout=cfg.id_dropout,
             hidden_dim=cfg.hidden_dim,
         )
 

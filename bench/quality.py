@@ -1,0 +1,191 @@
+"""`friendrec bench quality`: baseline vs SSMTL and its ablations on every graph, several seeds.
+
+For each dataset: prepare it and its features if needed, train every objective for every seed
+(hyper-parameters from the settings, tuned on validation edges only), then score the *test* edges.
+Per-user metrics are averaged over seeds before the paired bootstrap over users, so a confidence
+interval reflects both user sampling and seed noise averaged out. Adamic-Adar and random are
+computed once per dataset. The step-time ratio compares median training step times measured in
+the same process (ratios, because the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from feature_repo.jobs.graph_features import build_features
+from feature_repo.jobs.materialize import apply
+from friendrec.config import Settings
+from friendrec.data.canonical import available_twitch_languages, prepare
+from friendrec.paths import DatasetPaths
+from training import evaluation as ev
+from training.pipeline import embed_all
+from training.runs import KS, baseline_topks, compare_to
+from training.train import TrainingContext, train
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("baseline", "ssmtl", "cca", "mae")
+TARGETS = {"all": 0.05, "cold_start": 0.02}  # relative Recall@50 gain of SSMTL over baseline
+
+
+def all_datasets(settings: Settings) -> list[str]:
+    twitch = [f"twitch/{lang}" for lang in available_twitch_languages(settings.datasets_dir)]
+    return [*twitch, "github"]
+
+
+def ensure_features(settings: Settings, dataset: str) -> None:
+    """Prepare, build and register a dataset's features unless that was done already."""
+    paths = DatasetPaths.of(settings, dataset)
+    if not paths.meta.exists():
+        prepare(settings, dataset)
+    if not paths.graph_source.exists():
+        build_features(settings, dataset, show_progress=False)
+    if not paths.feast_registry.exists():
+        apply(settings, dataset)
+
+
+def evaluate_dataset(
+    settings: Settings,
+    dataset: str,
+    seeds: list[int],
+    objectives: list[str],
+    epochs: int | None,
+    out_dir: Path,
+) -> dict[str, Any]:
+    ensure_features(settings, dataset)
+    ctx = TrainingContext.load(settings, dataset)
+    evalset = ev.EvalSet.from_prepared(ctx.data, "test")
+    per_seed: dict[str, list[dict[str, np.ndarray]]] = {o: [] for o in objectives}
+    step_seconds: dict[str, list[float]] = {o: [] for o in objectives}
+    val_recall: dict[str, list[float]] = {o: [] for o in objectives}
+    for seed in seeds:
+        for objective in objectives:
+            updates: dict[str, Any] = {"objective": objective, "seed": seed}
+            if epochs:
+                updates["epochs"] = epochs
+            cfg = settings.training.model_copy(update=updates)
+            started = time.perf_counter()
+            result, tower = train(ctx, cfg, show_progress=False)
+            emb = embed_all(tower, ctx.table, cfg.fanout)
+            per_seed[objective].append(
+                ev.per_user_metrics(ev.topk_from_embeddings(emb, evalset), evalset, ks=KS)
+            )
+            step_seconds[objective].append(result.step_seconds)
+            val_recall[objective].append(result.best_val_recall50)
+            log.info(
+                "%s seed %d %s: val R@50 %.4f, %.0f s",
+                dataset,
+                seed,
+                objective,
+                result.best_val_recall50,
+                time.perf_counter() - started,
+            )
+    per_user = {
+        o: {m: np.mean([run[m] for run in runs], axis=0) for m in runs[0]}
+        for o, runs in per_seed.items()
+    }
+    fixed = baseline_topks(evalset, settings.data.seed)
+    per_user.update({n: ev.per_user_metrics(t, evalset, ks=KS) for n, t in fixed.items()})
+    results = {n: ev.summarise_slices(m, evalset) for n, m in per_user.items()}
+    comparisons = compare_to(per_user, evalset, "baseline")
+    curves = {n: ev.recall_curve(t, evalset) for n, t in fixed.items()}
+    ev.write_report(results, curves, comparisons, out_dir / DatasetPaths.of(settings, dataset).slug)
+    base_step = float(np.median(step_seconds.get("baseline", [np.nan])))
+    return {
+        "dataset": dataset,
+        "users": ctx.data.meta.num_users,
+        "test_queries": int(evalset.num_queries),
+        "cold_start_queries": int(evalset.cold_start.sum()),
+        "results": results,
+        "comparisons": comparisons,
+        "seed_recall50": {
+            o: [float(np.mean(run["recall@50"])) for run in runs] for o, runs in per_seed.items()
+        },
+        "val_recall50": val_recall,
+        "step_seconds": {o: float(np.median(v)) for o, v in step_seconds.items()},
+        "step_ratio_vs_baseline": {
+            o: float(np.median(v)) / base_step for o, v in step_seconds.items()
+        },
+    }
+
+
+def render(report: list[dict[str, Any]]) -> Table:
+    table = Table(title="Test Recall@K (mean over seeds); CI: paired bootstrap vs baseline")
+    for column in (
+        "dataset",
+        "method",
+        "R@50 all",
+        "R@100 all",
+        "R@50 cold",
+        "R@100 cold",
+        "ΔR@50 all [95% CI]",
+        "ΔR@50 cold [95% CI]",
+        "step x",
+    ):
+        table.add_column(column)
+    for entry in report:
+        ci = {(c["a"], c["slice"]): c for c in entry["comparisons"] if c["metric"] == "recall@50"}
+        for method, slices in entry["results"].items():
+            ratio = entry["step_ratio_vs_baseline"].get(method)
+            table.add_row(
+                entry["dataset"],
+                method,
+                f"{slices['all']['recall@50']:.4f}",
+                f"{slices['all']['recall@100']:.4f}",
+                f"{slices['cold_start']['recall@50']:.4f}",
+                f"{slices['cold_start']['recall@100']:.4f}",
+                _delta(entry, ci, method, "all"),
+                _delta(entry, ci, method, "cold_start"),
+                f"{ratio:.2f}" if ratio is not None else "",
+            )
+    return table
+
+
+def _delta(entry: dict[str, Any], ci: dict, method: str, slice_name: str) -> str:
+    """SSMTL-minus-baseline cell: absolute and relative difference with its 95% CI."""
+    c = ci.get((method, slice_name))
+    if not c:
+        return ""
+    base = entry["results"]["baseline"][slice_name]["recall@50"]
+    rel = c["diff"] / base if base else float("nan")
+    return f"{c['diff']:+.4f} ({rel:+.1%}) [{c['lo']:+.4f}, {c['hi']:+.4f}]"
+
+
+def run_quality(
+    settings: Settings,
+    datasets: list[str] | None,
+    seeds: list[int],
+    objectives: list[str],
+    epochs: int | None,
+    output: Path,
+) -> list[dict[str, Any]]:
+    datasets = datasets or all_datasets(settings)
+    report = []
+    for dataset in datasets:
+        out_dir = output.parent / "quality"
+        report.append(evaluate_dataset(settings, dataset, seeds, objectives, epochs, out_dir))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(_payload(settings, report, seeds), indent=2, default=float))
+        Console().print(render(report))
+    return report
+
+
+def _payload(settings: Settings, report: list[dict[str, Any]], seeds: list[int]) -> dict:
+    return {
+        "created_at": datetime.now(UTC).isoformat(),
+        "machine": {"python": platform.python_version(), "processor": platform.processor()},
+        "seeds": seeds,
+        "training": settings.training.model_dump(),
+        "targets": {"relative_recall50_gain": TARGETS, "max_step_ratio": 1.5},
+        "datasets": report,
+    }
