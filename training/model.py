@@ -89,7 +89,8 @@ class SSMTLModel(tfrs.Model):
         cfg = self.loss_config
         query = split_inputs(batch, "q/")
         candidate = split_inputs(batch, "c/")
-        q = self.embed_pair_side(query, candidate, training=training)
+        q_friends = self.tower.friend_states(query, training)
+        q = self.embed_pair_side(query, candidate, training=training, friend_states=q_friends)
         c = self.embed_pair_side(candidate, query, training=training)
         log_q = batch["c_sampling_prob"] if cfg.log_q else None
         retrieval = self.task(
@@ -102,27 +103,33 @@ class SSMTLModel(tfrs.Model):
         total = retrieval
         self.loss_trackers["retrieval"].update_state(retrieval)
         if cfg.cca_weight > 0:
-            cca = self.cca_loss(query, candidate, training)
+            cca = self.cca_loss(query, candidate, q_friends, training)
             self.loss_trackers["cca"].update_state(cca)
             total += cfg.cca_weight * cca
         if cfg.mae_weight > 0:
-            mae = self.mae_loss(query, candidate, training)
+            mae = self.mae_loss(query, candidate, q_friends, training)
             self.loss_trackers["mae"].update_state(mae)
             total += cfg.mae_weight * mae
         return total
 
-    def _head(self, inputs: dict[str, tf.Tensor], fraction: float) -> dict[str, tf.Tensor]:
+    @staticmethod
+    def _head_size(inputs: dict[str, tf.Tensor], fraction: float) -> tf.Tensor:
         batch = tf.shape(inputs["friend_mask"])[0]
-        m = tf.maximum(tf.cast(tf.cast(batch, tf.float32) * fraction, tf.int32), 2)
-        return {k: v[:m] for k, v in inputs.items()}
+        return tf.maximum(tf.cast(tf.cast(batch, tf.float32) * fraction, tf.int32), 2)
 
     def cca_loss(
-        self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor], training: bool = False
+        self,
+        query: dict[str, tf.Tensor],
+        candidate: dict[str, tf.Tensor],
+        friend_states: tf.Tensor,
+        training: bool = False,
     ) -> tf.Tensor:
-        """Two independently augmented views of the first M anchors (only they are re-encoded)."""
+        """Two independently augmented views of the first M anchors: feature masking of their own
+        ids and neighbour dropping (their friends' states are shared with the main pass)."""
         cfg = self.loss_config
-        q = self._head(query, cfg.cca_fraction)
-        c = self._head(candidate, cfg.cca_fraction)
+        m = self._head_size(query, cfg.cca_fraction)
+        q = {k: v[:m] for k, v in query.items()}
+        c = {k: v[:m] for k, v in candidate.items()}
         views = []
         for _ in range(2):
             id_keep = tf.cast(
@@ -135,15 +142,21 @@ class SSMTLModel(tfrs.Model):
         return cca_ssg_loss(views[0], views[1], cfg.cca_lambda)
 
     def mae_loss(
-        self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor], training: bool = False
+        self,
+        query: dict[str, tf.Tensor],
+        candidate: dict[str, tf.Tensor],
+        friend_states: tf.Tensor,
+        training: bool = False,
     ) -> tf.Tensor:
         """Replace M anchors' own features by [MASK], encode, decode, score with SCE."""
         cfg = self.loss_config
-        q = self._head(query, cfg.mae_fraction)
-        c = self._head(candidate, cfg.mae_fraction)
-        m = tf.shape(q["friend_mask"])[0]
+        m = self._head_size(query, cfg.mae_fraction)
+        q = {k: v[:m] for k, v in query.items()}
+        c = {k: v[:m] for k, v in candidate.items()}
         masked = tf.tile(self.tower.mask_token[None, :], [m, 1])
-        z = self.embed_pair_side(q, c, own_override=masked, training=training)
+        z = self.embed_pair_side(
+            q, c, own_override=masked, training=training, friend_states=friend_states[:m]
+        )
         vocab = self.tower.spec.vocab_size
         ids = q["self_sparse_ids"]
         safe = tf.where((ids < 0) | (ids >= vocab), tf.constant(vocab, ids.dtype), ids)

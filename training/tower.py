@@ -155,6 +155,7 @@ class UserTower(tf.keras.Model):
         id_keep: tf.Tensor | None = None,
         friend_keep: tf.Tensor | None = None,
         training: bool = False,
+        friend_states: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """The full tower with the training-time hooks.
 
@@ -163,9 +164,10 @@ class UserTower(tf.keras.Model):
             from this user's neighbourhood (leakage guard): exactly from the id part, and from
             the precomputed feature means by subtracting its encoding (``degree`` friends).
         id_keep / friend_keep: augmentation masks (CCA-SSG views) for the user's ids and friends.
+        friend_states: the friends' layer-1 states when already computed (augmented views and
+            masked users share them with the main pass: their augmentations touch only the user).
         """
         own_node = {k[5:]: v for k, v in inputs.items() if k.startswith("self_")}
-        friend_node = {k[7:]: v for k, v in inputs.items() if k.startswith("friend_")}
         own = (
             self.encode_self(own_node, id_keep, training) if own_override is None else own_override
         )
@@ -184,14 +186,20 @@ class UserTower(tf.keras.Model):
             corrected = tf.where(remaining > 0, corrected, tf.zeros_like(corrected))
             neighbourhood = tf.concat([corrected, neighbourhood[:, features:]], axis=-1)
         h_self = self.hidden(own, neighbourhood)
-        h_friends = self.hidden(
-            self.encode_self(friend_node, training=training), self.encode_neighbourhood(friend_node)
-        )
+        if friend_states is None:
+            friend_states = self.friend_states(inputs, training)
         mask = inputs["friend_mask"]
         if friend_keep is not None:
             mask = mask * friend_keep
-        z = self.layer2(tf.concat([h_self, masked_mean(h_friends, mask)], axis=-1))
+        z = self.layer2(tf.concat([h_self, masked_mean(friend_states, mask)], axis=-1))
         return tf.math.l2_normalize(z, axis=-1)
+
+    def friend_states(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Layer-1 states of the sampled friends [batch, fanout, hidden]: most of the cost."""
+        friend_node = {k[7:]: v for k, v in inputs.items() if k.startswith("friend_")}
+        return self.hidden(
+            self.encode_self(friend_node, training=training), self.encode_neighbourhood(friend_node)
+        )
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         return self.embed(inputs, training=training)
