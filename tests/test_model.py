@@ -215,3 +215,26 @@ def test_unknown_users_take_the_cold_start_path(ctx, engb_store):
     emb = tower(inputs).numpy()
     assert np.isfinite(emb).all()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_train_resumes_and_evaluate_writes_the_report(ctx, tmp_path):
+    from training.runs import evaluate_runs, latest_run
+    from training.train import train
+
+    cfg = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 5, "objective": "baseline"})
+    first, _ = train(ctx, cfg, show_progress=False)
+    assert first.epochs_run == 1 and len(first.history) == 1
+    more, _ = train(ctx, cfg.model_copy(update={"epochs": 2}), show_progress=False)
+    assert more.model_dir == first.model_dir  # the same run, continued
+    assert more.epochs_run == 2 and more.history[0] == first.history[0]
+    ssmtl, _ = train(ctx, cfg.model_copy(update={"objective": "ssmtl"}), show_progress=False)
+    assert ssmtl.history[0]["cca"] != 0.0 and ssmtl.history[0]["mae"] > 0.0
+
+    runs = {"baseline": latest_run(ctx, "baseline"), "ssmtl": latest_run(ctx, "ssmtl")}
+    report = evaluate_runs(ctx, runs, tmp_path / "report", split="test", n_boot=200)
+    assert set(report["results"]) == {"baseline", "ssmtl", "adamic_adar", "random"}
+    for slices in report["results"].values():
+        assert 0.0 <= slices["all"]["recall@50"] <= slices["all"]["recall@100"] <= 1.0
+    assert {c["a"] for c in report["comparisons"]} == {"ssmtl", "adamic_adar"}
+    assert (tmp_path / "report" / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
+    assert "adamic_adar" in (tmp_path / "report" / "metrics.md").read_text()

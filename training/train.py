@@ -52,7 +52,10 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
 
 
 def run_name(cfg: TrainingSettings) -> str:
-    digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:8]
+    """The run folder: the model's identity, not its stopping rule, so that asking for more
+    epochs (or more patience) continues the same run."""
+    identity = cfg.model_dump_json(exclude={"epochs", "patience"})
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
     return f"{cfg.objective}-seed{cfg.seed}-{digest}"
 
 
