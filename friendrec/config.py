@@ -94,7 +94,7 @@ class TrainingSettings(BaseModel):
     max_steps_per_epoch: int | None = Field(None, description="Cap steps (quick runs, tests).")
     patience: int = Field(2, ge=1, description="Epochs without val Recall@50 gain before stop.")
     seed: int = 0
-    temperature: float = Field(0.1, gt=0)
+    temperature: float = Field(0.05, gt=0)
     log_q: bool = True
     cca_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
     cca_lambda: float = Field(5e-3, ge=0)

@@ -22,7 +22,7 @@ Objective = Literal["baseline", "ssmtl", "cca", "mae"]
 class LossConfig:
     """Loss weights and augmentation rates (PAPER.md defaults; tune on validation edges)."""
 
-    temperature: float = 0.1
+    temperature: float = 0.05
     log_q: bool = True
     cca_weight: float = 0.0
     cca_lambda: float = 5e-3
