@@ -37,9 +37,11 @@ class LossConfig:
     def for_objective(cls, objective: Objective, **overrides: float) -> LossConfig:
         weights = {
             "baseline": {"cca_weight": 0.0, "mae_weight": 0.0},
-            "ssmtl": {"cca_weight": 0.05, "mae_weight": 0.5},
-            "cca": {"cca_weight": 0.05, "mae_weight": 0.0},
-            "mae": {"cca_weight": 0.0, "mae_weight": 0.5},
+            # Tuned on twitch/ENGB validation edges (docs/quality.md): 0.2 / 1.0 beat
+            # 0.05 / 0.5 and 0.01 / 0.1.
+            "ssmtl": {"cca_weight": 0.2, "mae_weight": 1.0},
+            "cca": {"cca_weight": 0.2, "mae_weight": 0.0},
+            "mae": {"cca_weight": 0.0, "mae_weight": 1.0},
         }[objective]
         return cls(**{**weights, **overrides})
 
