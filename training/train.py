@@ -208,13 +208,18 @@ def train(
 
     best_weights.read(str(model_dir / "best" / "tower")).expect_partial()
     step_seconds = float(np.median(step_times)) if step_times else float("nan")
+    throughput = examples / train_seconds if train_seconds else float("nan")
+    previous = model_dir / "result.json"
+    if not step_times and previous.exists():  # nothing left to train: keep the run's timings
+        earlier = json.loads(previous.read_text())
+        step_seconds, throughput = earlier["step_seconds"], earlier["examples_per_second"]
     result = TrainResult(
         model_dir=model_dir,
         objective=cfg.objective,
         best_epoch=int(best_epoch_var.numpy()),
         best_val_recall50=float(best_var.numpy()),
         epochs_run=int(epoch_var.numpy()),
-        examples_per_second=examples / train_seconds if train_seconds else float("nan"),
+        examples_per_second=throughput,
         step_seconds=step_seconds,
         history=history,
     )
