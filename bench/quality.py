@@ -169,6 +169,9 @@ def run_quality(
     epochs: int | None,
     output: Path,
 ) -> list[dict[str, Any]]:
+    # Its own workdir: runs made by hand (other timings, other settings) are never reused, and an
+    # interrupted benchmark resumes its finished runs.
+    settings = settings.model_copy(update={"workdir": settings.workdir / "bench" / "quality"})
     datasets = datasets or all_datasets(settings)
     report = []
     for dataset in datasets:

@@ -140,7 +140,16 @@ class SSMTLModel(tfrs.Model):
             friend_keep = tf.cast(
                 self.rng.uniform(tf.shape(q["friend_mask"])) >= cfg.neighbour_drop, tf.float32
             )
-            views.append(self.embed_pair_side(q, c, id_keep=id_keep, friend_keep=friend_keep))
+            views.append(
+                self.embed_pair_side(
+                    q,
+                    c,
+                    id_keep=id_keep,
+                    friend_keep=friend_keep,
+                    training=training,
+                    friend_states=friend_states[:m],
+                )
+            )
         return cca_ssg_loss(views[0], views[1], cfg.cca_lambda)
 
     def mae_loss(
