@@ -115,9 +115,13 @@ class SSMTLModel(tfrs.Model):
         return total
 
     @staticmethod
-    def _head_size(inputs: dict[str, tf.Tensor], fraction: float) -> tf.Tensor:
-        batch = tf.shape(inputs["friend_mask"])[0]
-        return tf.maximum(tf.cast(tf.cast(batch, tf.float32) * fraction, tf.int32), 2)
+    def _heads(
+        query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor], fraction: float
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+        """The first M = fraction * batch pairs (the users an auxiliary objective sees)."""
+        batch = tf.shape(query["friend_mask"])[0]
+        m = tf.maximum(tf.cast(tf.cast(batch, tf.float32) * fraction, tf.int32), 2)
+        return m, {k: v[:m] for k, v in query.items()}, {k: v[:m] for k, v in candidate.items()}
 
     def cca_loss(
         self,
@@ -129,9 +133,7 @@ class SSMTLModel(tfrs.Model):
         """Two independently augmented views of the first M anchors: feature masking of their own
         ids and neighbour dropping (their friends' states are shared with the main pass)."""
         cfg = self.loss_config
-        m = self._head_size(query, cfg.cca_fraction)
-        q = {k: v[:m] for k, v in query.items()}
-        c = {k: v[:m] for k, v in candidate.items()}
+        m, q, c = self._heads(query, candidate, cfg.cca_fraction)
         views = []
         for _ in range(2):
             id_keep = tf.cast(
@@ -161,9 +163,7 @@ class SSMTLModel(tfrs.Model):
     ) -> tf.Tensor:
         """Replace M anchors' own features by [MASK], encode, decode, score with SCE."""
         cfg = self.loss_config
-        m = self._head_size(query, cfg.mae_fraction)
-        q = {k: v[:m] for k, v in query.items()}
-        c = {k: v[:m] for k, v in candidate.items()}
+        m, q, c = self._heads(query, candidate, cfg.mae_fraction)
         masked = tf.tile(self.tower.mask_token[None, :], [m, 1])
         z = self.embed_pair_side(
             q, c, own_override=masked, training=training, friend_states=friend_states[:m]
