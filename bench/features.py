@@ -25,7 +25,6 @@ import platform
 import pstats
 import random
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from tqdm.auto import tqdm
 
 from friendrec import contract
 from friendrec.config import PROJECT_ROOT, Settings
+from friendrec.local_services import free_port, redis_server, stop_process
 from friendrec.paths import DatasetPaths
 
 if TYPE_CHECKING:
@@ -76,7 +76,6 @@ _VERSIONED_PACKAGES = (
 )
 
 _WINDOW_START = datetime(1970, 1, 2, tzinfo=UTC)  # as the materialize job's full runs
-_REDIS_NO_PERSISTENCE = ("--save", "", "--appendonly", "no", "--daemonize", "no")
 
 StoreKind = Literal["sqlite", "redis"]
 
@@ -168,58 +167,6 @@ class BenchConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
-    """Terminate a child we started, and kill it if it ignores SIGTERM."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
-        proc.kill()
-        proc.wait(timeout=15)
-
-
-@contextlib.contextmanager
-def redis_server(log_dir: Path) -> Iterator[str]:
-    """A throw-away redis-server (no persistence) on a free loopback port: yields host:port."""
-    import redis
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "redis-server.log", "wb") as out:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", *_REDIS_NO_PERSISTENCE],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start; see {log_dir}") from None
-                time.sleep(0.05)
-        log.info("redis-server %s on 127.0.0.1:%d (pid %d)", _redis_version(), port, proc.pid)
-        yield f"127.0.0.1:{port}"
-    finally:
-        _stop(proc, "redis-server")
-
-
 @contextlib.contextmanager
 def feast_listen(feast_dir: Path, log_file: Path) -> Iterator[str]:
     """`feast -c <feast_dir> listen` on a free loopback port, ready to serve: yields host:port."""
@@ -251,7 +198,7 @@ def feast_listen(feast_dir: Path, log_file: Path) -> Iterator[str]:
         log.info("feast listen on %s (pid %d)", address, proc.pid)
         yield address
     finally:
-        _stop(proc, "feast listen")
+        stop_process(proc, "feast listen")
 
 
 # --------------------------------------------------------------------------------------------
