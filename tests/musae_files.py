@@ -46,3 +46,21 @@ def write_twitch(
         ]
     (base / f"{language}_target.csv").write_text("\n".join([TARGET_HEADER, *target]) + "\n")
     return base
+
+
+def prepare_all_train(tmp_path: Path, edges: list[tuple[int, int]], features, num_users: int):
+    """A hand-made graph prepared with every friendship in the training split:
+    returns (settings, PreparedDataset)."""
+    from friendrec.config import load_settings
+    from friendrec.data.canonical import load_prepared, prepare
+    from friendrec.paths import DatasetPaths
+
+    datasets = tmp_path / "datasets"
+    write_twitch(datasets, "TINY", edges, features, num_users=num_users)
+    settings = load_settings(
+        workdir=tmp_path / "work",
+        datasets_dir=datasets,
+        data={"val_fraction": 0.0, "test_fraction": 0.0},
+    )
+    prepare(settings, "twitch/TINY")
+    return settings, load_prepared(DatasetPaths.of(settings, "twitch/TINY"))

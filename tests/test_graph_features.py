@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from musae_files import write_twitch
+from musae_files import prepare_all_train
 
 from feature_repo.jobs.graph_features import (
     build_features,
@@ -16,7 +16,6 @@ from feature_repo.jobs.graph_features import (
     latest_rows,
 )
 from friendrec import contract
-from friendrec.config import load_settings
 from friendrec.data.canonical import load_prepared, prepare
 from friendrec.paths import DatasetPaths
 from friendrec.sampling import sample_friends
@@ -27,15 +26,7 @@ TINY_FEATURES = {0: [1, 2], 1: [2, 3], 2: [1], 3: [4], 4: [5]}
 
 @pytest.fixture
 def tiny(tmp_path):
-    datasets = tmp_path / "datasets"
-    write_twitch(datasets, "TINY", TINY_EDGES, TINY_FEATURES, num_users=5)
-    settings = load_settings(
-        workdir=tmp_path / "work",
-        datasets_dir=datasets,
-        data={"val_fraction": 0.0, "test_fraction": 0.0},
-    )
-    prepare(settings, "twitch/TINY")
-    return settings, load_prepared(DatasetPaths.of(settings, "twitch/TINY"))
+    return prepare_all_train(tmp_path, TINY_EDGES, TINY_FEATURES, num_users=5)
 
 
 def _rows(features):

@@ -8,16 +8,14 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from musae_files import write_twitch
+from musae_files import prepare_all_train
 from tensorflow_serving.apis import prediction_log_pb2
 
 import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from feature_repo.jobs.graph_features import compute_graph_features, profile_table
 from friendrec import contract
-from friendrec.config import TrainingSettings, load_settings
-from friendrec.data.canonical import load_prepared, prepare
+from friendrec.config import TrainingSettings
 from friendrec.feast_store import open_store
-from friendrec.paths import DatasetPaths
 from training.export import MODEL_CARD, WARMUP_FILE, export_tower, load_signature
 from training.features import (
     FeatureTable,
@@ -136,15 +134,7 @@ def test_leakage_guard_equals_removing_the_friendship(tmp_path):
     the friendship (u, v): the exclusion removes exactly v's contribution."""
     edges = [(0, 1), (0, 2), (1, 2), (2, 3), (1, 4)]
     features = {0: [1, 2], 1: [2, 3], 2: [1, 5], 3: [4], 4: [5, 6]}
-    datasets = tmp_path / "datasets"
-    write_twitch(datasets, "TINY", edges, features, num_users=5)
-    settings = load_settings(
-        workdir=tmp_path / "work",
-        datasets_dir=datasets,
-        data={"val_fraction": 0.0, "test_fraction": 0.0},
-    )
-    prepare(settings, "twitch/TINY")
-    data = load_prepared(DatasetPaths.of(settings, "twitch/TINY"))
+    settings, data = prepare_all_train(tmp_path, edges, features, num_users=5)
     spec = InputSpec.from_settings(settings, data.meta.vocab_size, fanout=4)
 
     def table_for(graph):
