@@ -10,7 +10,9 @@ import typer
 DATASET = typer.Option(None, "--dataset", "-d", help="Dataset (default: data.dataset).")
 
 
-def _training_settings(objective: str | None, epochs: int | None, max_steps: int | None, seed):
+def _training_settings(
+    objective: str | None, epochs: int | None, max_steps: int | None, seed: int | None
+):
     from friendrec.config import load_settings
 
     settings = load_settings()
