@@ -118,6 +118,7 @@ def evaluate_dataset(
     per_seed: dict[str, list[dict[str, np.ndarray]]] = {o: [] for o in objectives}
     step_seconds: dict[str, list[float]] = {o: [] for o in objectives}
     val_recall: dict[str, list[float]] = {o: [] for o in objectives}
+    curves: dict[str, dict[str, dict[int, float]]] = {}
     for seed in seeds:
         for objective in objectives:
             updates: dict[str, Any] = {"objective": objective, "seed": seed}
@@ -127,9 +128,10 @@ def evaluate_dataset(
             started = time.perf_counter()
             result, tower = train(ctx, cfg, show_progress=False)
             emb = embed_all(tower, ctx.table, cfg.fanout)
-            per_seed[objective].append(
-                ev.per_user_metrics(ev.topk_from_embeddings(emb, evalset), evalset, ks=KS)
-            )
+            topk = ev.topk_from_embeddings(emb, evalset)
+            per_seed[objective].append(ev.per_user_metrics(topk, evalset, ks=KS))
+            if seed == seeds[0]:  # the Recall@K plot shows the first seed's curves
+                curves[objective] = ev.recall_curve(topk, evalset)
             step_seconds[objective].append(result.step_seconds)
             val_recall[objective].append(result.best_val_recall50)
             log.info(
@@ -148,7 +150,7 @@ def evaluate_dataset(
     per_user.update({n: ev.per_user_metrics(t, evalset, ks=KS) for n, t in fixed.items()})
     results = {n: ev.summarise_slices(m, evalset) for n, m in per_user.items()}
     comparisons = compare_to(per_user, evalset, "baseline")
-    curves = {n: ev.recall_curve(t, evalset) for n, t in fixed.items()}
+    curves.update({n: ev.recall_curve(t, evalset) for n, t in fixed.items()})
     ev.write_report(results, curves, comparisons, out_dir / DatasetPaths.of(settings, dataset).slug)
     interleaved = interleaved_step_times(ctx, objectives)
     return {
