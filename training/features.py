@@ -66,8 +66,7 @@ class FeatureTable:
     nbr_weights: np.ndarray  # float32 [n, nbr_len]
     nbr_profile: np.ndarray  # float32 [n, P]
     degree: np.ndarray  # int64 [n]
-    friend_ids: list[np.ndarray]  # sampled friends (user ids) per row
-    friend_matrix: np.ndarray  # int64 [n, friend_len]: the same, PAD_ID padded
+    friend_matrix: np.ndarray  # int64 [n, friend_len]: sampled friends' user ids, PAD_ID padded
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]], spec: InputSpec) -> FeatureTable:
@@ -90,7 +89,6 @@ class FeatureTable:
             ),
             nbr_profile=_pad(column(contract.NBR_PROFILE_MEAN.name), width, 0.0, np.float32),
             degree=np.array(column(contract.DEGREE.name), dtype=np.int64),
-            friend_ids=[np.asarray(v, dtype=np.int64) for v in column(contract.FRIEND_IDS.name)],
             friend_matrix=_pad(column(contract.FRIEND_IDS.name), spec.friend_len, PAD_ID, np.int64),
         )
 
@@ -180,7 +178,8 @@ def sample_neighbours(
     for i, row in enumerate(rows):
         if row < 0:
             continue
-        friends = table.friend_ids[row]
+        friends = table.friend_matrix[row]
+        friends = friends[friends != PAD_ID]
         if exclude is not None:
             friends = friends[friends != exclude[i]]
         if len(friends) > fanout:
@@ -191,12 +190,16 @@ def sample_neighbours(
 
 
 def tower_inputs(
-    table: FeatureTable, rows: np.ndarray, neighbour_rows: np.ndarray
+    table: FeatureTable,
+    rows: np.ndarray,
+    neighbour_rows: np.ndarray,
+    friend_table: FeatureTable | None = None,
 ) -> dict[str, np.ndarray]:
     """The named raw inputs of the tower for a batch: the user (``self_*``) and its neighbours
-    (``nbr_*`` with a leading fanout axis). This is the serving signature's input set."""
+    (``friend_*`` with a fanout axis after the batch axis, rows of ``friend_table``, by default
+    the same table). This is the serving signature's input set."""
     own = node_features(table, rows)
-    friends = node_features(table, neighbour_rows)
+    friends = node_features(friend_table or table, neighbour_rows)
     inputs = {f"self_{k}": v for k, v in own.items()}
     inputs.update({f"friend_{k}": v for k, v in friends.items()})
     inputs["friend_mask"] = (neighbour_rows >= 0).astype(np.float32)
@@ -226,12 +229,5 @@ def fetch_online_inputs(
         present = [f for f in friend_ids if f in known_friends]
         if present and friend_table is not None:
             neighbour_rows[i, : len(present)] = friend_table.rows_of(np.array(present))
-    own = node_features(table, np.arange(len(users)))
-    inputs = {f"self_{k}": v for k, v in own.items()}
-    if friend_table is not None:
-        theirs = node_features(friend_table, neighbour_rows)
-    else:
-        theirs = node_features(table, np.full_like(neighbour_rows, -1))
-    inputs.update({f"friend_{k}": v for k, v in theirs.items()})
-    inputs["friend_mask"] = (neighbour_rows >= 0).astype(np.float32)
+    inputs = tower_inputs(table, np.arange(len(users)), neighbour_rows, friend_table)
     return inputs, np.array([row["known"] for row in users])

@@ -13,6 +13,7 @@ import tensorflow as tf
 from friendrec.config import TrainingSettings
 from friendrec.errors import NotPreparedError
 from training import evaluation as ev
+from training.features import sample_neighbours, tower_inputs
 from training.pipeline import embed_all
 from training.tower import UserTower
 from training.train import TrainingContext
@@ -45,7 +46,8 @@ def restore_tower(ctx: TrainingContext, run_dir: Path) -> tuple[UserTower, Train
     """Rebuild a run's tower from its config and load its best weights."""
     cfg = TrainingSettings.model_validate_json((run_dir / "config.json").read_text())
     tower = ctx.build_tower(cfg)
-    embed_all(tower, ctx.table, cfg.fanout, batch=4)  # build the variables before restoring
+    rows = np.arange(min(2, len(ctx.table)))  # one tiny call builds the variables to restore
+    tower(tower_inputs(ctx.table, rows, sample_neighbours(ctx.table, rows, cfg.fanout, None)))
     tf.train.Checkpoint(tower=tower).read(str(run_dir / "best" / "tower")).expect_partial()
     return tower, cfg
 
