@@ -91,16 +91,22 @@ class GraphFeatures:
         )
 
 
+def _gather_csr(
+    starts: np.ndarray, lengths: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A new CSR whose row i is values[starts[i] : starts[i] + lengths[i]] (vectorised)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    shift = np.repeat(starts - offsets[:-1], lengths)
+    return offsets, values[shift + np.arange(offsets[-1])]
+
+
 def _take_csr(
     offsets: np.ndarray, values: np.ndarray, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.diff(offsets)[rows]
-    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
     if len(rows) == len(offsets) - 1 and np.array_equal(rows, np.arange(len(rows))):
-        return new_offsets, values
-    starts = np.repeat(offsets[:-1][rows] - new_offsets[:-1], lengths)
-    return new_offsets, values[starts + np.arange(new_offsets[-1])]
+        return offsets, values
+    return _gather_csr(offsets[:-1][rows], np.diff(offsets)[rows], values)
 
 
 def _fingerprints(
@@ -252,11 +258,7 @@ def latest_rows(table: pa.Table, before: int | None = None) -> pa.Table:
 
 def cap_sparse(offsets: np.ndarray, values: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
     """Keep the first ``cap`` sparse ids of every user (CSR in, CSR out)."""
-    lengths = np.minimum(np.diff(offsets), cap)
-    new_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
-    starts = np.repeat(offsets[:-1] - new_offsets[:-1], lengths)
-    return new_offsets, values[starts + np.arange(new_offsets[-1])]
+    return _gather_csr(offsets[:-1], np.minimum(np.diff(offsets), cap), values)
 
 
 def profile_table(data: PreparedDataset, settings: Settings) -> pa.Table:
