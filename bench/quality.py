@@ -64,7 +64,7 @@ def interleaved_step_times(
 
     from training.model import SSMTLModel
     from training.pipeline import PairSampler
-    from training.train import loss_config
+    from training.train import loss_config, make_train_step
 
     cfg0 = ctx.settings.training
     sampler = PairSampler(ctx.data, ctx.table, cfg0.fanout, cfg0.batch_size, seed=cfg0.seed)
@@ -76,22 +76,7 @@ def interleaved_step_times(
     for objective in objectives:
         cfg = cfg0.model_copy(update={"objective": objective})
         model = SSMTLModel(ctx.build_tower(cfg), loss_config(cfg), seed=cfg.seed)
-        optimizer = tf.keras.optimizers.Adam(cfg.learning_rate)
-
-        @tf.function(reduce_retracing=True)
-        def step(batch, model=model, optimizer=optimizer):
-            with tf.GradientTape() as tape:
-                loss = model.compute_loss(batch, training=True)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(
-                [
-                    (g, v)
-                    for g, v in zip(grads, model.trainable_variables, strict=True)
-                    if g is not None
-                ]
-            )
-            return loss
-
+        step = make_train_step(model, tf.keras.optimizers.Adam(cfg.learning_rate))
         step(fixed[0])  # trace
         steps[objective] = step
     times: dict[str, list[float]] = {o: [] for o in objectives}

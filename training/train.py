@@ -115,6 +115,23 @@ class TrainingContext:
         )
 
 
+def make_train_step(model: SSMTLModel, optimizer: tf.keras.optimizers.Optimizer):
+    """One compiled optimisation step (heads a run does not use get no gradient: skipped)."""
+
+    @tf.function(reduce_retracing=True)
+    def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(batch, training=True)
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(
+            [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        )
+        return loss
+
+    return train_step
+
+
 def validation_recall50(tower: UserTower, ctx: TrainingContext, evalset: EvalSet) -> float:
     emb = embed_all(tower, ctx.table, ctx.spec.fanout)
     topk = topk_from_embeddings(emb, evalset, k=50)
@@ -152,16 +169,7 @@ def train(
         sampler.rng = np.random.default_rng([cfg.seed, int(epoch_var.numpy())])
         log.info("resumed %s at epoch %d", model_dir.name, int(epoch_var.numpy()))
 
-    @tf.function(reduce_retracing=True)
-    def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            loss = model.compute_loss(batch, training=True)
-        variables = model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(
-            [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
-        )
-        return loss
+    train_step = make_train_step(model, optimizer)
 
     steps = sampler.steps_per_epoch
     if cfg.max_steps_per_epoch:
