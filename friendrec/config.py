@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -107,12 +107,98 @@ class TrainingSettings(BaseModel):
 
 
 class ServingSettings(BaseModel):
-    """Where exported models live (the TF Serving model base path) and under which name."""
+    """Exported models (the TF Serving model base path) and the gRPC retrieval service."""
 
     model_base_path: Path | None = Field(
         None, description="TF Serving model base path; default <workdir>/serving_models."
     )
     model_name: str = Field("user_tower", pattern=r"^[A-Za-z0-9_\-]+$")
+    host: str = Field("127.0.0.1", description="Retrieval service bind/connect host.")
+    port: int = Field(50051, ge=0, lt=65536, description="Retrieval service gRPC port.")
+    workers: int = Field(16, gt=0, description="gRPC handler threads of the retrieval service.")
+    max_k: int = Field(1000, gt=0, description="Largest k a request may ask for.")
+    max_excludes: int = Field(10_000, ge=0, description="Most exclude_user_ids per request.")
+    max_batch: int = Field(256, gt=0, description="Most requests in one RecommendBatch.")
+    feast_timeout_s: float = Field(1.0, gt=0, description="Deadline of the Feast online reads.")
+    tfserving_timeout_s: float = Field(1.0, gt=0, description="Deadline of TF Serving Predict.")
+    milvus_timeout_s: float = Field(1.0, gt=0, description="Deadline of the Milvus search.")
+    alias_refresh_s: float = Field(
+        1.0, ge=0, description="How long the live alias -> collection/version lookup is cached."
+    )
+    metrics_port: int = Field(
+        9464, ge=0, lt=65536, description="Prometheus /metrics HTTP port (0: disabled)."
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: serve over TLS.")
+    tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
+    tls_ca_file: Path | None = Field(
+        None, description="Client side: CA bundle to verify the service (TLS when set)."
+    )
+    auth_token: SecretStr | None = Field(
+        None, description="Bearer token required in the 'authorization' metadata (None: off)."
+    )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServingSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
+
+
+class TFServingSettings(BaseModel):
+    """The TF Serving endpoint (the official server in production, `friendrec tfserving` here)
+    and the version policy our server applies to the model base path."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8500, ge=0, lt=65536, description="gRPC port (TF Serving's default).")
+    version_policy: Literal["latest", "all", "specific"] = Field(
+        "latest", description="Which versions under the model base path are served."
+    )
+    num_versions: int = Field(
+        2, gt=0, description="latest: how many newest versions stay loaded (rollback needs 2)."
+    )
+    versions: list[int] = Field(
+        default_factory=list, description="specific: the versions to serve."
+    )
+    poll_seconds: float = Field(
+        2.0, gt=0, description="Model base path poll interval (file_system_poll_wait_seconds)."
+    )
+    workers: int = Field(8, gt=0, description="gRPC handler threads.")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @model_validator(mode="after")
+    def _specific_needs_versions(self) -> TFServingSettings:
+        if self.version_policy == "specific" and not self.versions:
+            raise ValueError("version_policy 'specific' needs versions")
+        return self
+
+
+class MilvusSettings(BaseModel):
+    """The embedding index: one collection per model version behind a live alias."""
+
+    uri: str | None = Field(
+        None,
+        description="milvus-lite file (path ending .db), or a server URI such as "
+        "http://127.0.0.1:19530; default <workdir>/milvus/friendrec.db.",
+    )
+    token: SecretStr | None = Field(None, description="Milvus auth token (user:password).")
+    alias: str = Field(
+        "user_embeddings", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The live alias."
+    )
+    index_type: Literal["HNSW", "FLAT"] = "HNSW"
+    hnsw_m: int = Field(16, gt=1, description="HNSW graph degree M.")
+    hnsw_ef_construction: int = Field(200, gt=0)
+    search_ef: int = Field(128, gt=0, description="HNSW ef at query time (>= the fetched k).")
+    keep_versions: int = Field(
+        3, ge=2, description="Collections kept: the live one, the rollback one, and older ones."
+    )
+    build_batch: int = Field(1024, gt=0, description="Users embedded and inserted per batch.")
 
 
 class Settings(BaseSettings):
@@ -136,10 +222,16 @@ class Settings(BaseSettings):
     features: FeatureSettings = FeatureSettings()
     training: TrainingSettings = TrainingSettings()
     serving: ServingSettings = ServingSettings()
+    tfserving: TFServingSettings = TFServingSettings()
+    milvus: MilvusSettings = MilvusSettings()
 
     @property
     def model_base_path(self) -> Path:
         return self.serving.model_base_path or self.workdir / "serving_models"
+
+    @property
+    def milvus_uri(self) -> str:
+        return self.milvus.uri or str(self.workdir / "milvus" / "friendrec.db")
 
     @field_validator("workdir", "datasets_dir")
     @classmethod

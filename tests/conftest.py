@@ -41,6 +41,15 @@ def engb_store(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return settings
 
 
+@pytest.fixture(scope="session")
+def exported_models(engb_store: Settings, tmp_path_factory: pytest.TempPathFactory):
+    """Two versions of a tiny ENGB user tower in a private model base path (TF Serving layout),
+    with the training code's embedding of every user per version. Read-only for tests."""
+    from tiny_models import export_untrained_versions
+
+    return export_untrained_versions(engb_store, tmp_path_factory.mktemp("serving_models"))
+
+
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A real redis-server on a free loopback port, stopped (and its data gone) afterwards."""

@@ -10,11 +10,11 @@ import pytest
 import tensorflow as tf
 from musae_files import prepare_all_train
 from tensorflow_serving.apis import prediction_log_pb2
+from tiny_models import SMALL
 
 import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from feature_repo.jobs.graph_features import compute_graph_features, profile_table
 from friendrec import contract
-from friendrec.config import TrainingSettings
 from friendrec.feast_store import open_store
 from training.export import MODEL_CARD, WARMUP_FILE, export_tower, load_signature
 from training.features import (
@@ -29,10 +29,6 @@ from training.model import LossConfig, SSMTLModel
 from training.pipeline import PairSampler, embed_all
 from training.tower import UserTower, transform_profile_tf
 from training.train import TrainingContext, loss_config, make_train_step
-
-SMALL = TrainingSettings(
-    embedding_dim=16, sparse_dim=8, id_dim=8, hidden_dim=32, fanout=5, batch_size=64, seed=3
-)
 
 
 # -- losses ------------------------------------------------------------------------------------

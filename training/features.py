@@ -43,6 +43,22 @@ class InputSpec:
             vocab_size=vocab_size,
         )
 
+    @classmethod
+    def from_signature(cls, shapes: Mapping[str, Sequence[int]]) -> InputSpec:
+        """The input shapes of an exported serving signature (e.g. from TF Serving's
+        GetModelMetadata) -> the spec a client needs to build requests. ``vocab_size`` is 0:
+        only the tower itself needs it, and the out-of-vocabulary mapping lives in the model."""
+        try:
+            return cls(
+                sparse_len=int(shapes["self_sparse_ids"][1]),
+                nbr_len=int(shapes["self_nbr_ids"][1]),
+                friend_len=int(shapes["self_friend_ids"][1]),
+                fanout=int(shapes["friend_mask"][1]),
+                vocab_size=0,
+            )
+        except (KeyError, IndexError) as exc:
+            raise ValueError(f"not a friendrec user-tower signature: missing {exc}") from exc
+
 
 def _pad(lists: Sequence[Sequence[Any]], width: int, fill: float, dtype: Any) -> np.ndarray:
     out = np.full((len(lists), width), fill, dtype=dtype)
