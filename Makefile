@@ -1,6 +1,6 @@
 # The two commands (README): `make demo` runs the main job end to end, `make test` runs the tests.
 # Both install what they need first (infra/setup.sh: apt packages and the pinned .venv).
-.PHONY: setup demo test lint bench-features clean lock
+.PHONY: setup demo test lint bench-features proto clean lock
 
 VENV := .venv/bin
 
@@ -18,6 +18,12 @@ lint: setup
 
 bench-features: setup
 	$(VENV)/friendrec bench features
+
+# Regenerate the retrieval service's stubs after editing the .proto (tests/test_protos.py checks
+# that the committed stubs match it).
+proto: setup
+	$(VENV)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
+		serving/protos/recommender.proto
 
 clean:
 	rm -rf .friendrec .pytest_cache .ruff_cache

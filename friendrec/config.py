@@ -218,6 +218,9 @@ class Settings(BaseSettings):
         PROJECT_ROOT.parent / "shared" / "datasets", description="Raw MUSAE datasets (read only)."
     )
     log_level: str = "INFO"
+    log_format: Literal["rich", "json"] = Field(
+        "rich", description="rich: for people at a terminal; json: one object per line (services)."
+    )
     data: DataSettings = DataSettings()
     features: FeatureSettings = FeatureSettings()
     training: TrainingSettings = TrainingSettings()

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from friendrec import contract
-from friendrec.config import Settings
+from friendrec.config import FeatureSettings, Settings
 from friendrec.data.canonical import PreparedDataset
+from friendrec.friend_aggregates import RequestFeatures, friend_aggregates
 
 PAD_ID = -1  # padding of id lists; weight 0
 
@@ -222,28 +223,81 @@ def tower_inputs(
     return inputs
 
 
-def fetch_online_inputs(
-    store: Any, user_ids: Sequence[int], spec: InputSpec
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The serving feature path: two online reads (the users, then their first ``fanout``
-    sampled friends) -> the tower's raw inputs, plus a known-to-Feast flag per user.
+@dataclass
+class QueryInputs:
+    """What the serving feature path produced for a batch of query users."""
 
-    Unknown users get the contract defaults (no friends, empty ids): the cold-start path.
+    inputs: dict[str, np.ndarray]  # the tower's raw inputs (serving signature)
+    known: np.ndarray  # bool [n]: Feast had a row for the user
+    used_request_features: np.ndarray  # bool [n]: built from the caller's RequestFeatures
+    friend_ids: list[np.ndarray]  # per user: the friends the features know (to exclude)
+
+
+def fetch_query_inputs(
+    store: Any,
+    user_ids: Sequence[int],
+    spec: InputSpec,
+    request_features: Mapping[int, RequestFeatures] | None = None,
+    features: FeatureSettings | None = None,
+    seed: int = 0,
+) -> QueryInputs:
+    """The serving feature path: two online reads (the users, then their first ``fanout``
+    sampled friends) -> the tower's raw inputs.
+
+    Unknown users get the contract defaults (no friends, empty ids): the cold-start path, unless
+    the caller supplied ``request_features`` for them; then their graph features are computed from
+    the named friends' online rows exactly as the batch job would (``friend_aggregates``), which
+    needs the feature caps (``features``) and the sampling ``seed`` the store was built with.
     """
     from friendrec.feast_store import online_features
 
+    request_features = request_features or {}
     users = online_features(store, list(user_ids))
-    friend_lists = [list(row[contract.FRIEND_IDS.name])[: spec.fanout] for row in users]
-    wanted = sorted({f for friends in friend_lists for f in friends})
-    friends = online_features(store, wanted) if wanted else []
+    requested = [not row["known"] and row[contract.JOIN_KEY] in request_features for row in users]
+    if any(requested) and features is None:
+        raise ValueError("request features need the feature settings (caps) to aggregate friends")
+    friend_lists: list[list[int]] = []
+    wanted: set[int] = set()
+    for row, use_request in zip(users, requested, strict=True):
+        if use_request:
+            friends = [int(f) for f in request_features[row[contract.JOIN_KEY]].friend_ids]
+            wanted.update(friends)  # every friend: the aggregates are over all of them
+        else:
+            friends = [int(f) for f in row[contract.FRIEND_IDS.name]]
+            wanted.update(friends[: spec.fanout])
+        friend_lists.append(friends)
+    friends = online_features(store, sorted(wanted)) if wanted else []
+    known_rows = {row[contract.JOIN_KEY]: row for row in friends if row["known"]}
+    for i, use_request in enumerate(requested):
+        if use_request:
+            uid = users[i][contract.JOIN_KEY]
+            request = request_features[uid]
+            users[i] = {
+                **request.profile_row(uid, spec.sparse_len),
+                **friend_aggregates(uid, friend_lists[i], known_rows, features, seed),
+                "known": False,
+            }
+            friend_lists[i] = users[i][contract.FRIEND_IDS.name]
     table = FeatureTable.from_rows(users, spec)
     friend_table = FeatureTable.from_rows(friends, spec) if friends else None
     neighbour_rows = np.full((len(users), spec.fanout), -1, dtype=np.int64)
-    known_friends = {row[contract.JOIN_KEY] for row in friends if row["known"]}
-    for i, friend_ids in enumerate(friend_lists):
+    for i, row in enumerate(users):
         # A friend the store does not know is absent, exactly as in the training table.
-        present = [f for f in friend_ids if f in known_friends]
+        present = [f for f in row[contract.FRIEND_IDS.name][: spec.fanout] if f in known_rows]
         if present and friend_table is not None:
             neighbour_rows[i, : len(present)] = friend_table.rows_of(np.array(present))
     inputs = tower_inputs(table, np.arange(len(users)), neighbour_rows, friend_table)
-    return inputs, np.array([row["known"] for row in users])
+    return QueryInputs(
+        inputs=inputs,
+        known=np.array([row["known"] for row in users], dtype=bool),
+        used_request_features=np.array(requested, dtype=bool),
+        friend_ids=[np.asarray(f, dtype=np.int64) for f in friend_lists],
+    )
+
+
+def fetch_online_inputs(
+    store: Any, user_ids: Sequence[int], spec: InputSpec
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``fetch_query_inputs`` without request features: (tower inputs, known-to-Feast flags)."""
+    query = fetch_query_inputs(store, user_ids, spec)
+    return query.inputs, query.known

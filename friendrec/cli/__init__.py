@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from friendrec.cli import bench, data, features, model
+from friendrec.cli import bench, data, features, model, serving
 from friendrec.errors import FriendrecError
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
 app.add_typer(bench.app, name="bench")
 model.register(app)
+serving.register(app)
 console = Console(stderr=True)
 
 
@@ -37,13 +38,27 @@ def root(
         None, "--config", "-c", exists=True, dir_okay=False, help="YAML settings file."
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+    log_format: str = typer.Option(
+        None,
+        "--log-format",
+        help="rich (people) or json (one object per line); default: the log_format setting.",
+    ),
 ) -> None:
     """Global options (they apply to every command)."""
     if config is not None:
         os.environ["FRIENDREC_CONFIG"] = str(config.resolve())
     from friendrec.logs import setup_logging
 
-    setup_logging(log_level)
+    if log_format is None:
+        from friendrec.config import load_settings
+
+        try:
+            log_format = load_settings().log_format
+        except Exception:  # invalid settings: the command itself reports them
+            log_format = "rich"
+    if log_format not in ("rich", "json"):
+        raise typer.BadParameter("--log-format must be rich or json")
+    setup_logging(log_level, log_format)
 
 
 @app.command()

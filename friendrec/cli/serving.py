@@ -1,0 +1,107 @@
+"""`friendrec serve | recommend`: the retrieval service and its command-line client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import typer
+
+
+def _parse_profile(values: list[str]) -> dict[str, float]:
+    profile = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        try:
+            profile[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise typer.BadParameter(f"--profile takes NAME=NUMBER, got {item!r}")
+    return profile
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        port: int = typer.Option(None, help="gRPC port (default: serving.port)."),
+        metrics_port: int = typer.Option(
+            None, "--metrics-port", help="Prometheus /metrics port, 0 = off (serving.metrics_port)."
+        ),
+    ) -> None:
+        """Run the FriendRecommender gRPC service: Feast online features -> TF Serving (pinned to
+        the model version of the live Milvus alias) -> Milvus search -> top k. Needs a TF
+        Serving endpoint (`friendrec tfserving` here) and a built index (`friendrec index build`).
+        Health checking, reflection, optional TLS and bearer token per the serving settings;
+        stops gracefully on SIGTERM/SIGINT."""
+        from friendrec.config import load_settings
+        from serving.service import start_service
+
+        settings = load_settings()
+        if metrics_port is not None:
+            serving = settings.serving.model_copy(update={"metrics_port": metrics_port})
+            settings = settings.model_copy(update={"serving": serving})
+        service = start_service(settings, port=port)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        service.stop(grace=5.0)
+
+    @app.command()
+    def recommend(
+        user: int = typer.Option(..., "--user", "-u", help="User id to recommend friends for."),
+        k: int = typer.Option(10, "-k", help="Number of candidates."),
+        exclude: list[int] = typer.Option([], "--exclude", help="User ids not to return."),
+        profile: list[str] = typer.Option(
+            [], "--profile", help="Request feature NAME=VALUE for a user Feast does not know."
+        ),
+        sparse_id: list[int] = typer.Option([], "--sparse-id", help="Request sparse feature id."),
+        friend: list[int] = typer.Option([], "--friend", help="Request feature: a friend's id."),
+        address: str = typer.Option(None, help="host:port (default: serving.host:serving.port)."),
+        timeout: float = typer.Option(5.0, help="Deadline in seconds."),
+        as_json: bool = typer.Option(False, "--json", help="Print the response as JSON."),
+    ) -> None:
+        """Ask the running service for friend candidates (address, TLS and token from the
+        settings) and print them."""
+        import grpc
+        from google.protobuf.json_format import MessageToDict
+        from rich.console import Console
+        from rich.table import Table
+
+        from friendrec.config import load_settings
+        from friendrec.errors import FriendrecError
+        from serving.client import RecommenderClient, recommend_request
+
+        with_features = bool(profile or sparse_id or friend)
+        request = recommend_request(
+            user,
+            k,
+            exclude,
+            _parse_profile(profile) if with_features else None,
+            sparse_id if with_features else None,
+            friend if with_features else None,
+        )
+        with RecommenderClient(load_settings(), address, timeout) as client:
+            try:
+                response = client.recommend(request)
+            except grpc.RpcError as exc:
+                raise FriendrecError(f"{exc.code().name}: {exc.details()}") from None
+        if as_json:
+            typer.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True)))
+            return
+        source = (
+            "feature store"
+            if response.known_user
+            else ("request features" if response.used_request_features else "defaults (cold start)")
+        )
+        table = Table(
+            title=f"user {response.user_id}: model v{response.model_version}, features: {source}"
+        )
+        table.add_column("rank", justify="right")
+        table.add_column("user_id", justify="right")
+        table.add_column("score", justify="right")
+        for rank, candidate in enumerate(response.candidates, start=1):
+            table.add_row(str(rank), str(candidate.user_id), f"{candidate.score:.4f}")
+        Console().print(table)

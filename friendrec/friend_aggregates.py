@@ -1,0 +1,93 @@
+"""The ``user_graph`` features of one user computed from its friends' profile features.
+
+The batch graph-feature job (``feature_repo/jobs/graph_features.py``) computes them for every user
+at once with sparse matrices; this is the same definition for a single user whose friends are
+known by id only at request (or event) time: the retrieval service uses it for users Feast does not
+know yet, from the friends the caller names. Keep the two in step: a test compares them on ENGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from friendrec import contract
+from friendrec.config import FeatureSettings
+from friendrec.sampling import sample_friends
+
+
+@dataclass(frozen=True)
+class RequestFeatures:
+    """Profile features (raw, contract names) and friends of a user, supplied by a caller."""
+
+    profile: Mapping[str, float] = field(default_factory=dict)
+    sparse_ids: Sequence[int] = ()
+    friend_ids: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.profile) - set(contract.PROFILE_SCALAR_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown profile feature(s) {unknown}; the contract has "
+                f"{list(contract.PROFILE_SCALAR_NAMES)}"
+            )
+        if any(int(i) < 0 for i in self.sparse_ids):
+            raise ValueError("sparse_ids must be >= 0")
+
+    def profile_row(self, user_id: int, sparse_cap: int) -> dict[str, Any]:
+        """The user's ``user_profile`` row (contract defaults for what the caller left out)."""
+        row: dict[str, Any] = {contract.JOIN_KEY: int(user_id)}
+        for name in contract.PROFILE_SCALAR_NAMES:
+            row[name] = float(self.profile.get(name, contract.default_value(name)))
+        row[contract.SPARSE_IDS.name] = [int(i) for i in self.sparse_ids][:sparse_cap]
+        return row
+
+
+def friend_aggregates(
+    user_id: int,
+    friend_ids: Sequence[int],
+    friend_rows: Mapping[int, Mapping[str, Any]],
+    features: FeatureSettings,
+    seed: int,
+) -> dict[str, Any]:
+    """``user_graph`` features (contract names) of ``user_id`` with friends ``friend_ids``.
+
+    ``friend_rows`` maps a friend id to its profile features (raw scalars and ``sparse_ids``, as
+    Feast returns them); friends without a row count towards the degree and the sample but add
+    nothing to the aggregates, as they would have no profile in the batch job either.
+    """
+    friends = np.unique(np.asarray(list(friend_ids), dtype=np.int64))
+    friends = friends[friends != user_id]
+    sample = sample_friends(seed, user_id, friends, features.friend_cap)
+    degree = len(friends)
+    present = [friend_rows[int(f)] for f in friends if int(f) in friend_rows]
+    width = len(contract.PROFILE_SCALARS)
+    if present and degree:
+        scalars = np.array(
+            [[row[n] for n in contract.PROFILE_SCALAR_NAMES] for row in present], dtype=np.float32
+        )
+        # The batch job divides the sum over present friends by the full degree.
+        profile_mean = contract.transform_profile(scalars).sum(axis=0) / np.float32(degree)
+    else:
+        profile_mean = np.zeros(width, dtype=np.float32)
+    bag: dict[int, np.float32] = {}
+    for row in present:
+        ids = list(row[contract.SPARSE_IDS.name] or ())[: features.sparse_cap]
+        if not ids:
+            continue
+        weight = np.float32(1.0) / np.float32(len(ids))
+        for i in ids:
+            bag[int(i)] = bag.get(int(i), np.float32(0.0)) + weight
+    # Heaviest first, ties by the smaller id (as the batch job orders them).
+    top = sorted(bag.items(), key=lambda kv: (-kv[1], kv[0]))[: features.nbr_sparse_cap]
+    inv_degree = np.float32(1.0 / degree) if degree else np.float32(0.0)
+    return {
+        contract.DEGREE.name: degree,
+        contract.FRIEND_IDS.name: [int(f) for f in sample],
+        contract.NBR_SPARSE_IDS.name: [i for i, _ in top],
+        contract.NBR_SPARSE_WEIGHTS.name: [float(np.float32(w * inv_degree)) for _, w in top],
+        contract.NBR_PROFILE_MEAN.name: [float(x) for x in profile_mean],
+    }
