@@ -26,3 +26,15 @@ class UnknownDatasetError(FriendrecError):
 
 class NotPreparedError(FriendrecError):
     """A job needs an artifact that an earlier command produces."""
+
+
+class IncompatibleModelError(FriendrecError):
+    """An exported model version does not fit the active dataset or the feature contract."""
+
+
+class EmbeddingIndexError(FriendrecError):
+    """The Milvus embedding index lacks a collection or alias, or refuses an operation."""
+
+
+class IndexUnavailableError(FriendrecError):
+    """Milvus cannot be reached (down, unreachable or too slow); the message names the URI."""

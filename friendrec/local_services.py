@@ -69,3 +69,272 @@ def redis_server(log_dir: Path | None = None, timeout: float = 15.0) -> Iterator
         yield f"127.0.0.1:{port}"
     finally:
         stop_process(proc, "redis-server")
+
+
+def milvus_lite_command() -> list[str]:
+    """The `milvus-lite` console script of this interpreter's environment (`python -m milvus_lite`
+    where the script is missing): the server must run the same milvus-lite as the client."""
+    import sys
+
+    script = Path(sys.executable).parent / "milvus-lite"
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("milvus-lite")
+    return [found] if found else [sys.executable, "-m", "milvus_lite"]
+
+
+class MilvusLiteProcess:
+    """A `milvus-lite server` child on a loopback port over a data directory. Stop and start it
+    again (same port, same data) to test what clients do while Milvus is down."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        log_dir: Path | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.log_path = (log_dir / "milvus-lite.log") if log_dir is not None else None
+        self.timeout = timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start the server and wait until a client can list collections; returns the URI."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self.uri
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path = self.log_path or Path("/dev/null")
+        command = [
+            *milvus_lite_command(),
+            "server",
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        with open(out_path, "ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(out_path)
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "milvus-lite server on %s (pid %d, data %s)", self.uri, self.proc.pid, self.data_dir
+        )
+        return self.uri
+
+    def _wait_ready(self, out_path: Path) -> None:
+        from pymilvus import MilvusClient
+
+        assert self.proc is not None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                # dedicated: pymilvus shares connections per URI, and a shared one could be a
+                # stale channel to a previous server on this port.
+                client = MilvusClient(uri=self.uri, timeout=2.0, dedicated=True)
+                try:
+                    client.list_collections(timeout=2.0)
+                    return
+                finally:
+                    client.close()
+            except Exception:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"milvus-lite server exited with {self.proc.returncode} (log: {out_path})"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"milvus-lite server not ready on {self.uri} after {self.timeout:.0f}s "
+                        f"(log: {out_path})"
+                    ) from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, "milvus-lite server")
+            self.proc = None
+
+    def __enter__(self) -> MilvusLiteProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def milvus_lite_server(
+    data_dir: Path, log_dir: Path | None = None, timeout: float = 30.0
+) -> Iterator[str]:
+    """A `milvus-lite server` on a free loopback port over ``data_dir``: yields its URI
+    (``http://127.0.0.1:PORT``) and stops it afterwards (the data stays in ``data_dir``)."""
+    with MilvusLiteProcess(data_dir, log_dir=log_dir, timeout=timeout) as server:
+        yield server.uri
+
+
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # the settings module stays out of the import path of the other helpers
+    from collections.abc import Sequence
+
+    from friendrec.config import Settings
+
+
+def tfserving_env(settings: Settings, port: int) -> dict[str, str]:
+    """The environment that hands the settings a `friendrec tfserving` child needs to it (the
+    child reads them like any friendrec process: FRIENDREC_* variables beat its config file)."""
+    import json
+    import os
+
+    tfs = settings.tfserving
+    return {
+        **os.environ,
+        "FRIENDREC_WORKDIR": str(settings.workdir),
+        "FRIENDREC_DATASETS_DIR": str(settings.datasets_dir),
+        "FRIENDREC_SERVING__MODEL_BASE_PATH": str(settings.model_base_path),
+        "FRIENDREC_SERVING__MODEL_NAME": settings.serving.model_name,
+        "FRIENDREC_TFSERVING__HOST": "127.0.0.1",
+        "FRIENDREC_TFSERVING__PORT": str(port),
+        "FRIENDREC_TFSERVING__VERSION_POLICY": tfs.version_policy,
+        "FRIENDREC_TFSERVING__NUM_VERSIONS": str(tfs.num_versions),
+        "FRIENDREC_TFSERVING__VERSIONS": json.dumps(list(tfs.versions)),
+        "FRIENDREC_TFSERVING__POLL_SECONDS": str(tfs.poll_seconds),
+        "FRIENDREC_TFSERVING__WORKERS": str(tfs.workers),
+        "COLUMNS": "200",  # rich wraps log lines at 80 columns when not on a terminal
+    }
+
+
+class TFServingProcess:
+    """`friendrec tfserving` (our TF Serving-protocol server) as a child process on a fixed
+    loopback port. ``stop()`` then ``start()`` brings it back on the same port, so tests can
+    take the dependency away and give it back. The log (appended across restarts) is
+    ``log_dir/tfserving.log``, or a temporary file removed with the object."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        port: int | None = None,
+        log_dir: Path | None = None,
+        timeout: float = 60.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        import tempfile
+
+        self.settings = settings
+        self.port = port or free_port()
+        self.timeout = timeout
+        self.extra_args = tuple(extra_args)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if log_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tfserving-log-")
+            log_dir = Path(self._tmp.name)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / "tfserving.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None  # of the last stopped child
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> str:
+        """Start the child and wait until gRPC health says SERVING (a version is available);
+        returns host:port."""
+        import sys
+
+        if self.running:
+            return self.address
+        command = [sys.executable, "-m", "friendrec", "tfserving", "--port", str(self.port)]
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [*command, *self.extra_args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=tfserving_env(self.settings, self.port),
+            )
+        try:
+            self._wait_serving()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("friendrec tfserving on %s (pid %d)", self.address, self.proc.pid)
+        return self.address
+
+    def _wait_serving(self) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        assert self.proc is not None
+        deadline = time.monotonic() + self.timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"friendrec tfserving exited with {self.proc.returncode}:\n"
+                        f"{self.log_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"friendrec tfserving not SERVING on {self.address} after "
+                        f"{self.timeout:.0f} s (log: {self.log_path}):\n{self.log_tail()}"
+                    )
+                time.sleep(0.1)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """SIGTERM (graceful: in-flight requests finish, exit 0), SIGKILL if it hangs."""
+        if self.proc is not None:
+            stop_process(self.proc, "friendrec tfserving")
+            self.returncode = self.proc.returncode
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> TFServingProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def tfserving_server(
+    settings: Settings, log_dir: Path | None = None, timeout: float = 60.0
+) -> Iterator[str]:
+    """`friendrec tfserving` over the settings' model base path on a free loopback port: yields
+    host:port once a version is available, stops the process afterwards."""
+    with TFServingProcess(settings, log_dir=log_dir, timeout=timeout) as server:
+        yield server.address

@@ -274,9 +274,15 @@ def start_service(
 def build_recommender(settings: Settings) -> Recommender:
     """The production wiring: Feast from the settings, TF Serving at tfserving.address, Milvus."""
     from friendrec.feast_store import open_store
-    from serving.index import EmbeddingIndex
+    from serving.index import EmbeddingIndex, IndexUnavailableError
     from serving.tfserving.client import TFServingClient
 
+    index = EmbeddingIndex.connect(settings, timeout=settings.serving.milvus_timeout_s)
+    # milvus-lite forgets loaded collections on restart: load now, not in the first request.
+    try:
+        index.load_live()
+    except IndexUnavailableError as exc:  # start anyway: NOT_SERVING until Milvus is back
+        log.warning("could not load the live collection: %s", exc)
     return Recommender(
         settings,
         open_store(settings),
@@ -285,6 +291,6 @@ def build_recommender(settings: Settings) -> Recommender:
             settings.serving.model_name,
             timeout_s=settings.serving.tfserving_timeout_s,
         ),
-        EmbeddingIndex.connect(settings, timeout=settings.serving.milvus_timeout_s),
+        index,
         ServingMetrics(),
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from friendrec.cli import bench, data, features, model, serving
+from friendrec.cli import bench, data, features, index, model, serving, tfserving
 from friendrec.errors import FriendrecError
 
 app = typer.Typer(
@@ -27,7 +27,9 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
 app.add_typer(bench.app, name="bench")
+app.add_typer(index.app, name="index")
 model.register(app)
+tfserving.register(app)
 serving.register(app)
 console = Console(stderr=True)
 

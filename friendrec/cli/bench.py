@@ -121,3 +121,37 @@ def quality(
         raise typer.BadParameter(f"objectives must include baseline and be among {OBJECTIVES}")
     names = None if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
     run_quality(load_settings(), names, _counts(seeds), chosen, epochs, output)
+
+
+@app.command()
+def serving(
+    datasets: str = typer.Option(
+        "synthetic:100000,github", "--datasets", help="Comma-separated datasets to serve."
+    ),
+    requests: int = typer.Option(1000, "--requests", min=10, help="Timed single requests."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Threads for the QPS run."),
+    duration: float = typer.Option(15.0, "--duration", min=1, help="Seconds of the QPS run."),
+    k: int = typer.Option(50, "-k", min=1, help="Candidates per request (and recall@k)."),
+    train_steps: int = typer.Option(
+        200, "--train-steps", min=1, help="Steps of the quick SSMTL training when no model exists."
+    ),
+    output: Path = typer.Option(
+        Path("bench/results/serving.json"), "--output", "-o", help="JSON result."
+    ),
+) -> None:
+    """The retrieval service end to end (Feast sqlite -> our TF Serving -> milvus-lite server)
+    per dataset: p50/p99 per request and per stage, QPS at concurrency 8, ANN recall@k against
+    exact search, and the Milvus-search and numpy exact-top-k floors. Prints a table and JSON."""
+    from bench.serving import ServingBenchConfig, run
+    from friendrec.config import load_settings
+
+    names = tuple(d.strip() for d in datasets.split(",") if d.strip())
+    cfg = ServingBenchConfig(
+        datasets=names,
+        requests=requests,
+        concurrency=concurrency,
+        duration_s=duration,
+        k=k,
+        train_steps=train_steps,
+    )
+    run(load_settings(), cfg, output)

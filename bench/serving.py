@@ -1,0 +1,366 @@
+"""`friendrec bench serving`: the retrieval service end to end on this machine.
+
+Per dataset (100k synthetic users and the GitHub graph by default), in its own workdir: features
+built and materialized (sqlite), a briefly trained SSMTL tower exported, a milvus-lite *server*
+and `friendrec tfserving` started as processes, the index built, then `friendrec serve` started as
+a process and measured from this process over loopback gRPC:
+
+- single requests one at a time: p50/p99 end to end (client side) and per stage (the service's
+  ``server-timing`` trailer: alias, feast, tfserving, milvus, rank);
+- throughput at concurrency 8 (threads, each with a blocking stub);
+- ANN recall@50 of the Milvus index against exact inner-product search over the same vectors;
+- the floors: one Milvus search alone, and exact numpy top-50 over the same matrix.
+
+Everything shares the machine's cores (client, service, TF Serving, Milvus), as a small
+single-node deployment would; latencies are what a client on the same host sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from bench.quality import ensure_features
+from feature_repo.jobs.materialize import materialize
+from friendrec.config import Settings
+from friendrec.data.canonical import load_prepared
+from friendrec.local_services import MilvusLiteProcess, TFServingProcess, free_port, stop_process
+from friendrec.paths import DatasetPaths
+from serving.client import RecommenderClient, recommend_request
+from serving.index import EmbeddingIndex
+from serving.index_build import build_index
+
+log = logging.getLogger(__name__)
+DATASETS = ("synthetic:100000", "github")
+STAGES = ("alias", "feast", "tfserving", "milvus", "rank", "total")
+TARGETS = {"p99_ms": 25.0, "ann_recall@50": 0.95}
+
+
+@dataclass(frozen=True)
+class ServingBenchConfig:
+    datasets: tuple[str, ...] = DATASETS
+    requests: int = 1000
+    warmup: int = 100
+    concurrency: int = 8
+    duration_s: float = 15.0
+    recall_queries: int = 500
+    k: int = 50
+    train_steps: int = 200
+
+
+def _percentiles(ms: list[float] | np.ndarray) -> dict[str, float]:
+    values = np.asarray(ms, dtype=np.float64)
+    return {
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": float(values.mean()),
+    }
+
+
+def dataset_settings(settings: Settings, dataset: str) -> Settings:
+    """A private workdir per dataset, fresh loopback ports, /metrics off."""
+    slug = DatasetPaths.of(settings, dataset).slug
+    return settings.model_copy(
+        update={
+            "workdir": settings.workdir / "bench" / "serving" / slug,
+            "data": settings.data.model_copy(update={"dataset": dataset}),
+            "serving": settings.serving.model_copy(
+                update={"model_base_path": None, "port": free_port(), "metrics_port": 0}
+            ),
+            "tfserving": settings.tfserving.model_copy(update={"port": free_port()}),
+        }
+    )
+
+
+def ensure_model(settings: Settings, dataset: str, train_steps: int) -> int:
+    """The newest exported version for this dataset, training and exporting one if none."""
+    root = settings.model_base_path / settings.serving.model_name
+    versions = sorted((int(p.name) for p in root.glob("*") if p.name.isdigit()), reverse=True)
+    for version in versions:
+        card = json.loads((root / str(version) / "model_card.json").read_text())
+        if card.get("dataset") == DatasetPaths.of(settings, dataset).name:
+            return version
+    from training.publish import export_run
+    from training.train import TrainingContext, train
+
+    cfg = settings.training.model_copy(
+        update={"epochs": 1, "max_steps_per_epoch": train_steps, "objective": "ssmtl"}
+    )
+    ctx = TrainingContext.load(settings.model_copy(update={"training": cfg}), dataset)
+    result, _ = train(ctx)
+    return int(export_run(ctx, result.model_dir, "ssmtl").name)
+
+
+class ServiceProcess:
+    """`friendrec serve` as a child process configured by a YAML dump of the settings."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.config_path = workdir / "serve.yaml"
+        self.log_path = workdir / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        dump = self.settings.model_dump(
+            mode="json", exclude={"serving": {"auth_token"}, "milvus": {"token"}}
+        )
+        self.config_path.write_text(yaml.safe_dump(dump))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRIENDREC_")}
+        env.update({"FRIENDREC_CONFIG": str(self.config_path), "COLUMNS": "200"})
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "friendrec", "serve"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        with RecommenderClient(self.settings, timeout_s=1.0) as client:
+            while True:
+                try:
+                    if client.health() == "SERVING":
+                        return
+                except Exception:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"friendrec serve did not become SERVING: {self.log_path}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, "friendrec serve")
+            self.proc = None
+
+
+def _server_timing(call: Any) -> dict[str, float]:
+    for key, value in call.trailing_metadata() or ():
+        if key == "server-timing":
+            return {
+                part.split(";dur=")[0]: float(part.split(";dur=")[1]) for part in value.split(",")
+            }
+    return {}
+
+
+def measure_single(
+    settings: Settings, users: np.ndarray, cfg: ServingBenchConfig, rng: np.random.Generator
+) -> dict[str, Any]:
+    client_ms: list[float] = []
+    stages: dict[str, list[float]] = {s: [] for s in STAGES}
+    with RecommenderClient(settings, timeout_s=10.0) as client:
+        for i in range(cfg.warmup + cfg.requests):
+            request = recommend_request(int(rng.choice(users)), cfg.k)
+            start = time.perf_counter()
+            _, call = client.stub.Recommend.with_call(
+                request, timeout=10.0, metadata=client.metadata
+            )
+            elapsed = (time.perf_counter() - start) * 1e3
+            if i < cfg.warmup:
+                continue
+            client_ms.append(elapsed)
+            for stage, ms in _server_timing(call).items():
+                stages.setdefault(stage, []).append(ms)
+    return {
+        "end_to_end": _percentiles(client_ms),
+        "stages": {s: _percentiles(v) for s, v in stages.items() if v},
+    }
+
+
+def measure_concurrent(
+    settings: Settings, users: np.ndarray, cfg: ServingBenchConfig
+) -> dict[str, Any]:
+    latencies: list[list[float]] = [[] for _ in range(cfg.concurrency)]
+    errors = [0] * cfg.concurrency
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        rng = np.random.default_rng(100 + i)
+        with RecommenderClient(settings, timeout_s=10.0) as client:
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    client.recommend(recommend_request(int(rng.choice(users)), cfg.k))
+                except Exception:
+                    errors[i] += 1
+                    continue
+                latencies[i].append((time.perf_counter() - start) * 1e3)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(cfg.concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(cfg.duration_s)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    flat = [ms for per in latencies for ms in per]
+    return {
+        "concurrency": cfg.concurrency,
+        "qps": len(flat) / elapsed,
+        "errors": sum(errors),
+        **_percentiles(flat),
+    }
+
+
+def measure_index(
+    settings: Settings, users: np.ndarray, cfg: ServingBenchConfig, rng: np.random.Generator
+) -> dict[str, Any]:
+    """ANN recall@k vs exact search over the same stored vectors, and both single-query costs."""
+    with EmbeddingIndex.connect(settings) as index:
+        live = index.live()
+        assert live is not None
+        stored = index.get_vectors(live.collection, users)
+        ids = np.array(sorted(stored), dtype=np.int64)
+        matrix = np.stack([stored[int(u)] for u in ids])
+        queries = rng.choice(len(ids), min(cfg.recall_queries, len(ids)), replace=False)
+        recalls, milvus_ms, numpy_ms = [], [], []
+        for row in queries:
+            q = matrix[row]
+            start = time.perf_counter()
+            (hits,) = index.search(live.collection, q[None, :], limit=cfg.k + 1)
+            milvus_ms.append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            scores = matrix @ q
+            top = np.argpartition(-scores, cfg.k + 1)[: cfg.k + 1]
+            exact = ids[top[np.argsort(-scores[top])]]
+            numpy_ms.append((time.perf_counter() - start) * 1e3)
+            approx = [u for u, _ in hits if u != ids[row]][: cfg.k]
+            truth = [int(u) for u in exact if u != ids[row]][: cfg.k]
+            recalls.append(len(set(approx) & set(truth)) / cfg.k)
+    return {
+        f"ann_recall@{cfg.k}": float(np.mean(recalls)),
+        "milvus_search": _percentiles(milvus_ms),
+        "numpy_exact_topk": _percentiles(numpy_ms),
+        "vectors": len(ids),
+        "dim": int(matrix.shape[1]),
+    }
+
+
+def bench_dataset(settings: Settings, dataset: str, cfg: ServingBenchConfig) -> dict[str, Any]:
+    s = dataset_settings(settings, dataset)
+    s.workdir.mkdir(parents=True, exist_ok=True)
+    log.info("%s: features", dataset)
+    ensure_features(s, dataset)
+    materialize(s, dataset)
+    version = ensure_model(s, dataset, cfg.train_steps)
+    users = load_prepared(DatasetPaths.of(s, dataset)).user_ids
+    rng = np.random.default_rng(0)
+    milvus = MilvusLiteProcess(s.workdir / "milvus_server", free_port())
+    milvus.start()
+    s = s.model_copy(update={"milvus": s.milvus.model_copy(update={"uri": milvus.uri})})
+    tfserving = TFServingProcess(s, s.tfserving.port, log_dir=s.workdir)
+    service = ServiceProcess(s, s.workdir)
+    try:
+        tfserving.start()
+        log.info("%s: index build (model v%d)", dataset, version)
+        with EmbeddingIndex.connect(s) as index:
+            live = index.live()
+        if live is None or live.model_version != version:
+            build = build_index(s, version, show_progress=True).as_dict()
+        else:
+            build = {"reused": live.collection}
+        service.start()
+        log.info("%s: single requests", dataset)
+        single = measure_single(s, users, cfg, rng)
+        log.info("%s: concurrency %d for %.0f s", dataset, cfg.concurrency, cfg.duration_s)
+        concurrent = measure_concurrent(s, users, cfg)
+        log.info("%s: ANN recall and search floors", dataset)
+        index_stats = measure_index(s, users, cfg, rng)
+    finally:
+        service.stop()
+        tfserving.stop()
+        milvus.stop()
+    return {
+        "dataset": dataset,
+        "users": len(users),
+        "model_version": version,
+        "index_build": build,
+        "single": single,
+        "concurrent": concurrent,
+        "index": index_stats,
+    }
+
+
+def run(settings: Settings, cfg: ServingBenchConfig, output: Path) -> dict[str, Any]:
+    results = [bench_dataset(settings, d, cfg) for d in cfg.datasets]
+    report = {
+        "created_at": datetime.now(UTC).isoformat(),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "config": cfg.__dict__,
+        "targets": TARGETS,
+        "results": results,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, default=str))
+    print_table(report)
+    return report
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(metric, one cell per dataset): the table printed and written beside the JSON."""
+    k = report["config"]["k"]
+    results = report["results"]
+
+    def pair(d: dict[str, float]) -> str:
+        return f"{d['p50_ms']:.2f} / {d['p99_ms']:.2f}"
+
+    rows = [
+        ("users", [f"{r['users']:,}" for r in results]),
+        (
+            "index build, users/s",
+            [f"{r['index_build'].get('users_per_s', 0):,.0f}" for r in results],
+        ),
+        ("end to end p50 / p99 (ms)", [pair(r["single"]["end_to_end"]) for r in results]),
+    ]
+    for stage in STAGES:
+        rows.append(
+            (
+                f"  stage {stage} p50 / p99 (ms)",
+                [pair(r["single"]["stages"][stage]) if stage in r["single"]["stages"] else "-"
+                 for r in results],
+            )
+        )  # fmt: skip
+    rows += [
+        (
+            f"QPS at concurrency {report['config']['concurrency']}",
+            [f"{r['concurrent']['qps']:.0f}" for r in results],
+        ),
+        ("  its p50 / p99 (ms)", [pair(r["concurrent"]) for r in results]),
+        ("  errors", [str(r["concurrent"]["errors"]) for r in results]),
+        (f"ANN recall@{k} vs exact", [f"{r['index'][f'ann_recall@{k}']:.4f}" for r in results]),
+        (
+            "Milvus search alone p50 / p99 (ms)",
+            [pair(r["index"]["milvus_search"]) for r in results],
+        ),
+        (
+            "numpy exact top-k p50 / p99 (ms)",
+            [pair(r["index"]["numpy_exact_topk"]) for r in results],
+        ),
+    ]
+    return rows
+
+
+def print_table(report: dict[str, Any]) -> None:
+    table = Table(title=f"friendrec bench serving (Recommend, k={report['config']['k']})")
+    table.add_column("metric")
+    for r in report["results"]:
+        table.add_column(r["dataset"], justify="right")
+    for name, cells in table_rows(report):
+        table.add_row(name, *cells)
+    Console(width=120).print(table)

@@ -1,0 +1,282 @@
+"""`friendrec index build`: every user's embedding of one exported model version into a fresh
+Milvus collection, then the live alias moves to it.
+
+The embeddings are computed the way serving computes a query: the Feast *online* store through
+``training.features.fetch_online_inputs`` (batched), then the exported signature (in-process with
+``LocalEmbedder``, or TF Serving). Whatever serving would compute for a user is what is indexed.
+
+No partial state: the collection is created on the first embedded batch, and if anything fails
+before the alias has moved, it is dropped and the alias stays where it was. A version whose
+collection is live is refused (build a new version, or roll back first); a non-live leftover of
+the same version is dropped and rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from friendrec import contract
+from friendrec.config import Settings
+from friendrec.errors import (
+    EmbeddingIndexError,
+    FriendrecError,
+    IncompatibleModelError,
+    NotPreparedError,
+)
+from friendrec.paths import DatasetPaths
+from serving.index import EmbeddingIndex
+from serving.tfserving.client import TFServingClient
+
+log = logging.getLogger(__name__)
+
+MODEL_CARD = "model_card.json"  # = training.export.MODEL_CARD (not imported: it loads TensorFlow)
+
+Embedder = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""Named tower inputs of a batch -> its embeddings [batch, dim]."""
+
+
+class TFServingEmbedder:
+    """Asks TF Serving (Predict pinned to the version) exactly as the retrieval service does."""
+
+    def __init__(self, client: TFServingClient, version: int) -> None:
+        self.client, self.version = client, version
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        vectors, served = self.client.predict(inputs, self.version)
+        if served != self.version:
+            raise IncompatibleModelError(f"TF Serving answered with v{served}, not v{self.version}")
+        return vectors
+
+
+class LocalEmbedder:
+    """Runs the exported ``serving_default`` signature in-process (what TF Serving would run)."""
+
+    def __init__(self, version_dir: Path) -> None:
+        import tensorflow as tf
+
+        from training.export import OUTPUT, load_signature
+
+        self._tf = tf
+        self._fn = load_signature(version_dir)
+        self._output = OUTPUT
+        self._names = set(self._fn.structured_input_signature[1])
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {k: self._tf.constant(v) for k, v in inputs.items() if k in self._names}
+        return self._fn(**feed)[self._output].numpy()
+
+
+@dataclass
+class BuildReport:
+    """What one build did (printed as JSON by the CLI)."""
+
+    dataset: str
+    model_version: int
+    collection: str
+    users: int
+    unknown_users: int  # users the online store did not know: embedded from contract defaults
+    dim: int
+    index_type: str
+    seconds: float
+    previous: str | None  # the live collection before this build
+    pruned: list[str]
+    timings: dict[str, float] = field(default_factory=dict)  # features / embed / insert / finish
+
+    @property
+    def users_per_s(self) -> float:
+        return self.users / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "model_version": self.model_version,
+            "collection": self.collection,
+            "users": self.users,
+            "unknown_users": self.unknown_users,
+            "dim": self.dim,
+            "index_type": self.index_type,
+            "seconds": round(self.seconds, 3),
+            "users_per_s": round(self.users_per_s, 1),
+            "previous": self.previous,
+            "pruned": self.pruned,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+def version_dir(settings: Settings, model_version: int) -> Path:
+    return settings.model_base_path / settings.serving.model_name / str(int(model_version))
+
+
+def read_model_card(settings: Settings, model_version: int, dataset: str) -> dict[str, Any]:
+    """The version's model card, checked against the active dataset and the serving contract."""
+    directory = version_dir(settings, model_version)
+    path = directory / MODEL_CARD
+    if not path.is_file():
+        raise NotPreparedError(
+            f"no exported model version {model_version} in {directory.parent} "
+            f"({MODEL_CARD} missing); run `friendrec export` first"
+        )
+    card = json.loads(path.read_text())
+    if card.get("dataset") != dataset:
+        raise IncompatibleModelError(
+            f"model version {model_version} was trained on {card.get('dataset')!r}, but the "
+            f"active dataset is {dataset!r} (data.dataset); its embeddings would index the "
+            "wrong users"
+        )
+    if card.get("feature_service") != contract.SERVING_SERVICE:
+        raise IncompatibleModelError(
+            f"model version {model_version} expects feature service "
+            f"{card.get('feature_service')!r}, this code serves {contract.SERVING_SERVICE!r}"
+        )
+    if not isinstance(card.get("inputs"), dict):
+        raise IncompatibleModelError(f"{path} lists no signature inputs")
+    return card
+
+
+def input_spec(card: dict[str, Any]):
+    """The InputSpec from the model card's signature shapes (no TensorFlow needed)."""
+    from training.features import InputSpec
+
+    try:
+        return InputSpec.from_signature({k: v["shape"] for k, v in card["inputs"].items()})
+    except ValueError as exc:
+        raise IncompatibleModelError(str(exc)) from exc
+
+
+def build_index(
+    settings: Settings,
+    model_version: int,
+    embedder: Embedder | None = None,
+    show_progress: bool = True,
+) -> BuildReport:
+    """Embed every user of the active dataset with ``model_version`` into its own collection,
+    then index, load, promote (the alias moves) and prune. See the module docstring."""
+    from friendrec.data.canonical import load_prepared
+    from friendrec.feast_store import open_store
+    from training.features import fetch_online_inputs
+
+    started = time.perf_counter()
+    data = load_prepared(DatasetPaths.of(settings))
+    dataset, user_ids = data.meta.name, data.user_ids
+    if len(user_ids) == 0:
+        raise NotPreparedError(f"dataset {dataset!r} has no users")
+    card = read_model_card(settings, model_version, dataset)
+    spec = input_spec(card)
+    timings = dict.fromkeys(("features", "embed", "insert", "finish"), 0.0)
+    batch = settings.milvus.build_batch
+
+    with EmbeddingIndex.connect(settings) as index:
+        target = index.collection_name(model_version)
+        before = index.live()
+        if before is not None and before.collection == target:
+            raise EmbeddingIndexError(
+                f"model version {model_version} is live ({target} behind alias "
+                f"{index.alias!r}); build a new version, or `friendrec index rollback` first"
+            )
+        if index.exists(target):
+            log.warning("%s exists but is not live: dropping and rebuilding it", target)
+            index.drop(target)
+        if embedder is None:
+            embedder = LocalEmbedder(version_dir(settings, model_version))
+        store = open_store(settings)
+
+        collection: str | None = None
+        unknown = 0
+        dim = 0
+        try:
+            bar = tqdm(
+                total=len(user_ids),
+                desc=f"index v{model_version}",
+                unit="user",
+                disable=not show_progress,
+            )
+            with bar:
+                for lo in range(0, len(user_ids), batch):
+                    ids = user_ids[lo : lo + batch]
+                    t0 = time.perf_counter()
+                    inputs, known = fetch_online_inputs(store, ids.tolist(), spec)
+                    t1 = time.perf_counter()
+                    vectors = np.asarray(embedder(inputs), dtype=np.float32)
+                    t2 = time.perf_counter()
+                    if vectors.ndim != 2 or len(vectors) != len(ids):
+                        raise IncompatibleModelError(
+                            f"the embedder returned shape {vectors.shape} for {len(ids)} users"
+                        )
+                    if collection is None:
+                        dim = int(vectors.shape[1])
+                        collection = index.create_version(model_version, dim, dataset)
+                    index.insert(collection, ids, vectors, model_version)
+                    t3 = time.perf_counter()
+                    timings["features"] += t1 - t0
+                    timings["embed"] += t2 - t1
+                    timings["insert"] += t3 - t2
+                    unknown += int((~np.asarray(known, dtype=bool)).sum())
+                    bar.update(len(ids))
+            t0 = time.perf_counter()
+            index.finish(collection, len(user_ids))
+            live = index.promote(model_version)
+            timings["finish"] = time.perf_counter() - t0
+        except BaseException:
+            if collection is not None:
+                _discard(index, collection)
+            raise
+        if unknown:
+            log.warning(
+                "%d of %d users are unknown to the online store (embedded from contract "
+                "defaults): is the store materialized?",
+                unknown,
+                len(user_ids),
+            )
+        try:
+            pruned = index.prune()
+        except FriendrecError as exc:  # the build itself succeeded: prune again later
+            log.warning("prune after the build failed: %s", exc)
+            pruned = []
+
+    report = BuildReport(
+        dataset=dataset,
+        model_version=int(model_version),
+        collection=live.collection,
+        users=len(user_ids),
+        unknown_users=unknown,
+        dim=dim,
+        index_type=settings.milvus.index_type,
+        seconds=time.perf_counter() - started,
+        previous=before.collection if before else None,
+        pruned=pruned,
+        timings=timings,
+    )
+    log.info(
+        "indexed %d users of model version %d into %s in %.1fs (%.0f users/s); alias %s -> %s",
+        report.users,
+        report.model_version,
+        report.collection,
+        report.seconds,
+        report.users_per_s,
+        index.alias,
+        report.collection,
+    )
+    return report
+
+
+def _discard(index: EmbeddingIndex, collection: str) -> None:
+    """Drop a failed build's collection unless the alias already points at it (best effort: if
+    Milvus is gone too, the collection stays ``building``; a rebuild or prune drops it)."""
+    try:
+        live = index.live()
+        if live is not None and live.collection == collection:
+            log.error("the build failed after %s went live; it stays live", collection)
+            return
+        index.drop(collection)
+        log.warning("build failed: dropped the half-built %s; the alias is unchanged", collection)
+    except FriendrecError as exc:
+        log.error("build failed and %s could not be dropped: %s", collection, exc)

@@ -1,0 +1,273 @@
+"""The Milvus embedding index against real milvus-lite (file and server mode), no mocks: builds
+through the Feast online store and the exported model, the alias, rollback, prune, failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from friendrec.config import Settings
+from friendrec.errors import IncompatibleModelError
+from friendrec.local_services import MilvusLiteProcess
+from serving.index import EmbeddingIndex, EmbeddingIndexError, IndexUnavailableError
+from serving.index_build import build_index
+
+pytestmark = pytest.mark.integration
+
+ALIAS = "user_embeddings"
+
+
+def with_milvus(settings: Settings, uri: str, **milvus) -> Settings:
+    """The read-only session settings with a private Milvus (and optional milvus overrides)."""
+    cfg = settings.milvus.model_copy(update={"uri": uri, **milvus})
+    return settings.model_copy(update={"milvus": cfg})
+
+
+def with_base_path(settings: Settings, base: Path) -> Settings:
+    return settings.model_copy(
+        update={"serving": settings.serving.model_copy(update={"model_base_path": base})}
+    )
+
+
+def private_base(exported, tmp_path: Path, versions: dict[int, int]) -> Path:
+    """A private model base path: new version -> a copy of an exported version's directory."""
+    name = exported.settings.serving.model_name
+    base = tmp_path / "models"
+    for new, old in versions.items():
+        shutil.copytree(exported.base_path / name / str(old), base / name / str(new))
+    return base
+
+
+class ReferenceEmbedder:
+    """What the training code computed for each user (looked up by ``self_user_id``): the build
+    still reads Feast per batch, without paying for TensorFlow in policy tests."""
+
+    def __init__(self, exported, version: int, fail_after: int | None = None) -> None:
+        self.rows = dict(zip(exported.user_ids.tolist(), exported.embeddings[version], strict=True))
+        self.fail_after = fail_after
+        self.calls = 0
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("embedder died mid-build")
+        return np.stack([self.rows[int(u)] for u in inputs["self_user_id"]])
+
+
+def recall_at(index: EmbeddingIndex, matrix: np.ndarray, ids: np.ndarray, k: int, n: int) -> float:
+    """Mean recall@k of the index vs exact top-k over the same matrix, for n random users."""
+    rng = np.random.default_rng(0)
+    queries = rng.choice(len(ids), size=n, replace=False)
+    exact = np.argsort(-(matrix[queries] @ matrix.T), axis=1)[:, :k]
+    hits = index.search(ALIAS, matrix[queries], limit=k)
+    recalls = [
+        len({int(u) for u, _ in hit} & set(ids[row].tolist())) / k
+        for hit, row in zip(hits, exact, strict=True)
+    ]
+    return float(np.mean(recalls))
+
+
+def small_version(index: EmbeddingIndex, version: int, rows: int = 50, promote: bool = True) -> str:
+    """A tiny complete collection through the index API (for policy tests without a build)."""
+    vectors = np.random.default_rng(version).normal(size=(rows, 16)).astype(np.float32)
+    name = index.create_version(version, 16, "twitch/ENGB")
+    index.insert(name, np.arange(rows), vectors, version)
+    index.finish(name, rows)
+    if promote:
+        index.promote(version)
+    return name
+
+
+def test_build_v1_file_mode_matches_training_and_searches(exported_models, tmp_path) -> None:
+    settings = with_milvus(exported_models.settings, str(tmp_path / "m.db"))
+    ids, reference = exported_models.user_ids, exported_models.embeddings[1]
+    report = build_index(settings, 1, show_progress=False)
+    assert (report.users, report.unknown_users, report.dim) == (len(ids), 0, 16)
+    assert report.collection == f"{ALIAS}_v1" and report.previous is None
+    with EmbeddingIndex.connect(settings) as index:
+        live = index.live()
+        assert live is not None
+        assert (live.collection, live.model_version, live.dataset) == (
+            f"{ALIAS}_v1",
+            1,
+            "twitch/ENGB",
+        )
+        assert index.count(live.collection) == len(ids)
+        stored = index.get_vectors(live.collection, ids)
+        assert len(stored) == len(ids)
+        matrix = np.stack([stored[int(u)] for u in ids])
+        assert np.abs(matrix - reference).max() <= 1e-5
+        assert recall_at(index, reference, ids, k=50, n=200) >= 0.95
+        top = index.search(ALIAS, reference[:1], limit=1)
+        assert top[0][0][0] == ids[0] and top[0][0][1] == pytest.approx(1.0, abs=1e-4)
+        [info] = index.versions()
+        assert info.live and info.state == "ready" and info.rows == len(ids)
+
+
+def test_versions_alias_rollback_and_prune(exported_models, tmp_path) -> None:
+    base = private_base(exported_models, tmp_path, {1: 1, 2: 2, 3: 1})
+    settings = with_base_path(
+        with_milvus(exported_models.settings, str(tmp_path / "m.db"), keep_versions=2), base
+    )
+
+    def build(version: int, embedded_as: int):
+        embedder = ReferenceEmbedder(exported_models, embedded_as)
+        return build_index(settings, version, embedder=embedder, show_progress=False)
+
+    build(1, 1)
+    second = build(2, 2)
+    assert (second.previous, second.pruned) == (f"{ALIAS}_v1", [])
+    with EmbeddingIndex.connect(settings) as index:
+        assert index.live().model_version == 2
+        assert [v.version for v in index.versions()] == [1, 2]
+        assert index.rollback_target().version == 1
+        stored = index.get_vectors(ALIAS, exported_models.user_ids[:3])
+        assert np.allclose(
+            stored[int(exported_models.user_ids[0])], exported_models.embeddings[2][0]
+        )
+
+        assert index.rollback().model_version == 1
+        assert index.live().collection == f"{ALIAS}_v1"
+        # v2 was rolled back from: a second rollback does not return to it.
+        assert index.rollback_target() is None
+        with pytest.raises(EmbeddingIndexError, match="no previous"):
+            index.rollback()
+
+    # After "rollback to v1, then build v3", the previous version is v1 (live before v3), not
+    # the higher-numbered v2; with keep_versions=2 the bad v2 is the one pruned.
+    third = build(3, 1)
+    assert (third.previous, third.pruned) == (f"{ALIAS}_v1", [f"{ALIAS}_v2"])
+    with EmbeddingIndex.connect(settings) as index:
+        roles = {v.version: (v.live, v.rollback_target) for v in index.versions()}
+        assert roles == {1: (False, True), 3: (True, False)}
+        assert index.prune() == []  # never the live one or the rollback target
+        assert index.rollback().model_version == 1
+
+    # The live version cannot be rebuilt; a non-live one is dropped and rebuilt.
+    with pytest.raises(EmbeddingIndexError, match="is live"):
+        build(1, 1)
+    rebuilt = build(3, 2)
+    assert rebuilt.previous == f"{ALIAS}_v1"
+    with EmbeddingIndex.connect(settings) as index:
+        [info] = [v for v in index.versions() if v.version == 3]
+        assert info.live and not info.rolled_back_at
+        stored = index.get_vectors(ALIAS, exported_models.user_ids[:1])
+        assert np.allclose(
+            stored[int(exported_models.user_ids[0])], exported_models.embeddings[2][0]
+        )
+
+
+def test_prune_policy_keeps_live_rollback_and_newest(exported_models, tmp_path) -> None:
+    settings = with_milvus(exported_models.settings, str(tmp_path / "m.db"), keep_versions=3)
+    with EmbeddingIndex.connect(settings) as index:
+        for version in (1, 2, 3, 4):
+            small_version(index, version)
+        building = index.create_version(5, 16, "twitch/ENGB")  # a killed build's leftover
+        with pytest.raises(EmbeddingIndexError, match="not complete"):
+            index.promote(5)
+        with pytest.raises(EmbeddingIndexError, match="model version 4"):
+            index.insert(building, [1], np.ones((1, 16), np.float32), 4)
+        assert index.prune() == [f"{ALIAS}_v1"]
+        assert index.prune(include_incomplete=True) == [building]
+        kept = {v.version: (v.live, v.rollback_target) for v in index.versions()}
+        assert kept == {2: (False, False), 3: (False, True), 4: (True, False)}
+        # The upsert path of streaming refreshes: through the alias, normalised, same version.
+        assert index.upsert(ALIAS, [7], np.full((1, 16), 3.0, np.float32), 4) == 1
+        assert np.allclose(index.get_vectors(ALIAS, [7])[7], np.full(16, 0.25))
+        with pytest.raises(EmbeddingIndexError, match="different spaces"):
+            index.upsert(ALIAS, [7], np.ones((1, 16), np.float32), 3)
+        with pytest.raises(EmbeddingIndexError, match=r"\[1, 16\]"):
+            index.upsert(ALIAS, [7], np.ones((1, 8), np.float32), 4)
+        with pytest.raises(EmbeddingIndexError, match=f"{ALIAS}_v9"):
+            index.search(f"{ALIAS}_v9", np.ones((1, 16), np.float32), limit=5)
+        with pytest.raises(EmbeddingIndexError, match="does not exist"):
+            index.promote(9)
+
+
+def test_failure_mid_build_leaves_no_partial_collection(exported_models, tmp_path) -> None:
+    settings = with_milvus(exported_models.settings, str(tmp_path / "m.db"), build_batch=512)
+    with EmbeddingIndex.connect(settings) as index:
+        small_version(index, 1)
+    embedder = ReferenceEmbedder(exported_models, 2, fail_after=1)
+    with pytest.raises(RuntimeError, match="mid-build"):
+        build_index(settings, 2, embedder=embedder, show_progress=False)
+    assert embedder.calls == 2
+    with EmbeddingIndex.connect(settings) as index:
+        assert [v.collection for v in index.versions()] == [f"{ALIAS}_v1"]
+        assert index.live().collection == f"{ALIAS}_v1"
+
+
+def test_model_card_of_another_dataset_is_refused(exported_models, tmp_path) -> None:
+    base = private_base(exported_models, tmp_path, {1: 1})
+    card_path = base / exported_models.settings.serving.model_name / "1" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "dataset": "twitch/DE"}))
+    settings = with_base_path(with_milvus(exported_models.settings, str(tmp_path / "m.db")), base)
+    with pytest.raises(IncompatibleModelError, match="twitch/DE"):
+        build_index(settings, 1, show_progress=False)
+    with pytest.raises(Exception, match="no exported model version 9"):
+        build_index(settings, 9, show_progress=False)
+    with EmbeddingIndex.connect(settings) as index:
+        assert index.versions() == [] and index.live() is None
+
+
+def test_server_mode_build_search_and_dead_milvus(exported_models, tmp_path) -> None:
+    ids, reference = exported_models.user_ids, exported_models.embeddings[1]
+    server = MilvusLiteProcess(tmp_path / "milvus", log_dir=tmp_path / "logs")
+    with server:
+        settings = with_milvus(exported_models.settings, server.uri)
+        report = build_index(settings, 1, show_progress=False)
+        assert report.users == len(ids)
+        index = EmbeddingIndex.connect(settings, timeout=3.0)
+        try:
+            assert index.live().model_version == 1
+            assert recall_at(index, reference, ids, k=50, n=100) >= 0.95
+
+            server.stop()
+            for call in (index.live, lambda: index.search(ALIAS, reference[:2], limit=5)):
+                started = time.perf_counter()
+                with pytest.raises(IndexUnavailableError, match=server.uri):
+                    call()
+                assert time.perf_counter() - started < 5.0
+            with pytest.raises(IndexUnavailableError, match=server.uri):
+                EmbeddingIndex.connect(settings, timeout=2.0)
+
+            server.start()  # same port, same data; milvus-lite comes back with nothing loaded
+            assert index.load_live().collection == f"{ALIAS}_v1"
+            assert index.is_loaded(f"{ALIAS}_v1")
+            assert index.count(f"{ALIAS}_v1") == len(ids)
+            assert recall_at(index, reference, ids, k=50, n=50) >= 0.95
+        finally:
+            index.close()
+
+
+def test_cli_list_and_rollback(exported_models, tmp_path, monkeypatch) -> None:
+    from friendrec.cli import app
+
+    settings = with_milvus(exported_models.settings, str(tmp_path / "m.db"))
+    with EmbeddingIndex.connect(settings) as index:
+        small_version(index, 1)
+        small_version(index, 2)
+    for key, value in {
+        "FRIENDREC_WORKDIR": str(settings.workdir),
+        "FRIENDREC_MILVUS__URI": settings.milvus_uri,
+        "FRIENDREC_SERVING__MODEL_BASE_PATH": str(exported_models.base_path),
+    }.items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    listed = runner.invoke(app, ["--log-level", "WARNING", "index", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [(v["version"], v["live"]) for v in json.loads(listed.stdout)] == [(1, False), (2, True)]
+    table = runner.invoke(app, ["--log-level", "WARNING", "index", "list"])
+    assert table.exit_code == 0 and f"{ALIAS}_v2" in table.stdout
+    back = runner.invoke(app, ["--log-level", "WARNING", "index", "rollback"])
+    assert back.exit_code == 0, back.output
+    assert json.loads(back.stdout)["collection"] == f"{ALIAS}_v1"
+    again = runner.invoke(app, ["--log-level", "WARNING", "index", "rollback"])
+    assert isinstance(again.exception, EmbeddingIndexError)
