@@ -373,10 +373,7 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
     rows = [
         ("users", [f"{r['users']:,}" for r in results]),
-        (
-            "index build, users/s",
-            [f"{r['index_build'].get('users_per_s', 0):,.0f}" for r in results],
-        ),
+        ("index build, users/s", [_build_rate(r["index_build"]) for r in results]),
         ("end to end p50 / p99 (ms)", [pair(r["single"]["end_to_end"]) for r in results]),
     ]
     for stage in STAGES:
@@ -422,4 +419,4 @@ def print_table(report: dict[str, Any]) -> None:
         table.add_column(f"{r['dataset']}\n{r.get('milvus', '')}", justify="right")
     for name, cells in table_rows(report):
         table.add_row(name, *cells)
-    Console(width=120).print(table)
+    Console(width=160).print(table)

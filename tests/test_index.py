@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from friendrec.config import Settings
 from friendrec.errors import IncompatibleModelError
-from friendrec.local_services import MilvusLiteProcess
+from friendrec.local_services import MilvusLiteProcess, MilvusStandaloneProcess
 from serving.index import EmbeddingIndex, EmbeddingIndexError, IndexUnavailableError
 from serving.index_build import build_index
 
@@ -245,6 +245,25 @@ def test_server_mode_build_search_and_dead_milvus(exported_models, tmp_path) -> 
             assert recall_at(index, reference, ids, k=50, n=50) >= 0.95
         finally:
             index.close()
+
+
+def test_a_real_milvus_server_builds_promotes_searches_and_rolls_back(exported_models, tmp_path):
+    """The same index code against Milvus 2.3 standalone (PyPI `milvus`), not milvus-lite."""
+    ids, reference = exported_models.user_ids, exported_models.embeddings
+    server = MilvusStandaloneProcess(tmp_path / "milvus", log_dir=tmp_path / "logs", timeout=120)
+    with server:
+        settings = with_milvus(exported_models.settings, server.uri)
+        build_index(settings, 1, show_progress=False)
+        build_index(settings, 2, show_progress=False)
+        with EmbeddingIndex.connect(settings, timeout=10.0) as index:
+            assert index.live().model_version == 2
+            assert recall_at(index, reference[2], ids, k=50, n=50) >= 0.95
+            stored = index.get_vectors(f"{ALIAS}_v2", ids[:20])
+            np.testing.assert_allclose(
+                np.stack([stored[int(u)] for u in ids[:20]]), reference[2][:20], atol=1e-5
+            )
+            assert index.rollback().model_version == 1
+            assert recall_at(index, reference[1], ids, k=50, n=50) >= 0.95
 
 
 def test_cli_list_and_rollback(exported_models, tmp_path, monkeypatch) -> None:
