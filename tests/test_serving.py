@@ -292,3 +292,23 @@ def test_tls_and_bearer_token(stack: Stack, tmp_path: Path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         service.stop(grace=None)
+
+
+def test_cli_recommend_takes_the_address_from_the_settings(stack: Stack):
+    import json
+    import os
+    import sys
+
+    user = int(stack.models.user_ids[11])
+    env = {
+        **os.environ,
+        "FRIENDREC_SERVING__HOST": "127.0.0.1",
+        "FRIENDREC_SERVING__PORT": str(stack.service.port),
+    }
+    command = [sys.executable, "-m", "friendrec", "recommend", "--user", str(user), "-k", "7"]
+    done = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert int(answer["user_id"]) == user and len(answer["candidates"]) == 7
+    bad = subprocess.run([*command[:-1], "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
