@@ -33,7 +33,8 @@ from friendrec.config import ServingSettings, Settings, TFServingSettings
 from friendrec.feast_store import open_store
 from friendrec.local_services import TFServingProcess, tfserving_server
 from serving.tfserving.client import TFServingClient, signature_shapes
-from serving.tfserving.server import ModelConfig, read_model_config_file, serve
+from serving.tfserving.models import ModelConfig, read_model_config_file
+from serving.tfserving.server import serve
 from training.features import InputSpec, fetch_online_inputs
 
 pytestmark = pytest.mark.integration

@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
         """
         import serving  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
         from friendrec.config import load_settings
-        from serving.tfserving.server import read_model_config_file, serve
+        from serving.tfserving.models import read_model_config_file
+        from serving.tfserving.server import serve
 
         settings = load_settings()
         models = None
