@@ -81,3 +81,19 @@ def test_contract_is_self_consistent():
     )
     with pytest.raises(ValueError):
         contract.transform_profile([[1.0, 2.0]])
+
+
+def test_json_logs_carry_structured_fields():
+    import json
+    import logging
+
+    from friendrec.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "friendrec.serving.access", logging.INFO, __file__, 1, "%s OK", ("Recommend",), None
+    )
+    record.fields = {"request_id": "abc", "stage_ms": {"feast": 1.5}}
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "Recommend OK" and entry["level"] == "INFO"
+    assert entry["logger"] == "friendrec.serving.access"
+    assert entry["request_id"] == "abc" and entry["stage_ms"] == {"feast": 1.5}
