@@ -13,10 +13,11 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # tests make a TLS certificate
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)  # tests/test_infra.py: validates infra/docker-compose.yml (no engine needed)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing apt packages: ${missing[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 stamp=.venv/.friendrec-installed
