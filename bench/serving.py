@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -41,11 +38,11 @@ from feature_repo.jobs.materialize import materialize
 from friendrec.config import Settings
 from friendrec.data.canonical import load_prepared
 from friendrec.local_services import (
+    FriendrecProcess,
     MilvusLiteProcess,
     MilvusStandaloneProcess,
     TFServingProcess,
     free_port,
-    stop_process,
 )
 from friendrec.paths import DatasetPaths
 from serving.client import RecommenderClient, recommend_request
@@ -114,45 +111,14 @@ def ensure_model(settings: Settings, dataset: str, train_steps: int) -> int:
     return int(export_run(ctx, result.model_dir, "ssmtl").name)
 
 
-class ServiceProcess:
-    """`friendrec serve` as a child process configured by a YAML dump of the settings."""
+def service_process(settings: Settings) -> FriendrecProcess:
+    """`friendrec serve` as a child process, ready once its health check says SERVING."""
 
-    def __init__(self, settings: Settings, workdir: Path) -> None:
-        self.settings = settings
-        self.config_path = workdir / "serve.yaml"
-        self.log_path = workdir / "serve.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+    def serving() -> bool:
+        with RecommenderClient(settings, timeout_s=1.0) as client:
+            return client.health() == "SERVING"
 
-    def start(self, timeout: float = 60.0) -> None:
-        dump = self.settings.model_dump(
-            mode="json", exclude={"serving": {"auth_token"}, "milvus": {"token"}}
-        )
-        self.config_path.write_text(yaml.safe_dump(dump))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FRIENDREC_")}
-        env.update({"FRIENDREC_CONFIG": str(self.config_path), "COLUMNS": "200"})
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "friendrec", "serve"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        deadline = time.monotonic() + timeout
-        with RecommenderClient(self.settings, timeout_s=1.0) as client:
-            while True:
-                try:
-                    if client.health() == "SERVING":
-                        return
-                except Exception:
-                    pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"friendrec serve did not become SERVING: {self.log_path}")
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, "friendrec serve")
-            self.proc = None
+    return FriendrecProcess(settings, ["serve"], settings.workdir, ready=serving)
 
 
 def _server_timing(call: Any) -> dict[str, float]:
@@ -264,7 +230,7 @@ def measure_service(
 ) -> dict[str, Any]:
     """Start `friendrec serve` over the settings' Milvus and measure it (then stop it)."""
     rng = np.random.default_rng(0)
-    service = ServiceProcess(s, s.workdir)
+    service = service_process(s)
     try:
         service.start()
         log.info("%s: single requests", label)

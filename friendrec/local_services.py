@@ -1,5 +1,6 @@
-"""Local service processes on loopback (a private redis-server today), shared by the test
-fixtures and the benchmarks: start on a free port, wait until ready, always stop."""
+"""Local service processes on loopback (redis-server, milvus-lite and Milvus standalone servers,
+our TF Serving-protocol server, the Tansu broker, friendrec services and workers), shared by the
+test fixtures, the benchmarks and the local stack: start on a port, wait until ready, stop."""
 
 from __future__ import annotations
 
@@ -228,7 +229,7 @@ def milvus_lite_server(
 from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:  # the settings module stays out of the import path of the other helpers
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from friendrec.config import Settings
 
@@ -457,3 +458,78 @@ def tansu_broker(log_dir: Path | None = None, port: int | None = None) -> Iterat
     """A throw-away Tansu broker on a free (or the given) loopback port; yields its address."""
     with TansuProcess(port, log_dir=log_dir) as broker:
         yield broker.bootstrap_servers
+
+
+def child_environment(settings: Settings, config_path: Path) -> dict[str, str]:
+    """Hand the settings to a friendrec child process: everything but secrets in a YAML file
+    (``FRIENDREC_CONFIG``), secrets as environment variables, inherited FRIENDREC_* dropped so
+    the file is the one source."""
+    import os
+
+    import yaml
+
+    secrets = {"serving": {"auth_token"}, "milvus": {"token"}}
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude=secrets)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRIENDREC_")}
+    env.update({"FRIENDREC_CONFIG": str(config_path), "COLUMNS": "200"})
+    if settings.serving.auth_token is not None:
+        env["FRIENDREC_SERVING__AUTH_TOKEN"] = settings.serving.auth_token.get_secret_value()
+    if settings.milvus.token is not None:
+        env["FRIENDREC_MILVUS__TOKEN"] = settings.milvus.token.get_secret_value()
+    return env
+
+
+class FriendrecProcess:
+    """``python -m friendrec <args>`` as a child configured by the given settings (service,
+    stream workers): its log in ``log_dir/<name>.log``; ``start()`` waits for ``ready()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        args: Sequence[str],
+        log_dir: Path,
+        name: str | None = None,
+        ready: Callable[[], bool] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.args = list(args)
+        self.name = name or "-".join(self.args)
+        self.log_path = log_dir / f"{self.name}.log"
+        self.config_path = log_dir / f"{self.name}.settings.yaml"
+        self.ready = ready
+        self.timeout = timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        import sys
+
+        env = child_environment(self.settings, self.config_path)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "friendrec", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # survives the terminal of `friendrec up`
+            )
+        deadline = time.monotonic() + self.timeout
+        while self.ready is not None:
+            with contextlib.suppress(Exception):
+                if self.ready():
+                    break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"friendrec {' '.join(self.args)} not ready: {self.log_path}")
+            time.sleep(0.2)
+        log.info("friendrec %s (pid %d, log %s)", " ".join(self.args), self.proc.pid, self.log_path)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, f"friendrec {' '.join(self.args)}")
+            self.proc = None
