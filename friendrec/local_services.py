@@ -460,17 +460,23 @@ def tansu_broker(log_dir: Path | None = None, port: int | None = None) -> Iterat
         yield broker.bootstrap_servers
 
 
+def write_settings_file(settings: Settings, path: Path) -> Path:
+    """The settings as a YAML file for ``FRIENDREC_CONFIG`` / ``--config`` (secrets left out)."""
+    import yaml
+
+    secrets = {"serving": {"auth_token"}, "milvus": {"token"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude=secrets)))
+    return path
+
+
 def child_environment(settings: Settings, config_path: Path) -> dict[str, str]:
     """Hand the settings to a friendrec child process: everything but secrets in a YAML file
     (``FRIENDREC_CONFIG``), secrets as environment variables, inherited FRIENDREC_* dropped so
     the file is the one source."""
     import os
 
-    import yaml
-
-    secrets = {"serving": {"auth_token"}, "milvus": {"token"}}
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude=secrets)))
+    write_settings_file(settings, config_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRIENDREC_")}
     env.update({"FRIENDREC_CONFIG": str(config_path), "COLUMNS": "200"})
     if settings.serving.auth_token is not None:
