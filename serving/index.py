@@ -700,6 +700,18 @@ class EmbeddingIndex:
                 out[int(row[ID_FIELD])] = np.asarray(row[VECTOR_FIELD], dtype=np.float32)
         return out
 
+    def updated_at(self, collection: str, user_ids: Sequence[int] | np.ndarray) -> dict[int, int]:
+        """When each user's vector was last written (unix ms): how far a refresh has come."""
+        ids = [int(u) for u in np.asarray(user_ids, dtype=np.int64).tolist()]
+
+        def call() -> Any:
+            return self._rpc(
+                "get", self.client.get, collection, ids=ids, output_fields=[ID_FIELD, UPDATED_FIELD]
+            )
+
+        rows = self._with_load_retry(collection, "get", call) if ids else []
+        return {int(row[ID_FIELD]): int(row[UPDATED_FIELD]) for row in rows}
+
 
 def _message(exc: BaseException) -> str:
     if isinstance(exc, MilvusException):
