@@ -219,7 +219,20 @@ class StreamingSettings(BaseModel):
     dlq_partitions: int = Field(1, gt=0, description="Partitions of the dead-letter topic.")
     replication_factor: int = Field(1, gt=0)
     max_records: int = Field(500, gt=0, description="Most records one worker batch takes.")
+    worker_max_records: dict[str, int] = Field(
+        default_factory=lambda: {"embedding-refresher": 4000, "milvus-sink": 4000},
+        description="Per-worker batch caps overriding max_records: a big refresher batch "
+        "embeds a user once for all the events that touched it.",
+    )
+    refresh_dependents: bool = Field(
+        True,
+        description="Also refresh the users whose sampled friends changed (exact 2-layer "
+        "embeddings; several times more refreshes per event).",
+    )
     poll_timeout_ms: int = Field(100, gt=0, description="How long a poll waits for records.")
+    fetch_max_wait_ms: int = Field(
+        20, ge=0, description="How long the broker may hold a fetch for more data (latency)."
+    )
     session_timeout_ms: int = Field(6000, gt=0)
     max_poll_interval_ms: int = Field(
         10000, gt=0, description="A member that does not poll for this long leaves its group."
@@ -232,6 +245,9 @@ class StreamingSettings(BaseModel):
         "default <workdir>/streaming/<dataset>/state.db.",
     )
     metrics_port: int = Field(0, ge=0, lt=65536, description="Worker /metrics port (0: off).")
+    metrics_host: str = Field(
+        "0.0.0.0", description="Worker /metrics bind address (Prometheus scrapes containers)."
+    )
 
 
 class Settings(BaseSettings):

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from friendrec.cli import bench, data, features, index, model, serving, tfserving
+from friendrec.cli import bench, data, features, index, model, serving, stack, stream, tfserving
 from friendrec.errors import FriendrecError
 
 app = typer.Typer(
@@ -28,9 +28,11 @@ app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
 app.add_typer(bench.app, name="bench")
 app.add_typer(index.app, name="index")
+app.add_typer(stream.app, name="stream")
 model.register(app)
 tfserving.register(app)
 serving.register(app)
+stack.register(app)
 console = Console(stderr=True)
 
 

@@ -135,6 +135,11 @@ def serving(
     train_steps: int = typer.Option(
         200, "--train-steps", min=1, help="Steps of the quick SSMTL training when no model exists."
     ),
+    standalone: bool = typer.Option(
+        True,
+        "--standalone/--lite-only",
+        help="Also measure a real Milvus standalone server (PyPI `milvus`) on the same vectors.",
+    ),
     output: Path = typer.Option(
         Path("bench/results/serving.json"), "--output", "-o", help="JSON result."
     ),
@@ -153,5 +158,53 @@ def serving(
         duration_s=duration,
         k=k,
         train_steps=train_steps,
+        standalone=standalone,
+    )
+    run(load_settings(), cfg, output)
+
+
+@app.command()
+def streaming(
+    dataset: str = typer.Option("twitch/ENGB", "--dataset", help="Prepared dataset to stream."),
+    events: int = typer.Option(
+        10_000, "--events", min=100, help="Friendships in the full-speed throughput phase."
+    ),
+    rates: str = typer.Option(
+        "500,100,50,25", "--rates", help="Friendships/s of the freshness runs, comma-separated."
+    ),
+    duration: float = typer.Option(
+        20.0, "--duration", min=1, help="Seconds of each freshness run."
+    ),
+    partitions: int = typer.Option(4, "--partitions", min=1, help="Partitions per topic."),
+    members: int = typer.Option(
+        1, "--members", min=1, help="Processes per worker (members of its consumer group)."
+    ),
+    dependents: bool = typer.Option(
+        True,
+        "--dependents/--no-dependents",
+        help="Refresh the users whose sampled friends changed too (exact 2-layer embeddings).",
+    ),
+    train_steps: int = typer.Option(
+        200, "--train-steps", min=1, help="Steps of the quick SSMTL training when no model exists."
+    ),
+    output: Path = typer.Option(
+        Path("bench/results/streaming.json"), "--output", "-o", help="JSON result."
+    ),
+) -> None:
+    """The streaming chain with one process per worker (Tansu, Feast sqlite, our TF Serving,
+    milvus-lite server): sustained friendships/s end to end (every effect in Milvus), each
+    worker's CPU share, and freshness p50/p99 at a fixed event rate. Prints a table and JSON."""
+    from bench.streaming import StreamingBenchConfig, run
+    from friendrec.config import load_settings
+
+    cfg = StreamingBenchConfig(
+        dataset=dataset,
+        events=events,
+        rates=tuple(float(r) for r in rates.split(",") if r.strip()),
+        duration_s=duration,
+        partitions=partitions,
+        train_steps=train_steps,
+        dependents=dependents,
+        members=members,
     )
     run(load_settings(), cfg, output)

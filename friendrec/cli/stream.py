@@ -1,0 +1,143 @@
+"""`friendrec stream ...`: the Kafka workers that keep features and embeddings fresh, the local
+broker, topic and state set-up, and event replay."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+
+import typer
+
+app = typer.Typer(
+    help="Real-time refresh over Kafka: friendship/profile events -> Feast -> TF Serving -> "
+    "Milvus. Workers join consumer groups (run more of one to scale it).",
+    no_args_is_help=True,
+)
+log = logging.getLogger(__name__)
+
+
+def _run_worker(kind: str) -> None:
+    from friendrec.config import load_settings
+    from streaming.worker import Worker, serve_metrics
+
+    settings = load_settings()
+    if kind == "feature-updater":
+        from streaming.feature_updater import FeatureUpdater
+
+        processor = FeatureUpdater(settings)
+    elif kind == "embedding-refresher":
+        from streaming.refresher import EmbeddingRefresher
+
+        processor = EmbeddingRefresher(settings)
+    else:
+        from streaming.milvus_sink import MilvusSink
+
+        processor = MilvusSink(settings)
+    worker = Worker(settings, processor)
+    worker.install_signal_handlers()
+    serve_metrics(settings)
+    worker.run()
+
+
+@app.command("feature-updater")
+def feature_updater() -> None:
+    """Friendship/profile events -> Feast push (profile, degree, friend sample, aggregates) ->
+    refresh requests for every user whose embedding inputs changed."""
+    _run_worker("feature-updater")
+
+
+@app.command("embedding-refresher")
+def embedding_refresher() -> None:
+    """Refresh requests -> TF Serving (pinned to the live model version) -> embeddings topic."""
+    _run_worker("embedding-refresher")
+
+
+@app.command("milvus-sink")
+def milvus_sink() -> None:
+    """Embeddings topic -> upsert into the live Milvus collection (other versions dropped)."""
+    _run_worker("milvus-sink")
+
+
+@app.command()
+def broker(
+    port: int | None = typer.Option(
+        None, "--port", help="Loopback port (default: the port of streaming.bootstrap_servers)."
+    ),
+) -> None:
+    """Run a local Tansu broker (memory storage) until Ctrl-C / SIGTERM."""
+    from friendrec.config import load_settings
+    from friendrec.local_services import TansuProcess
+
+    if port is None:
+        port = int(load_settings().streaming.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    with TansuProcess(port) as tansu:
+        typer.echo(f"tansu broker on {tansu.bootstrap_servers} (Ctrl-C to stop)")
+        done.wait()
+
+
+@app.command("create-topics")
+def create_topics() -> None:
+    """Create the missing topics with the configured partition counts."""
+    from friendrec.config import load_settings
+    from streaming.topics import create_topics as create
+
+    typer.echo(json.dumps({"created": create(load_settings())}))
+
+
+@app.command("init-state")
+def init_state() -> None:
+    """(Re)seed the feature updater's friend sets from the prepared dataset's training
+    friendships (the graph the batch features were built from)."""
+    from friendrec.config import load_settings
+    from streaming.state import open_state, seed_state
+
+    settings = load_settings()
+    state = open_state(settings, seed_if_empty=False)
+    try:
+        rows = seed_state(settings, state)
+    finally:
+        state.close()
+    typer.echo(json.dumps({"state": str(state.path), "directed_friendships": rows}))
+
+
+@app.command()
+def replay(
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="Prepared dataset (default: data.dataset)."
+    ),
+    rate: float | None = typer.Option(
+        None, "--rate", min=0.1, help="Friendships per second (default: as fast as possible)."
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many."),
+    synthetic: int | None = typer.Option(
+        None, "--synthetic", min=1, help="N random friendships instead of the held-out ones."
+    ),
+    remove: bool = typer.Option(False, "--remove", help="Produce removals instead of adds."),
+) -> None:
+    """Produce friendship events: the dataset's held-out (validation + test) friendships, oldest
+    first, or synthetic ones; each is produced keyed by both endpoints."""
+    from friendrec.config import load_settings
+    from streaming.replay import held_out_pairs, replay, synthetic_pairs
+
+    settings = load_settings()
+    if dataset:
+        settings = settings.model_copy(
+            update={"data": settings.data.model_copy(update={"dataset": dataset})}
+        )
+    pairs = synthetic_pairs(settings, synthetic) if synthetic else held_out_pairs(settings)
+    report = replay(settings, pairs[:limit], rate, "remove" if remove else "add")
+    typer.echo(
+        json.dumps(
+            {
+                "friendships": report.friendships,
+                "messages": report.messages,
+                "seconds": round(report.seconds, 3),
+                "friendships_per_s": round(report.rate, 1),
+            }
+        )
+    )

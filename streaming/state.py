@@ -1,0 +1,165 @@
+"""The feature updater's friend sets: every user's FULL set of friends.
+
+The online store holds only a capped friend sample, but degree and the friends' aggregates need
+the whole set, so the updater keeps it here: a sqlite file (WAL, shared by the group members on
+one machine), or Redis when the online store is Redis (``streaming.state_redis``: members on
+several machines), seeded from the prepared dataset's training friendships, exactly the graph
+the batch feature job used. Adding an existing friend or removing a missing one is a no-op, so
+replaying a batch after a crash (at-least-once delivery) leaves the same state.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from friendrec.config import Settings
+from friendrec.paths import DatasetPaths
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS friends (
+    user_id INTEGER NOT NULL,
+    friend_id INTEGER NOT NULL,
+    PRIMARY KEY (user_id, friend_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class FriendSets(Protocol):
+    """What the feature updater needs of a friend-set store (sqlite or Redis)."""
+
+    @property
+    def seeded(self) -> bool: ...
+
+    def seed(
+        self, src: np.ndarray, dst: np.ndarray, source: str, if_empty: bool = False
+    ) -> int: ...
+
+    def apply(self, changes: Iterable[tuple[str, int, int]]) -> None: ...
+
+    def friends(self, users: Sequence[int]) -> dict[int, list[int]]: ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def state_path(settings: Settings) -> Path:
+    paths = DatasetPaths.of(settings)
+    return settings.streaming.state_path or settings.workdir / "streaming" / paths.slug / "state.db"
+
+
+class FriendState:
+    """Friend sets in sqlite. One instance per thread or process (a lock guards the connection)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    @property
+    def seeded(self) -> bool:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'seeded_from'").fetchone()
+        return row is not None
+
+    def seed(self, src: np.ndarray, dst: np.ndarray, source: str, if_empty: bool = False) -> int:
+        """Replace everything with the undirected edges (src, dst); returns directed rows.
+
+        ``if_empty``: only when never seeded, decided inside the write transaction, so members
+        starting together on a new store seed it once and never wipe each other's events."""
+        pairs = np.concatenate([np.stack([src, dst], axis=1), np.stack([dst, src], axis=1)]).astype(
+            np.int64
+        )
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if if_empty and self.seeded:
+                    self._db.execute("ROLLBACK")
+                    return 0
+                self._db.execute("DELETE FROM friends")
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO friends VALUES (?, ?)", map(tuple, pairs.tolist())
+                )
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seeded_from', ?)", (source,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        log.info(
+            "friend state %s seeded from %s: %d directed friendships", self.path, source, len(pairs)
+        )
+        return len(pairs)
+
+    def apply(self, changes: Iterable[tuple[str, int, int]]) -> None:
+        """Apply (op, user_id, friend_id) in order, atomically (one transaction)."""
+        with self._lock, self._db:
+            for op, user, friend in changes:
+                if op == "add":
+                    self._db.execute("INSERT OR IGNORE INTO friends VALUES (?, ?)", (user, friend))
+                else:
+                    self._db.execute(
+                        "DELETE FROM friends WHERE user_id = ? AND friend_id = ?", (user, friend)
+                    )
+
+    def friends(self, users: Sequence[int]) -> dict[int, list[int]]:
+        """Each user's full friend list (ascending)."""
+        out: dict[int, list[int]] = {int(u): [] for u in users}
+        with self._lock:
+            for lo in range(0, len(out), 500):
+                chunk = list(out)[lo : lo + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT user_id, friend_id FROM friends WHERE user_id IN ({marks}) "
+                    "ORDER BY user_id, friend_id",
+                    chunk,
+                )
+                for user, friend in rows:
+                    out[int(user)].append(int(friend))
+        return out
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM friends").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_state(settings: Settings, seed_if_empty: bool = True) -> FriendSets:
+    """The dataset's friend state (sqlite, or Redis beside a Redis online store), seeded from
+    its training friendships when new."""
+    state: FriendSets
+    if settings.features.online_store == "redis":
+        from streaming.state_redis import RedisFriendState, connect
+
+        namespace = f"{settings.streaming.topic_prefix}:state:{DatasetPaths.of(settings).slug}"
+        client = connect(settings.features.redis_connection_string)
+        state = RedisFriendState(client, namespace)
+    else:
+        state = FriendState(state_path(settings))
+    if seed_if_empty and not state.seeded:
+        seed_state(settings, state, if_empty=True)
+    return state
+
+
+def seed_state(settings: Settings, state: FriendSets, if_empty: bool = False) -> int:
+    """(Re)seed from the prepared dataset's training friendships (the batch job's graph)."""
+    from friendrec.data.canonical import load_prepared
+
+    data = load_prepared(DatasetPaths.of(settings))
+    src, dst = data.edges("train")
+    source = f"{data.meta.name} train split {data.meta.split_sha256[:12]}"
+    return state.seed(src, dst, source, if_empty=if_empty)

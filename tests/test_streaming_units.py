@@ -1,0 +1,209 @@
+"""Streaming pieces that need no broker: message schemas, the friend-state store, retry
+classification and the benchmark's bucket percentiles."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from friendrec.errors import IndexUnavailableError
+from streaming.schemas import (
+    FriendshipEvent,
+    GraphRecompute,
+    MessageError,
+    ProfileUpdate,
+    RefreshRequest,
+    UserEmbedding,
+    decode,
+)
+from streaming.state import FriendState
+from streaming.worker import is_transient
+
+ALL = ("friendship.v1", "graph_recompute.v1", "profile.v1", "refresh.v1", "embedding.v1")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        FriendshipEvent(op="add", user_id=1, friend_id=2, event_ts=10),
+        FriendshipEvent(op="remove", user_id=2, friend_id=1, event_ts=11),
+        GraphRecompute(user_id=3, origin_ts=5),
+        ProfileUpdate(user_id=4, profile={"views": 3.0}, sparse_ids=[1, 2], event_ts=7),
+        RefreshRequest(user_id=5, origin_ts=9),
+        UserEmbedding(user_id=6, model_version=2, vector=[0.5, 0.5], origin_ts=1, computed_at=2),
+    ],
+)
+def test_messages_round_trip_with_their_schema_version_and_user_key(message):
+    raw = message.encode()
+    assert b'"schema":"' in raw
+    assert message.key == str(message.user_id).encode("ascii")
+    assert decode(raw, ALL, message.key) == message
+
+
+def test_a_friendship_is_mirrored_onto_the_other_endpoint():
+    event = FriendshipEvent(op="add", user_id=1, friend_id=2, event_ts=10)
+    assert event.mirrored() == FriendshipEvent(op="add", user_id=2, friend_id=1, event_ts=10)
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "reason"),
+    [
+        (None, None, "empty message"),
+        (b"\xff\xfe", None, "not JSON"),
+        (b"[1, 2]", None, "not a JSON object"),
+        (b'{"op": "add"}', None, "schema None is not accepted"),
+        (b'{"schema": "friendship.v2"}', None, "schema 'friendship.v2' is not accepted"),
+        (b'{"schema": "refresh.v1", "user_id": 1, "origin_ts": 1}', None, "is not accepted"),
+        (
+            b'{"schema":"friendship.v1","op":"poke","user_id":1,"friend_id":2,"event_ts":1}',
+            None,
+            "invalid friendship.v1: op:",
+        ),
+        (
+            b'{"schema":"friendship.v1","op":"add","user_id":1,"friend_id":1,"event_ts":1}',
+            None,
+            "cannot befriend itself",
+        ),
+        (
+            b'{"schema":"friendship.v1","op":"add","user_id":-1,"friend_id":1,"event_ts":1}',
+            None,
+            "user_id: Input should be greater than or equal to 0",
+        ),
+        (
+            b'{"schema":"friendship.v1","op":"add","user_id":1,"friend_id":2,"event_ts":1,"x":1}',
+            None,
+            "x: Extra inputs are not permitted",
+        ),
+        (
+            b'{"schema":"profile.v1","user_id":1,"profile":{"age":1},"event_ts":1}',
+            None,
+            "unknown profile feature(s) ['age']",
+        ),
+        (
+            b'{"schema":"friendship.v1","op":"add","user_id":1,"friend_id":2,"event_ts":1}',
+            b"2",
+            "key b'2' is not the message's user_id 1",
+        ),
+    ],
+)
+def test_bad_messages_are_rejected_with_a_precise_reason(value, key, reason):
+    with pytest.raises(MessageError) as info:
+        decode(value, ("friendship.v1", "profile.v1"), key)
+    assert reason in str(info.value)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def state_factory(request, tmp_path: Path):
+    """A factory of handles on ONE friend-set store (each call: another member's handle)."""
+    if request.param == "sqlite":
+        yield lambda: FriendState(tmp_path / "state.db")
+        return
+    from friendrec.local_services import redis_server
+    from streaming.state_redis import RedisFriendState, connect
+
+    with redis_server() as address:
+        yield lambda: RedisFriendState(connect(address), "test:state:engb")
+
+
+def test_friend_state_application_is_idempotent(state_factory):
+    state = state_factory()
+    state.seed(np.array([1, 1]), np.array([2, 3]), "test", if_empty=True)
+    assert state.seeded and state.count() == 4
+    # A second member starting on the same store does not seed it again.
+    assert state_factory().seed(np.array([7]), np.array([8]), "x", if_empty=True) == 0
+    batch = [("add", 1, 4), ("add", 1, 2), ("remove", 1, 3), ("remove", 1, 9)]
+    state.apply(batch)
+    once = state.friends([1, 2, 3, 4])
+    state.apply(batch)  # redelivered after a crash
+    assert state.friends([1, 2, 3, 4]) == once == {1: [2, 4], 2: [1], 3: [1], 4: []}
+    state.close()
+    reopened = state_factory()  # durable, shared by processes
+    assert reopened.friends([1]) == {1: [2, 4]} and reopened.count() == 4
+    assert reopened.seed(np.array([5]), np.array([6]), "reseed") == 2  # explicit re-seed
+    assert reopened.friends([1, 5]) == {1: [], 5: [6]}
+    reopened.close()
+
+
+def test_redis_connection_strings_are_feasts():
+    from streaming.state_redis import connect
+
+    client = connect("redis.example:6380,password=s3cret,db=2")
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["password"], kwargs["db"]) == (
+        "redis.example",
+        6380,
+        "s3cret",
+        2,
+    )
+
+
+class _Rpc(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def test_only_transient_errors_are_retried():
+    assert is_transient(IndexUnavailableError("Milvus at x is unavailable"))
+    assert is_transient(_Rpc(grpc.StatusCode.UNAVAILABLE))
+    assert is_transient(sqlite3.OperationalError("database is locked"))
+    assert is_transient(ConnectionError("refused"))
+    assert not is_transient(_Rpc(grpc.StatusCode.INVALID_ARGUMENT))
+    assert not is_transient(ValueError("bad"))
+    assert not is_transient(KeyError("user"))
+
+
+def test_bucket_percentiles_interpolate_within_a_bucket():
+    from bench.streaming import bucket_percentile
+
+    before = [(0.5, 10.0), (1.0, 10.0), (2.0, 10.0), (float("inf"), 10.0)]
+    after = [(0.5, 60.0), (1.0, 110.0), (2.0, 110.0), (float("inf"), 110.0)]
+    assert bucket_percentile(before, after, 0.5) == pytest.approx(0.5)
+    assert bucket_percentile(before, after, 0.75) == pytest.approx(0.75)
+
+
+def test_refresher_inputs_equal_the_serving_feature_path(engb_store):
+    """The refresher reads each row once; the tensors must be the serving path's, bit for bit."""
+    from friendrec.feast_store import open_store
+    from streaming.feast_io import query_inputs
+    from training.features import InputSpec, fetch_query_inputs
+
+    store = open_store(engb_store)
+    spec = InputSpec.from_settings(engb_store, vocab_size=0, fanout=5)
+    # Users and some of their own friends in one batch, plus one the store does not know.
+    users = [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 10**12]
+    friends = fetch_query_inputs(store, users[:4], spec).friend_ids
+    users = sorted({*users, *(int(f) for fs in friends for f in fs[:3])})
+    want = fetch_query_inputs(store, users, spec).inputs
+    got = query_inputs(store, users, spec)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_the_state_follows_the_online_store(settings, redis_url):
+    """sqlite beside a sqlite online store; Redis beside a Redis one (members on many hosts)."""
+    from friendrec.data.canonical import prepare
+    from streaming.state import open_state
+    from streaming.state_redis import RedisFriendState
+
+    settings = settings.model_copy(
+        update={"data": settings.data.model_copy(update={"dataset": "synthetic:200"})}
+    )
+    meta = prepare(settings, "synthetic:200")
+    local = open_state(settings)
+    assert isinstance(local, FriendState) and local.count() == 2 * meta.split_counts["train"]
+    local.close()
+    features = settings.features.model_copy(
+        update={"online_store": "redis", "redis_connection_string": redis_url}
+    )
+    shared = open_state(settings.model_copy(update={"features": features}))
+    assert isinstance(shared, RedisFriendState)
+    assert shared.count() == 2 * meta.split_counts["train"]
+    shared.close()
