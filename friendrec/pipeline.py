@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import numpy as np
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
 from friendrec.config import Settings, load_settings
@@ -135,7 +136,7 @@ def _train_evaluate_export(settings: Settings, dataset: str) -> int:
         runs[objective] = result.model_dir
     out_dir = settings.workdir / "reports" / ctx.paths.slug / "test"
     report = _step("evaluate on the test friendships", lambda: evaluate_runs(ctx, runs, out_dir))
-    console.print(Path(report["files"]["markdown"]).read_text())
+    console.print(Markdown(Path(report["files"]["markdown"]).read_text()))
     path = _step("export SSMTL for TF Serving", lambda: export_run(ctx, runs["ssmtl"], "ssmtl"))
     console.print(f"  {path}")
     return int(path.name)

@@ -77,12 +77,18 @@ def config() -> None:
 def demo(
     dataset: str = typer.Option("twitch/ENGB", help="Dataset to run the story on."),
     users: list[int] = typer.Option([0, 1, 2], "--user", help="Users whose features to show."),
+    replay: int = typer.Option(
+        2000, "--replay", min=1, help="Held-out friendships replayed as Kafka events."
+    ),
 ) -> None:
-    """The main job on embedded defaults: prepare data, build and materialize features, then
-    print the online features of a few users."""
+    """The whole story on embedded defaults, in <workdir>/demo on free loopback ports: prepare
+    data -> build and materialize features -> train baseline and SSMTL briefly -> evaluate ->
+    export -> index into Milvus -> start milvus-lite, TF Serving, the Tansu broker, the
+    retrieval service and the stream workers -> recommend -> replay held-out friendships as
+    events -> show the refreshed recommendations -> stop every process."""
     from friendrec.pipeline import run_demo
 
-    run_demo(dataset, users)
+    run_demo(dataset, users, replay)
 
 
 def main() -> None:
