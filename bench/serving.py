@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -293,9 +294,9 @@ def bench_dataset(
         measured = measure_service(s, users, cfg, f"{dataset} / milvus-lite")
         results.append({**base, "milvus": "milvus-lite server", "index_build": build, **measured})
         if cfg.standalone:
-            standalone = MilvusStandaloneProcess(
-                s.workdir / "milvus_standalone", free_port(), timeout=120.0
-            )
+            data_dir = s.workdir / "milvus_standalone"
+            shutil.rmtree(data_dir, ignore_errors=True)  # a fresh copy of the live vectors
+            standalone = MilvusStandaloneProcess(data_dir, free_port(), timeout=120.0)
             standalone.start()
             try:
                 t = s.model_copy(
