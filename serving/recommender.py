@@ -171,7 +171,9 @@ class Recommender:
     def input_spec(self, version: int, timeout: float) -> InputSpec:
         spec = self._specs.get(version)
         if spec is None:
-            spec = self._call_tfserving(lambda: self.tfserving.input_spec(version), version)
+            spec = self._call_tfserving(
+                lambda: self.tfserving.input_spec(version, timeout), version
+            )
             self._specs[version] = spec
         return spec
 
