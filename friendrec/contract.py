@@ -13,7 +13,7 @@ reads: the user (own features, aggregates, sampled ``friend_ids``), then those f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,6 +101,15 @@ def feature_refs(view: str | None = None) -> list[str]:
     """Feast feature references ``view:feature`` for one view or all of them."""
     views = [view] if view else list(VIEWS)
     return [f"{v}:{f.name}" for v in views for f in VIEWS[v]]
+
+
+def check_profile_names(names: Iterable[str]) -> None:
+    """Reject profile scalars the contract does not define (request features, profile events)."""
+    unknown = sorted(set(names) - set(PROFILE_SCALAR_NAMES))
+    if unknown:
+        raise ValueError(
+            f"unknown profile feature(s) {unknown}; the contract has {list(PROFILE_SCALAR_NAMES)}"
+        )
 
 
 def default_value(name: str) -> Any:

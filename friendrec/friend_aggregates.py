@@ -28,12 +28,7 @@ class RequestFeatures:
     friend_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.profile) - set(contract.PROFILE_SCALAR_NAMES))
-        if unknown:
-            raise ValueError(
-                f"unknown profile feature(s) {unknown}; the contract has "
-                f"{list(contract.PROFILE_SCALAR_NAMES)}"
-            )
+        contract.check_profile_names(self.profile)
         if any(int(i) < 0 for i in self.sparse_ids):
             raise ValueError("sparse_ids must be >= 0")
 

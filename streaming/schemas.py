@@ -84,12 +84,7 @@ class ProfileUpdate(_Message):
 
     @model_validator(mode="after")
     def _contract_names(self) -> ProfileUpdate:
-        unknown = sorted(set(self.profile) - set(contract.PROFILE_SCALAR_NAMES))
-        if unknown:
-            raise ValueError(
-                f"unknown profile feature(s) {unknown}; the contract has "
-                f"{list(contract.PROFILE_SCALAR_NAMES)}"
-            )
+        contract.check_profile_names(self.profile)
         return self
 
 

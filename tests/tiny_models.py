@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 
 import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from friendrec import contract
 from friendrec.config import Settings, TrainingSettings
-from training.export import export_tower
-from training.features import sample_neighbours, tower_inputs
 from training.pipeline import embed_all
+from training.publish import export_with_card
 from training.train import TrainingContext
 
 SMALL = TrainingSettings(
@@ -47,16 +45,6 @@ def export_untrained_versions(
     for version, seed in enumerate(seeds, start=1):
         cfg = SMALL.model_copy(update={"seed": seed})
         tower = ctx.build_tower(cfg)
-        rows = np.arange(4)
-        warmup = tower_inputs(ctx.table, rows, sample_neighbours(ctx.table, rows, cfg.fanout, None))
-        card = {
-            "feature_service": contract.SERVING_SERVICE,
-            "contract_version": contract.CONTRACT_VERSION,
-            "dataset": ctx.data.meta.name,
-            "data_split_sha256": ctx.data.meta.split_sha256,
-            "training_config": cfg.model_dump(),
-            "run": f"untrained-seed{seed}",
-        }
-        export_tower(tower, base_path, settings.serving.model_name, warmup, card, version)
+        export_with_card(ctx, tower, cfg, f"untrained-seed{seed}", {}, version)
         embeddings[version] = embed_all(tower, ctx.table, cfg.fanout)
     return ExportedModels(settings, base_path, ctx.table.user_ids.copy(), embeddings)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from friendrec import contract
+from friendrec.config import TrainingSettings
 from training.export import export_tower
 from training.features import sample_neighbours, tower_inputs
 from training.runs import latest_run, offline_metrics_of, restore_tower
+from training.tower import UserTower
 from training.train import TrainingContext
 
 WARMUP_USERS = 4
@@ -24,6 +27,19 @@ def export_run(
     """Export a run's best tower to ``<model_base_path>/<model_name>/<version>/``."""
     run_dir = run_dir or latest_run(ctx, objective)
     tower, cfg = restore_tower(ctx, run_dir)
+    return export_with_card(ctx, tower, cfg, run_dir.name, offline_metrics_of(run_dir), version)
+
+
+def export_with_card(
+    ctx: TrainingContext,
+    tower: UserTower,
+    cfg: TrainingSettings,
+    run: str,
+    offline_metrics: dict[str, Any],
+    version: int | None = None,
+) -> Path:
+    """Export a tower with warmup requests from real users and the model card that names its
+    dataset, split, feature service and training configuration (index build checks them)."""
     rows = np.arange(min(WARMUP_USERS, len(ctx.table)))
     warmup = tower_inputs(ctx.table, rows, sample_neighbours(ctx.table, rows, cfg.fanout, None))
     card = {
@@ -34,8 +50,8 @@ def export_run(
         "training_cutoff_ts": ctx.data.meta.train_cutoff_ts,
         "training_config": cfg.model_dump(),
         "feature_settings": ctx.settings.features.model_dump(),
-        "run": run_dir.name,
-        "offline_metrics": offline_metrics_of(run_dir),
+        "run": run,
+        "offline_metrics": offline_metrics,
     }
     return export_tower(
         tower,
