@@ -251,10 +251,9 @@ class Recommender:
                 raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             return min(stage_timeout, left)
 
-        with self.metrics.stage("alias", timings):
+        with self.metrics.stage("alias", timings):  # the live version and its input shapes
             live = self.live()
-        version = live.model_version
-        with self.metrics.stage("tfserving", timings):
+            version = live.model_version
             spec = self.input_spec(version, budget(cfg.tfserving_timeout_s))
         with self.metrics.stage("feast", timings):
             query_inputs = self._read_features(queries, spec, budget(cfg.feast_timeout_s))
