@@ -47,7 +47,7 @@ from friendrec.local_services import (
 )
 from friendrec.paths import DatasetPaths
 from serving.client import RecommenderClient, recommend_request
-from serving.index import EmbeddingIndex
+from serving.index import EmbeddingIndex, LiveIndex
 from serving.index_build import build_index
 
 log = logging.getLogger(__name__)
@@ -192,16 +192,22 @@ def measure_concurrent(
     }
 
 
-def measure_index(
-    settings: Settings, users: np.ndarray, cfg: ServingBenchConfig, rng: np.random.Generator
-) -> dict[str, Any]:
-    """ANN recall@k vs exact search over the same stored vectors, and both single-query costs."""
+def live_vectors(settings: Settings, users: np.ndarray) -> tuple[LiveIndex, np.ndarray, np.ndarray]:
+    """The live collection, its user ids (sorted) and their stored vectors, row-aligned."""
     with EmbeddingIndex.connect(settings) as index:
         live = index.live()
         assert live is not None
         stored = index.get_vectors(live.collection, users)
-        ids = np.array(sorted(stored), dtype=np.int64)
-        matrix = np.stack([stored[int(u)] for u in ids])
+    ids = np.array(sorted(stored), dtype=np.int64)
+    return live, ids, np.stack([stored[int(u)] for u in ids])
+
+
+def measure_index(
+    settings: Settings, users: np.ndarray, cfg: ServingBenchConfig, rng: np.random.Generator
+) -> dict[str, Any]:
+    """ANN recall@k vs exact search over the same stored vectors, and both single-query costs."""
+    live, ids, matrix = live_vectors(settings, users)
+    with EmbeddingIndex.connect(settings) as index:
         queries = rng.choice(len(ids), min(cfg.recall_queries, len(ids)), replace=False)
         recalls, milvus_ms, numpy_ms = [], [], []
         for row in queries:
@@ -248,12 +254,7 @@ def measure_service(
 def copy_live_index(source: Settings, target: Settings, users: np.ndarray) -> dict[str, Any]:
     """The live collection's vectors, copied into another Milvus: the same data, another engine."""
     start = time.perf_counter()
-    with EmbeddingIndex.connect(source) as src:
-        live = src.live()
-        assert live is not None
-        stored = src.get_vectors(live.collection, users)
-    ids = np.array(sorted(stored), dtype=np.int64)
-    vectors = np.stack([stored[int(u)] for u in ids])
+    live, ids, vectors = live_vectors(source, users)
     with EmbeddingIndex.connect(target) as dst:
         collection = dst.create_version(live.model_version, vectors.shape[1], live.dataset)
         for lo in range(0, len(ids), 10_000):

@@ -234,30 +234,6 @@ if TYPE_CHECKING:  # the settings module stays out of the import path of the oth
     from friendrec.config import Settings
 
 
-def tfserving_env(settings: Settings, port: int) -> dict[str, str]:
-    """The environment that hands the settings a `friendrec tfserving` child needs to it (the
-    child reads them like any friendrec process: FRIENDREC_* variables beat its config file)."""
-    import json
-    import os
-
-    tfs = settings.tfserving
-    return {
-        **os.environ,
-        "FRIENDREC_WORKDIR": str(settings.workdir),
-        "FRIENDREC_DATASETS_DIR": str(settings.datasets_dir),
-        "FRIENDREC_SERVING__MODEL_BASE_PATH": str(settings.model_base_path),
-        "FRIENDREC_SERVING__MODEL_NAME": settings.serving.model_name,
-        "FRIENDREC_TFSERVING__HOST": "127.0.0.1",
-        "FRIENDREC_TFSERVING__PORT": str(port),
-        "FRIENDREC_TFSERVING__VERSION_POLICY": tfs.version_policy,
-        "FRIENDREC_TFSERVING__NUM_VERSIONS": str(tfs.num_versions),
-        "FRIENDREC_TFSERVING__VERSIONS": json.dumps(list(tfs.versions)),
-        "FRIENDREC_TFSERVING__POLL_SECONDS": str(tfs.poll_seconds),
-        "FRIENDREC_TFSERVING__WORKERS": str(tfs.workers),
-        "COLUMNS": "200",  # rich wraps log lines at 80 columns when not on a terminal
-    }
-
-
 class TFServingProcess:
     """`friendrec tfserving` (our TF Serving-protocol server) as a child process on a fixed
     loopback port. ``stop()`` then ``start()`` brings it back on the same port, so tests can
@@ -308,7 +284,16 @@ class TFServingProcess:
                 [*command, *self.extra_args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=tfserving_env(self.settings, self.port),
+                env=child_environment(
+                    self.settings.model_copy(
+                        update={
+                            "tfserving": self.settings.tfserving.model_copy(
+                                update={"host": "127.0.0.1", "port": self.port}
+                            )
+                        }
+                    ),
+                    self.log_path.with_suffix(".settings.yaml"),
+                ),
             )
         try:
             self._wait_serving()
