@@ -42,3 +42,22 @@ def sample_users(settings: Settings, dataset: str, k: int, seed: int = 0) -> lis
     ids = pq.read_table(DatasetPaths.of(settings, dataset).profile_source).column("user_id")
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(pa.array(ids).to_numpy(), size=k, replace=False).tolist())
+
+
+def assert_reads_match_the_sdk(store, users: list[int]) -> None:
+    """``online_features`` (provider reads) equals ``FeatureStore.get_online_features`` value by
+    value: every feature, a subset of references, duplicates and a user the store lacks."""
+    asked = [*users, users[0], 10**12]
+    for refs in (contract.feature_refs(), contract.feature_refs(contract.GRAPH_VIEW)[:2]):
+        ours = online_features(store, asked, refs)
+        sdk = store.get_online_features(
+            features=refs, entity_rows=[{contract.JOIN_KEY: u} for u in asked]
+        ).to_dict()
+        for i, row in enumerate(ours):
+            assert row[contract.JOIN_KEY] == asked[i]
+            for ref in refs:
+                name = ref.split(":", 1)[1]
+                want = sdk[name][i]
+                want = contract.default_value(name) if want is None else want
+                assert row[name] == want, (asked[i], name, row[name], want)
+        assert [r["known"] for r in ours[-2:]] == [True, False]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from feast.infra.online_stores.sqlite import SqliteOnlineStore
-from feast_checks import assert_online_matches_offline, sample_users
+from feast_checks import assert_online_matches_offline, assert_reads_match_the_sdk, sample_users
 
 from feature_repo.definitions import FEAST_TYPES, build_definitions
 from feature_repo.jobs.graph_features import build_features, compute_graph_features
@@ -25,6 +25,12 @@ pytestmark = pytest.mark.integration
 def test_online_equals_offline_for_sampled_users_sqlite(engb_store):
     users = sample_users(engb_store, "twitch/ENGB", 60)
     assert_online_matches_offline(engb_store, "twitch/ENGB", users)
+    assert_reads_match_the_sdk(open_store(engb_store, "twitch/ENGB"), users)
+
+
+def test_unknown_feature_references_are_rejected(engb_store):
+    with pytest.raises(ValueError, match="unknown feature reference 'user_graph:nope'"):
+        online_features(open_store(engb_store, "twitch/ENGB"), [5], ["user_graph:nope"])
 
 
 def test_unknown_users_get_contract_defaults(engb_store):
@@ -156,6 +162,7 @@ def test_redis_online_round_trip(tmp_path, redis_url):
     materialize(settings, "twitch/PTBR")
     users = sample_users(settings, "twitch/PTBR", 60)
     assert_online_matches_offline(settings, "twitch/PTBR", users)
+    assert_reads_match_the_sdk(open_store(settings, "twitch/PTBR"), users)
     rows = online_features(open_store(settings, "twitch/PTBR"), [10**12])
     assert rows[0]["known"] is False and rows[0]["friend_ids"] == []
     # The same values as the sqlite store would serve for the same user.
