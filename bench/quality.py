@@ -214,16 +214,20 @@ def run_quality(
         out_dir = output.parent / "quality"
         report.append(evaluate_dataset(settings, dataset, seeds, objectives, epochs, out_dir))
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(_payload(settings, report, seeds), indent=2, default=float))
+        payload = _payload(settings, report, seeds, epochs)
+        output.write_text(json.dumps(payload, indent=2, default=float))
         Console().print(render(report))
     return report
 
 
-def _payload(settings: Settings, report: list[dict[str, Any]], seeds: list[int]) -> dict:
+def _payload(
+    settings: Settings, report: list[dict[str, Any]], seeds: list[int], epochs: int | None
+) -> dict:
     return {
         "created_at": datetime.now(UTC).isoformat(),
         "machine": {"python": platform.python_version(), "processor": platform.processor()},
         "seeds": seeds,
+        "max_epochs": epochs or settings.training.epochs,
         "training": settings.training.model_dump(),
         "targets": {"relative_recall50_gain": TARGETS, "max_step_ratio": 1.5},
         "datasets": report,

@@ -208,3 +208,26 @@ def streaming(
         members=members,
     )
     run(load_settings(), cfg, output)
+
+
+@app.command("quality-summary")
+def quality_summary(
+    results: list[Path] = typer.Argument(
+        None, help="`bench quality` JSON files (default: bench/results/quality*.json)."
+    ),
+    markdown: Path = typer.Option(
+        Path("docs/quality_summary.md"), "--markdown", help="Markdown tables to write."
+    ),
+    plot: Path = typer.Option(
+        Path("docs/img/quality_forest.png"), "--plot", help="Forest plot (PNG) to write."
+    ),
+) -> None:
+    """Merge `bench quality` results (run a few graphs at a time) into one table and a forest
+    plot of SSMTL and its ablations vs the baseline, with the issue's targets marked."""
+    from bench.quality_summary import summarise
+
+    paths = results or sorted(Path("bench/results").glob("quality*.json"))
+    try:
+        summarise(paths, markdown, plot)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None

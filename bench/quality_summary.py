@@ -1,0 +1,241 @@
+"""`friendrec bench quality-summary`: one table and one plot over every `bench quality` result.
+
+`bench quality` runs take hours per graph on a small machine, so they are run a few graphs at a
+time, each writing its own JSON. This merges them: per graph it keeps the result with the most
+seeds, then the most objectives, then the newest; it prints and writes a markdown table (the
+numbers in docs/quality.md come from it) and a forest plot of SSMTL and its ablations minus the
+baseline (relative Recall@50 with the paired-bootstrap 95 % CI), the issue's targets drawn in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger(__name__)
+SLICES = {"all": "all users", "cold_start": "cold-start users (training degree <= 2)"}
+METHODS = ("ssmtl", "cca", "mae")
+LABELS = {
+    "baseline": "baseline (retrieval only)",
+    "ssmtl": "SSMTL (retrieval + CCA-SSG + masked reconstruction)",
+    "cca": "retrieval + CCA-SSG",
+    "mae": "retrieval + masked reconstruction",
+    "adamic_adar": "Adamic-Adar",
+    "random": "random",
+}
+
+
+@dataclass(frozen=True)
+class GraphResult:
+    """One graph's entry of a `bench quality` JSON, with where it came from."""
+
+    source: Path
+    created_at: str
+    seeds: tuple[int, ...]
+    targets: dict[str, Any]
+    entry: dict[str, Any]
+
+    @property
+    def dataset(self) -> str:
+        return self.entry["dataset"]
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.entry["seed_recall50"])
+
+    def rank(self) -> tuple[int, int, str]:
+        return (len(self.seeds), len(self.objectives), self.created_at)
+
+    def comparison(self, method: str, slice_name: str) -> dict[str, float] | None:
+        """``method`` minus baseline at Recall@50 on a slice, relative to the baseline too."""
+        for c in self.entry["comparisons"]:
+            if (c["a"], c["metric"], c["slice"]) == (method, "recall@50", slice_name):
+                base = self.entry["results"]["baseline"][slice_name]["recall@50"]
+                scale = 1.0 / base if base else float("nan")
+                return {**c, "rel": c["diff"] * scale, "rel_lo": c["lo"] * scale,
+                        "rel_hi": c["hi"] * scale}  # fmt: skip
+        return None
+
+
+def load_results(paths: list[Path]) -> list[GraphResult]:
+    """The best result per graph over the given files (see module docstring), in file order."""
+    best: dict[str, GraphResult] = {}
+    for path in paths:
+        try:
+            payload = json.loads(path.read_text())
+            entries = payload["datasets"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: not a `friendrec bench quality` result ({exc})") from None
+        for entry in entries:
+            result = GraphResult(
+                source=path,
+                created_at=payload.get("created_at", ""),
+                seeds=tuple(payload.get("seeds", ())),
+                targets=payload.get("targets", {}),
+                entry=entry,
+            )
+            held = best.get(result.dataset)
+            if held is None or result.rank() > held.rank():
+                best[result.dataset] = result
+    if not best:
+        raise ValueError("no quality results in the given files")
+    return list(best.values())
+
+
+def verdicts(result: GraphResult) -> dict[str, bool | None]:
+    """The issue's four targets for one graph (None: not measurable from this result)."""
+    gains = result.targets.get("relative_recall50_gain", {"all": 0.05, "cold_start": 0.02})
+    out: dict[str, bool | None] = {}
+    for slice_name in SLICES:
+        c = result.comparison("ssmtl", slice_name)
+        out[f"gain_{slice_name}"] = None if c is None else c["rel"] >= gains[slice_name]
+    res = result.entry["results"]
+    out["above_adamic_adar"] = (
+        res["ssmtl"]["all"]["recall@50"] > res["adamic_adar"]["all"]["recall@50"]
+        if "ssmtl" in res
+        else None
+    )
+    ratio = result.entry["step_ratio_vs_baseline"].get("ssmtl")
+    out["step_ratio"] = (
+        None if ratio is None else ratio <= result.targets.get("max_step_ratio", 1.5)
+    )
+    return out
+
+
+def _cell(c: dict[str, float] | None) -> str:
+    if c is None:
+        return "n/a"
+    return f"{c['rel']:+.1%} [{c['rel_lo']:+.1%}, {c['rel_hi']:+.1%}]"
+
+
+def _mark(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "missed")
+
+
+def markdown(results: list[GraphResult]) -> str:
+    """The summary tables in markdown (per graph; then the ablations where they were run)."""
+    lines = [
+        "| graph | users | test users (cold) | seeds | baseline R@50 | SSMTL R@50 | Adamic-Adar "
+        "R@50 | SSMTL vs baseline, R@50 all [95 % CI] | cold-start [95 % CI] | step x |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for r in results:
+        e, res = r.entry, r.entry["results"]
+        ssmtl = res.get("ssmtl", {}).get("all", {}).get("recall@50")
+        ratio = e["step_ratio_vs_baseline"].get("ssmtl")
+        lines.append(
+            f"| {r.dataset} | {e['users']:,} | {e['test_queries']:,} ({e['cold_start_queries']:,})"
+            f" | {len(r.seeds)} | {res['baseline']['all']['recall@50']:.4f} | "
+            f"{'n/a' if ssmtl is None else f'{ssmtl:.4f}'} | "
+            f"{res['adamic_adar']['all']['recall@50']:.4f} | {_cell(r.comparison('ssmtl', 'all'))}"
+            f" | {_cell(r.comparison('ssmtl', 'cold_start'))} | "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}'} |"
+        )
+    lines += [
+        "",
+        "| graph | +5 % R@50, all | +2 % R@50, cold-start | above Adamic-Adar | step <= 1.5x |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        v = verdicts(r)
+        lines.append(
+            f"| {r.dataset} | {_mark(v['gain_all'])} | {_mark(v['gain_cold_start'])} | "
+            f"{_mark(v['above_adamic_adar'])} | {_mark(v['step_ratio'])} |"
+        )
+    ablated = [r for r in results if {"cca", "mae"} <= set(r.objectives)]
+    if ablated:
+        lines += [
+            "",
+            "| graph | seeds | method | R@50 all vs baseline [95 % CI] | cold-start [95 % CI] |"
+            " step x |",
+            "|---|---:|---|---|---|---:|",
+        ]
+        for r in ablated:
+            for m in METHODS:
+                ratio = r.entry["step_ratio_vs_baseline"].get(m)
+                lines.append(
+                    f"| {r.dataset} | {len(r.seeds)} | {LABELS[m]} | "
+                    f"{_cell(r.comparison(m, 'all'))} | {_cell(r.comparison(m, 'cold_start'))} | "
+                    f"{'n/a' if ratio is None else f'{ratio:.2f}'} |"
+                )
+    lines += ["", "Sources: " + ", ".join(sorted({f"`{r.source}`" for r in results}))]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[GraphResult], path: Path) -> None:
+    """Forest plot: relative Recall@50 change vs the baseline per graph and method, with CIs."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(results) + 2.2), sharey=True)
+    gains = results[0].targets.get("relative_recall50_gain", {"all": 0.05, "cold_start": 0.02})
+    offsets = {"ssmtl": 0.0, "cca": 0.22, "mae": -0.22}
+    colours = {"ssmtl": "tab:blue", "cca": "tab:orange", "mae": "tab:green"}
+    for ax, (slice_name, title) in zip(axes, SLICES.items(), strict=True):
+        for y, r in enumerate(results):
+            for m in METHODS:
+                c = r.comparison(m, slice_name)
+                if c is None:
+                    continue
+                ax.errorbar(
+                    100 * c["rel"],
+                    y + offsets[m],
+                    xerr=[[100 * (c["rel"] - c["rel_lo"])], [100 * (c["rel_hi"] - c["rel"])]],
+                    fmt="o",
+                    color=colours[m],
+                    capsize=3,
+                    label=LABELS[m],  # repeated labels are merged into one legend entry
+                )
+        ax.axvline(0, color="black", linewidth=1)
+        ax.axvline(
+            100 * gains[slice_name],
+            color="red",
+            linestyle="--",
+            linewidth=1,
+            label="target (+5 % all users, +2 % cold-start)",
+        )
+        ax.set_title(f"Recall@50, {title}")
+        ax.set_xlabel("change vs baseline (%), paired bootstrap 95 % CI")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(
+        range(len(results)), [f"{r.dataset} ({len(r.seeds)} seeds)" for r in results]
+    )
+    axes[0].invert_yaxis()
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(results: list[GraphResult]) -> Table:
+    table = Table(title="SSMTL vs baseline, test Recall@50 (relative change, 95 % CI)")
+    for column in ("graph", "seeds", "method", "all users", "cold-start", "step x"):
+        table.add_column(column)
+    for r in results:
+        for m in METHODS:
+            if m in r.objectives:
+                ratio = r.entry["step_ratio_vs_baseline"].get(m)
+                table.add_row(r.dataset, str(len(r.seeds)), m, _cell(r.comparison(m, "all")),
+                              _cell(r.comparison(m, "cold_start")),
+                              "" if ratio is None else f"{ratio:.2f}")  # fmt: skip
+    return table
+
+
+def summarise(paths: list[Path], markdown_path: Path, plot_path: Path) -> list[GraphResult]:
+    results = load_results(paths)
+    Console().print(render(results))
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
+    markdown_path.write_text(markdown(results))
+    plot(results, plot_path)
+    log.info("wrote %s and %s", markdown_path, plot_path)
+    return results

@@ -1,0 +1,84 @@
+"""`bench quality-summary` on hand-made `bench quality` results: which result wins per graph, the
+targets' verdicts, the markdown and the plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.quality_summary import load_results, markdown, plot, verdicts
+
+TARGETS = {"relative_recall50_gain": {"all": 0.05, "cold_start": 0.02}, "max_step_ratio": 1.5}
+
+
+def _slices(all50: float, cold50: float) -> dict:
+    return {"all": {"recall@50": all50}, "cold_start": {"recall@50": cold50}}
+
+
+def _entry(dataset: str, ssmtl_all: float, ssmtl_cold: float, objectives=("baseline", "ssmtl")):
+    results = {
+        "baseline": _slices(0.20, 0.10),
+        "ssmtl": _slices(ssmtl_all, ssmtl_cold),
+        "adamic_adar": _slices(0.25, 0.05),
+        "random": _slices(0.01, 0.01),
+    }
+    comparisons = [
+        {"a": "ssmtl", "b": "baseline", "metric": "recall@50", "slice": s, "diff": d,
+         "lo": d - 0.01, "hi": d + 0.01}
+        for s, d in (("all", ssmtl_all - 0.20), ("cold_start", ssmtl_cold - 0.10))
+    ]  # fmt: skip
+    return {
+        "dataset": dataset,
+        "users": 1000,
+        "test_queries": 500,
+        "cold_start_queries": 50,
+        "results": results,
+        "comparisons": comparisons,
+        "seed_recall50": {o: [0.2] for o in objectives},
+        "step_ratio_vs_baseline": {"baseline": 1.0, "ssmtl": 1.2},
+    }
+
+
+def _write(path: Path, seeds: list[int], created: str, *entries: dict) -> Path:
+    payload = {"created_at": created, "seeds": seeds, "targets": TARGETS, "datasets": entries}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_the_result_with_more_seeds_wins_and_targets_are_judged(tmp_path: Path):
+    one_seed = _write(tmp_path / "a.json", [0], "2026-01-02", _entry("g/A", 0.30, 0.30))
+    three = _write(
+        tmp_path / "b.json",
+        [0, 1, 2],
+        "2026-01-01",
+        _entry("g/A", 0.205, 0.103),
+        _entry("g/B", 0.26, 0.09),
+    )
+    results = {r.dataset: r for r in load_results([one_seed, three])}
+    assert results["g/A"].source == three  # three seeds beat one, even though older
+    a = verdicts(results["g/A"])
+    # +2.5 % all (< 5 %), +3 % cold (>= 2 %), 0.205 < Adamic-Adar 0.25, step 1.2 <= 1.5.
+    assert a == {
+        "gain_all": False,
+        "gain_cold_start": True,
+        "above_adamic_adar": False,
+        "step_ratio": True,
+    }
+    b = verdicts(results["g/B"])
+    assert (b["gain_all"], b["gain_cold_start"], b["above_adamic_adar"]) == (True, False, True)
+    text = markdown(list(results.values()))
+    assert "| g/A | 1,000 | 500 (50) | 3 | 0.2000 | 0.2050 | 0.2500 | +2.5% [-2.5%, +7.5%]" in text
+    assert "| g/B | met | missed | met | met |" in text
+
+
+def test_plot_is_written_and_bad_files_are_named(tmp_path: Path):
+    source = _write(tmp_path / "q.json", [0, 1], "2026-01-01", _entry("g/A", 0.21, 0.09))
+    png = tmp_path / "img" / "forest.png"
+    plot(load_results([source]), png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken\.json: not a `friendrec bench quality` result"):
+        load_results([broken])
