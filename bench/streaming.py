@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -137,7 +137,7 @@ class WorkerProcess:
 def group_lag(settings: Settings) -> dict[str, int]:
     """Per worker: messages of its topics not yet committed by its group. Checked upstream
     first, so a zero everywhere means every effect is written (commits follow writes)."""
-    from streaming.topics import Topics
+    from streaming.topics import Topics, end_offsets, reader
 
     topics = Topics.of(settings)
     subscribed = {
@@ -147,7 +147,7 @@ def group_lag(settings: Settings) -> dict[str, int]:
     }
     cfg = settings.streaming
     admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers)
-    reader = KafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, enable_auto_commit=False)
+    kafka_reader = reader(settings, "friendrec-bench")
     try:
         lag: dict[str, int] = {}
         for worker in WORKERS:
@@ -156,14 +156,14 @@ def group_lag(settings: Settings) -> dict[str, int]:
                 TopicPartition(t, p) for t in subscribed[worker] for p in range(cfg.partitions)
             ]
             committed = admin.list_group_offsets({group: parts}).get(group, {})
-            ends = reader.end_offsets(parts)
+            ends = end_offsets(kafka_reader, parts)
             lag[worker] = sum(
                 max(ends[tp] - max(committed[tp].offset if tp in committed else 0, 0), 0)
                 for tp in parts
             )
         return lag
     finally:
-        reader.close()
+        kafka_reader.close()
         admin.close()
 
 

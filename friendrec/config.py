@@ -224,6 +224,16 @@ class StreamingSettings(BaseModel):
         description="Per-worker batch caps overriding max_records: a big refresher batch "
         "embeds a user once for all the events that touched it.",
     )
+    batch_linger_ms: dict[str, int] = Field(
+        default_factory=lambda: {
+            "feature-updater": 50,
+            "embedding-refresher": 200,
+            "milvus-sink": 100,
+        },
+        description="Per worker: how long it keeps polling after the first records to fill its "
+        "batch (absent or 0: what one poll returned). Fewer, bigger batches read, embed and "
+        "upsert each user once for all its events, for that much latency.",
+    )
     refresh_dependents: bool = Field(
         True,
         description="Also refresh the users whose sampled friends changed (exact 2-layer "

@@ -29,7 +29,14 @@ from friendrec.config import Settings
 from friendrec.errors import IndexUnavailableError
 from streaming import metrics
 from streaming.schemas import DeadLetter, Message, MessageError, decode
-from streaming.topics import Topics, batch_limit, consumer, create_topics, producer
+from streaming.topics import (
+    Topics,
+    batch_limit,
+    batch_linger_s,
+    consumer,
+    create_topics,
+    producer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +133,12 @@ class Worker:
         )
         next_lag = time.monotonic() + LAG_EVERY_S
         limit = batch_limit(self.settings, self.name)
+        linger = batch_linger_s(self.settings, self.name)
         try:
             while not self._stop.is_set():
                 polled = kafka_consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=limit)
+                if polled and linger:
+                    polled = self._fill(kafka_consumer, polled, limit, linger)
                 self._track_assignment(kafka_consumer)
                 if polled:
                     self._batch(kafka_consumer, kafka_producer, polled)
@@ -147,6 +157,20 @@ class Worker:
                 self.stats.batches,
                 self.stats.dead_letters,
             )
+
+    def _fill(self, kafka_consumer: KafkaConsumer, polled: dict, limit: int, linger: float) -> dict:
+        """Keep polling for ``linger`` seconds after the first records, up to ``limit`` records:
+        a batch processes each user once, however many of its events it holds."""
+        deadline = time.monotonic() + linger
+        count = sum(len(messages) for messages in polled.values())
+        while count < limit and not self._stop.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            for tp, messages in kafka_consumer.poll(left_ms, max_records=limit - count).items():
+                polled.setdefault(tp, []).extend(messages)
+                count += len(messages)
+        return polled
 
     def _track_assignment(self, kafka_consumer: KafkaConsumer) -> None:
         assigned = {(tp.topic, tp.partition) for tp in kafka_consumer.assignment()}
@@ -265,9 +289,13 @@ class Worker:
         if not assigned:
             return
         try:
-            ends = kafka_consumer.end_offsets(assigned)
+            listed = kafka_consumer.end_offsets(assigned)
             for tp in assigned:
-                lag = max(int(ends.get(tp, 0)) - int(kafka_consumer.position(tp)), 0)
+                # The last fetch's high watermark: Tansu's ListOffsets under-reports the end
+                # (see ``topics.end_offsets``); before a first fetch, the listed end.
+                end = kafka_consumer.highwater(tp)
+                end = int(listed.get(tp, 0)) if end is None else max(end, int(listed.get(tp, 0)))
+                lag = max(end - int(kafka_consumer.position(tp)), 0)
                 metrics.LAG.labels(self.name, tp.topic, str(tp.partition)).set(lag)
         except KafkaError as exc:
             log.debug("%s: lag not available: %s", self.name, exc)

@@ -141,3 +141,39 @@ def replay(
             }
         )
     )
+
+
+@app.command()
+def redrive(
+    reason: str | None = typer.Option(
+        None, "--reason", help="Only letters whose reason contains this (case-sensitive)."
+    ),
+    source_topic: str | None = typer.Option(
+        None, "--source-topic", help="Only letters from this original topic (exact name)."
+    ),
+    since: int | None = typer.Option(
+        None, "--since", min=0, help="Only letters dead-lettered at or after this (Unix ms)."
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Re-produce at most this many."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Count what would be re-produced; produce nothing."
+    ),
+    connect_timeout: float = typer.Option(
+        10.0, "--connect-timeout", min=0.1, help="Seconds to wait for the broker."
+    ),
+) -> None:
+    """Re-produce dead letters (original key and bytes) to their original topics, once their
+    cause is fixed. Reads the whole dead-letter topic as it stood at the start and commits
+    nothing, so letters a filter leaves out stay for a later run (see streaming/redrive.py)."""
+    from friendrec.config import load_settings
+    from streaming.redrive import RedriveFilter
+    from streaming.redrive import redrive as run
+
+    report = run(
+        load_settings(),
+        RedriveFilter(reason=reason, source_topic=source_topic, since_ms=since),
+        limit=limit,
+        dry_run=dry_run,
+        connect_timeout_s=connect_timeout,
+    )
+    typer.echo(json.dumps(report.as_dict(), indent=2))
