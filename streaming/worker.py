@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import grpc
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import KafkaError
 
 from friendrec.config import Settings
 from friendrec.errors import IndexUnavailableError
@@ -210,7 +210,11 @@ class Worker:
         kafka_producer.flush()
         try:
             kafka_consumer.commit()
-        except CommitFailedError as exc:  # the group moved on: another member replays the batch
+        except KafkaError as exc:
+            # The batch's writes are done; only its offsets are not stored. In a rebalance
+            # (CommitFailedError, RebalanceInProgressError) whoever owns the partitions next,
+            # maybe this member again, replays it; otherwise the next commit covers it. Either
+            # way nothing is lost and the worker keeps going.
             log.warning("%s: commit failed (%s); the batch will be redelivered", self.name, exc)
             return
         self.stats.batches += 1

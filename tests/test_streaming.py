@@ -384,17 +384,18 @@ def test_two_members_of_one_group_share_the_partitions(stack: Stack):
         second.stop()
 
 
-def test_removals_and_profile_updates_reach_features_and_embeddings(stack: Stack):
-    (u, v), (p, _) = stack.fresh_pairs(2).tolist()
-    initial = degrees(stack, [u])[u]
-    stack.add(np.array([[u, v]]))
-    wait_for("the add", lambda: degrees(stack, [u])[u] == initial + 1)
+def remove_and_update_profile(
+    stack: Stack, pair: tuple[int, int], user: int, profile: dict[str, float]
+) -> None:
+    """Stream the removal of ``pair`` (both directions) and a profile update of ``user``; wait
+    until the online store shows both."""
+    u, v = pair
     before = degrees(stack, [u, v])
     now = int(time.time() * 1000)
-    producer = KafkaProducer(bootstrap_servers=stack.settings.streaming.bootstrap_servers)
     topics = Topics.of(stack.settings)
     removal = FriendshipEvent(op="remove", user_id=u, friend_id=v, event_ts=now)
-    update = ProfileUpdate(user_id=p, profile={"views": 12345.0, "is_partner": 1.0}, event_ts=now)
+    update = ProfileUpdate(user_id=user, profile=profile, event_ts=now)
+    producer = KafkaProducer(bootstrap_servers=stack.settings.streaming.bootstrap_servers)
     try:
         for message in (removal, removal.mirrored()):
             producer.send(topics.friendships, key=message.key, value=message.encode())
@@ -403,14 +404,24 @@ def test_removals_and_profile_updates_reach_features_and_embeddings(stack: Stack
     finally:
         producer.close()
     stack.streamed.remove((u, v))
-    stack.profiles[p] = dict(update.profile)
+    stack.profiles[user] = dict(profile)
 
     def profile_applied() -> bool:
-        row = online_features(stack.store(), [p], contract.feature_refs(contract.PROFILE_VIEW))[0]
-        return row["views"] == 12345.0 and row["is_partner"] == 1.0
+        refs = contract.feature_refs(contract.PROFILE_VIEW)
+        row = online_features(stack.store(), [user], refs)[0]
+        return all(row[name] == value for name, value in profile.items())
 
     wait_for("the removal", lambda: degrees(stack, [u, v]) == {u: before[u] - 1, v: before[v] - 1})
     wait_for("the profile update", profile_applied)
+
+
+def test_removals_and_profile_updates_reach_features_and_embeddings(stack: Stack):
+    (u, v), (p, _) = stack.fresh_pairs(2).tolist()
+    initial = degrees(stack, [u, v])
+    stack.add(np.array([[u, v]]))
+    # Both sides: the mirror is keyed by v, another partition, possibly a later batch.
+    wait_for("the add", lambda: degrees(stack, [u, v]) == {w: initial[w] + 1 for w in (u, v)})
+    remove_and_update_profile(stack, (u, v), p, {"views": 12345.0, "is_partner": 1.0})
     expected = batch_graph_rows(stack.settings, stack.all_streamed(), stack.profiles)
     state = open_state(stack.settings)
     try:

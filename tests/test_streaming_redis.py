@@ -5,13 +5,11 @@ through the environment (``FRIENDREC_FEATURES__*``), which every ``load_settings
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import redis
-from kafka import KafkaProducer
 from test_streaming import (
     Stack,
     _rows_match,
@@ -20,18 +18,16 @@ from test_streaming import (
     degrees,
     dependents,
     milvus_matches_model,
+    remove_and_update_profile,
     wait_for,
 )
 from test_streaming import stack as streaming_stack  # noqa: F401  (the fixture, for redis_stack)
 
 from friendrec import contract
-from friendrec.feast_store import online_features
 from friendrec.local_services import redis_server
 from friendrec.paths import DatasetPaths
-from streaming.schemas import FriendshipEvent, ProfileUpdate
 from streaming.state import open_state, state_path
 from streaming.state_redis import RedisFriendState
-from streaming.topics import Topics
 
 pytestmark = pytest.mark.integration
 
@@ -121,32 +117,12 @@ def test_new_friendship_reaches_redis_features_state_and_milvus(
 def test_removal_and_profile_update_reach_redis_features_state_and_milvus(redis_stack: Stack):
     stack = redis_stack
     (u, v), (p, _) = stack.fresh_pairs(2).tolist()
-    initial = degrees(stack, [u])[u]
+    initial = degrees(stack, [u, v])
     stack.add(np.array([[u, v]]))
-    wait_for("the add", lambda: degrees(stack, [u])[u] == initial + 1)
-    before = degrees(stack, [u, v])
+    # Both sides: the mirror is keyed by v, another partition, possibly a later batch.
+    wait_for("the add", lambda: degrees(stack, [u, v]) == {w: initial[w] + 1 for w in (u, v)})
     assert v in friend_sets(stack, [u])[u]
-    now = int(time.time() * 1000)
-    topics = Topics.of(stack.settings)
-    removal = FriendshipEvent(op="remove", user_id=u, friend_id=v, event_ts=now)
-    update = ProfileUpdate(user_id=p, profile={"views": 54321.0, "is_partner": 1.0}, event_ts=now)
-    producer = KafkaProducer(bootstrap_servers=stack.settings.streaming.bootstrap_servers)
-    try:
-        for message in (removal, removal.mirrored()):
-            producer.send(topics.friendships, key=message.key, value=message.encode())
-        producer.send(topics.profiles, key=update.key, value=update.encode())
-        producer.flush()
-    finally:
-        producer.close()
-    stack.streamed.remove((u, v))
-    stack.profiles[p] = dict(update.profile)
-
-    def profile_applied() -> bool:
-        row = online_features(stack.store(), [p], contract.feature_refs(contract.PROFILE_VIEW))[0]
-        return row["views"] == 54321.0 and row["is_partner"] == 1.0
-
-    wait_for("the removal", lambda: degrees(stack, [u, v]) == {u: before[u] - 1, v: before[v] - 1})
-    wait_for("the profile update", profile_applied)
+    remove_and_update_profile(stack, (u, v), p, {"views": 54321.0, "is_partner": 1.0})
     state = friend_sets(stack, [u, v, p])
     assert v not in state[u] and u not in state[v]
     assert degrees(stack, [u, v, p]) == {w: len(state[w]) for w in (u, v, p)}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import RebalanceInProgressError
 
 from friendrec.config import Settings, load_settings
 from friendrec.local_services import TansuProcess
@@ -112,3 +113,27 @@ def test_end_offsets_are_the_true_high_watermark(broker):
         assert end_offsets(reader, [p0, p1]) == {p0: 107, p1: 0}
     finally:
         reader.close()
+
+
+def test_a_failed_commit_neither_stops_the_worker_nor_loses_events(broker, tmp_path, monkeypatch):
+    """A commit refused mid-rebalance (injected once) is logged; later commits cover the batch."""
+    commits = []
+    real_commit = KafkaConsumer.commit
+
+    def commit_refused_once(self, *args, **kwargs):
+        commits.append(len(commits))
+        if len(commits) == 1:
+            raise RebalanceInProgressError("injected: the group is rebalancing")
+        return real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(KafkaConsumer, "commit", commit_refused_once)
+    # All ten events are processed in order: the worker outlived the refused commit.
+    assert len(_batches(broker, tmp_path / "c", linger_ms=0, prefix="refused")) >= 2
+    assert len(commits) >= 2
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        group = f"refused.{WORKER}"
+        committed = admin.list_group_offsets({group: None})[group]
+    finally:
+        admin.close()
+    assert {tp.partition: meta.offset for tp, meta in committed.items()} == {0: 10}
