@@ -139,20 +139,20 @@ def batch_linger_s(settings: Settings, worker: str) -> float:
 
 
 def end_offsets(
-    reader: KafkaConsumer, parts: list[TopicPartition], timeout_s: float = 5.0
+    kafka_reader: KafkaConsumer, parts: list[TopicPartition], timeout_s: float = 5.0
 ) -> dict[TopicPartition, int]:
-    """The partitions' end offsets, read from a fetch's high watermark by a group-less ``reader``
-    (it is re-assigned to ``parts``).
+    """The partitions' end offsets, read from a fetch's high watermark by a fresh group-less
+    ``kafka_reader`` (see ``reader``; it is re-assigned to ``parts``).
 
     ListOffsets alone is not enough: Tansu answers it with the first offset of the partition's
     last record batch + 1 (measured: 101 after 107 records produced in two batches), which would
     under-count lag; every fetch response carries the true high watermark.
     """
-    listed = reader.end_offsets(parts)
-    reader.assign(parts)
+    listed = kafka_reader.end_offsets(parts)
+    kafka_reader.assign(parts)
     for tp in parts:
-        reader.seek(tp, max(int(listed[tp]) - 1, 0))
+        kafka_reader.seek(tp, max(int(listed[tp]) - 1, 0))
     deadline = time.monotonic() + timeout_s
-    while any(reader.highwater(tp) is None for tp in parts) and time.monotonic() < deadline:
-        reader.poll(timeout_ms=50)
-    return {tp: max(int(listed[tp]), reader.highwater(tp) or 0) for tp in parts}
+    while any(kafka_reader.highwater(tp) is None for tp in parts) and time.monotonic() < deadline:
+        kafka_reader.poll(timeout_ms=50)
+    return {tp: max(int(listed[tp]), kafka_reader.highwater(tp) or 0) for tp in parts}
