@@ -174,7 +174,7 @@ def markdown(results: list[GraphResult]) -> str:
 
 def plot(results: list[GraphResult], path: Path) -> None:
     """Forest plot: relative Recall@50 change vs the baseline per graph and method, with CIs."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(results) + 2.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(results) + 2.8), sharey=True)
     gains = results[0].targets.get("relative_recall50_gain", {"all": 0.05, "cold_start": 0.02})
     offsets = {"ssmtl": 0.0, "cca": 0.22, "mae": -0.22}
     colours = {"ssmtl": "tab:blue", "cca": "tab:orange", "mae": "tab:green"}
@@ -205,13 +205,14 @@ def plot(results: list[GraphResult], path: Path) -> None:
         ax.set_xlabel("change vs baseline (%), paired bootstrap 95 % CI")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(
-        range(len(results)), [f"{r.dataset} ({len(r.seeds)} seeds)" for r in results]
+        range(len(results)),
+        [f"{r.dataset} ({len(r.seeds)} seed{'s' if len(r.seeds) > 1 else ''})" for r in results],
     )
     axes[0].invert_yaxis()
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
