@@ -99,6 +99,9 @@ class TrainingSettings(BaseModel):
     cca_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
     cca_lambda: float = Field(5e-3, ge=0)
     cca_fraction: float = Field(0.5, gt=0, le=1)
+    cca_projector_dim: int = Field(
+        0, ge=0, description="> 0: CCA-SSG on an MLP projection of the embedding (this width)."
+    )
     feature_drop: float = Field(0.2, ge=0, lt=1)
     neighbour_drop: float = Field(0.2, ge=0, lt=1)
     mae_weight: float | None = Field(None, ge=0, description="None: the objective's default.")

@@ -28,7 +28,7 @@ from training.losses import cca_ssg_loss, scaled_cosine_error
 from training.model import LossConfig, SSMTLModel
 from training.pipeline import PairSampler, embed_all
 from training.tower import UserTower, transform_profile_tf
-from training.train import TrainingContext, loss_config, make_train_step
+from training.train import TrainingContext, loss_config, make_train_step, run_name
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -86,6 +86,31 @@ def test_zero_auxiliary_weights_are_exactly_the_baseline(ctx):
     assert float(zeroed.compute_loss(batch)) == base_loss
     assert float(full.compute_loss(batch)) != base_loss
     assert float(full.loss_trackers["retrieval"].result()) == pytest.approx(base_loss, rel=1e-6)
+
+
+def test_cca_projector_is_trained_through_the_cca_loss_only(ctx):
+    """With ``cca_projector_dim`` the CCA loss scores the projection: the projector gets gradients
+    from it, the retrieval loss is untouched and the run keeps the settings' defaults' folder."""
+    tower = ctx.build_tower(SMALL)
+    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, seed=0)
+    batch = {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
+    plain = SSMTLModel(tower, LossConfig.for_objective("cca"), seed=1)
+    projected = SSMTLModel(tower, LossConfig.for_objective("cca", cca_projector_dim=16), seed=1)
+    assert not hasattr(plain, "cca_projector")
+    with tf.GradientTape() as tape:
+        loss = projected.compute_loss(batch)
+    plain.compute_loss(batch)
+    assert float(projected.loss_trackers["cca"].result()) != float(
+        plain.loss_trackers["cca"].result()
+    )
+    assert float(projected.loss_trackers["retrieval"].result()) == pytest.approx(
+        float(plain.loss_trackers["retrieval"].result()), rel=1e-6
+    )
+    grads = tape.gradient(loss, projected.cca_projector.trainable_variables)
+    assert grads and all(float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+    cfg = SMALL.model_copy(update={"objective": "cca"})
+    assert run_name(cfg) != run_name(cfg.model_copy(update={"cca_projector_dim": 16}))
+    assert run_name(cfg) == run_name(cfg.model_copy(update={"cca_projector_dim": 0}))
 
 
 def test_training_steps_lower_the_loss(ctx):

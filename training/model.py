@@ -27,6 +27,9 @@ class LossConfig:
     cca_weight: float = 0.0
     cca_lambda: float = 5e-3
     cca_fraction: float = 0.5  # of the batch's anchors used for the CCA views
+    # > 0: CCA-SSG scores a 2-layer MLP projection of the embedding (this width), not the
+    # embedding itself, so its whitening term does not act on the retrieval space directly.
+    cca_projector_dim: int = 0
     feature_drop: float = 0.2
     neighbour_drop: float = 0.2
     mae_weight: float = 0.0
@@ -68,6 +71,15 @@ class SSMTLModel(tfrs.Model):
         )
         self.rng = tf.random.Generator.from_seed(seed)
         vocab = tower.spec.vocab_size
+        if losses.cca_weight > 0 and losses.cca_projector_dim > 0:
+            width = losses.cca_projector_dim
+            self.cca_projector = tf.keras.Sequential(
+                [
+                    tf.keras.layers.Dense(width, activation="relu", name="cca_hidden"),
+                    tf.keras.layers.Dense(width, name="cca_out"),
+                ],
+                name="cca_projector",
+            )
         if losses.mae_weight > 0:
             self.decoder = tf.keras.Sequential(
                 [
@@ -152,6 +164,8 @@ class SSMTLModel(tfrs.Model):
                     friend_states=friend_states[:m],
                 )
             )
+        if cfg.cca_projector_dim > 0:
+            views = [self.cca_projector(v) for v in views]
         return cca_ssg_loss(views[0], views[1], cfg.cca_lambda)
 
     def mae_loss(
