@@ -52,14 +52,15 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
     return LossConfig.for_objective(cfg.objective, **overrides)
 
 
-ADDED_SETTINGS: dict[str, object] = {"cca_projector_dim": 0}
+# Settings added after runs were cached; left out of a run's identity while at their default.
+ADDED_SETTINGS = ("cca_projector_dim",)
 
 
 def run_name(cfg: TrainingSettings) -> str:
     """The run folder: the model's identity, not its stopping rule, so that asking for more
     epochs (or more patience) continues the same run."""
-    # Settings added later are left out at their default, so earlier runs keep their folders.
-    unset = {name for name in ADDED_SETTINGS if getattr(cfg, name) == ADDED_SETTINGS[name]}
+    defaults = TrainingSettings.model_fields
+    unset = {name for name in ADDED_SETTINGS if getattr(cfg, name) == defaults[name].default}
     identity = cfg.model_dump_json(exclude={"epochs", "patience", *unset})
     digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
     return f"{cfg.objective}-seed{cfg.seed}-{digest}"
