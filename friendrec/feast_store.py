@@ -100,8 +100,8 @@ def online_features(
 
     Reads go through the store's provider (``Provider.online_read``, the interface every Feast
     online store implements) rather than ``FeatureStore.get_online_features``: the same rows from
-    the same online store, without the SDK's per-value response protos, which cost ~7x more CPU
-    than the read itself and bounded the streaming chain. The contract's views never expire
+    the same online store, without the SDK's per-value response protos, which cost several times
+    more CPU than the read itself and bounded the streaming chain. The contract's views never expire
     (``ttl=0``), so there is no max-age status to lose; a test compares both paths value by value.
     """
     grouped = _group_refs(list(features) if features else contract.feature_refs())
