@@ -102,6 +102,13 @@ class TrainingSettings(BaseModel):
     cca_projector_dim: int = Field(
         0, ge=0, description="> 0: CCA-SSG on an MLP projection of the embedding (this width)."
     )
+    cca_id_drop: float | None = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Drop rate of the user-id vector in each CCA-SSG view (None: id_dropout, "
+        "drawn per view: the views then disagree on it, which hurt; docs/quality.md).",
+    )
     feature_drop: float = Field(0.2, ge=0, lt=1)
     neighbour_drop: float = Field(0.2, ge=0, lt=1)
     mae_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
@@ -269,6 +276,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FRIENDREC_",
         env_nested_delimiter="__",
+        env_parse_none_str="null",  # FRIENDREC_TRAINING__CCA_ID_DROP=null -> None
         extra="forbid",
         validate_default=True,
     )

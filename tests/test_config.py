@@ -33,6 +33,10 @@ def test_file_then_environment_precedence(tmp_path, monkeypatch):
     assert settings.data.test_fraction == 0.2  # from the file
     assert settings.data.seed == 9  # the environment wins over the file
     assert load_settings(data={"seed": 1}).data.seed == 1  # explicit overrides win over both
+    # "null" unsets an optional setting (documented runs rely on it).
+    assert load_settings().training.cca_id_drop == 0.0
+    monkeypatch.setenv("FRIENDREC_TRAINING__CCA_ID_DROP", "null")
+    assert load_settings().training.cca_id_drop is None
 
 
 def test_invalid_settings_are_rejected(monkeypatch, tmp_path):

@@ -113,6 +113,40 @@ def test_cca_projector_is_trained_through_the_cca_loss_only(ctx):
     assert run_name(cfg) == run_name(cfg.model_copy(update={"cca_projector_dim": 0}))
 
 
+def test_cca_id_drop_sets_the_views_user_id_augmentation(ctx):
+    """``cca_id_drop`` replaces the tower's id dropout inside the CCA views: at 0 (and no other
+    augmentation) both views are the same embedding, so the invariance term is at its optimum;
+    with the tower's dropout (None) the views disagree on the user-id vector (a worse optimum)."""
+    tower = ctx.build_tower(SMALL)
+    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, seed=0)
+    batch = {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
+    query, candidate = (
+        {k[2:]: v for k, v in batch.items() if k.startswith(side)} for side in ("q/", "c/")
+    )
+    friends = tower.friend_states(query, training=True)
+    rates = {"feature_drop": 0.0, "neighbour_drop": 0.0, "cca_fraction": 1.0}
+    same = SSMTLModel(tower, LossConfig.for_objective("cca", cca_id_drop=0.0, **rates), seed=1)
+    view = tower.embed(
+        query,
+        exclude=candidate,
+        friend_states=friends,
+        training=True,
+        id_vector_keep=tf.ones([SMALL.batch_size, 1]),
+    )
+    expected = float(cca_ssg_loss(view, view, same.loss_config.cca_lambda))
+    got = float(same.cca_loss(query, candidate, friends, training=True))
+    assert got == pytest.approx(expected, rel=1e-5)
+    dropped = SSMTLModel(tower, LossConfig.for_objective("cca", **rates), seed=1)
+    assert float(dropped.cca_loss(query, candidate, friends, training=True)) > expected + 1e-3
+    # A run folder names the setting only where it changes the model: not for the baseline.
+    for objective, differs in (("cca", True), ("ssmtl", True), ("baseline", False), ("mae", False)):
+        names = {
+            run_name(SMALL.model_copy(update={"objective": objective, "cca_id_drop": rate}))
+            for rate in (None, 0.0)
+        }
+        assert (len(names) == 2) == differs, objective
+
+
 def test_training_steps_lower_the_loss(ctx):
     cfg = SMALL.model_copy(update={"objective": "ssmtl"})
     tower = ctx.build_tower(cfg)

@@ -30,6 +30,10 @@ class LossConfig:
     # > 0: CCA-SSG scores a 2-layer MLP projection of the embedding (this width), not the
     # embedding itself, so its whitening term does not act on the retrieval space directly.
     cca_projector_dim: int = 0
+    # The user-id vector's drop rate in each CCA-SSG view; None: the tower's training-time
+    # id dropout, drawn independently per view (so the views disagree on the id half the time,
+    # and the invariance term teaches the tower to ignore ids: worse on every graph tried).
+    cca_id_drop: float | None = 0.0
     feature_drop: float = 0.2
     neighbour_drop: float = 0.2
     mae_weight: float = 0.0
@@ -154,11 +158,16 @@ class SSMTLModel(tfrs.Model):
             friend_keep = tf.cast(
                 self.rng.uniform(tf.shape(q["friend_mask"])) >= cfg.neighbour_drop, tf.float32
             )
+            vector_keep = None
+            if cfg.cca_id_drop is not None:
+                kept = tf.cast(self.rng.uniform([m, 1]) >= cfg.cca_id_drop, tf.float32)
+                vector_keep = kept / (1.0 - cfg.cca_id_drop)  # dropout's scaling
             views.append(
                 self.embed_pair_side(
                     q,
                     c,
                     id_keep=id_keep,
+                    id_vector_keep=vector_keep,
                     friend_keep=friend_keep,
                     training=training,
                     friend_states=friend_states[:m],

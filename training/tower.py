@@ -109,8 +109,10 @@ class UserTower(tf.keras.Model):
         node: dict[str, tf.Tensor],
         id_keep: tf.Tensor | None = None,
         training: bool = False,
+        id_vector_keep: tf.Tensor | None = None,
     ) -> tf.Tensor:
-        """Layer-0 encoding of a node's own features."""
+        """Layer-0 encoding of a node's own features. ``id_vector_keep`` [batch, 1] replaces the
+        training-time id dropout of the user-id vector (an augmentation chooses its own)."""
         ids = node["sparse_ids"]
         valid = tf.cast(ids >= 0, tf.float32)
         if id_keep is not None:
@@ -119,8 +121,9 @@ class UserTower(tf.keras.Model):
         parts = [self.bag(ids, weights), self.profile_encoder(self.standardise(node["profile"]))]
         if self.id_dim:
             vectors = self.user_vectors(node["user_id"])
-            keep = tf.ones_like(vectors[..., :1])
-            parts.append(vectors * self.id_dropout(keep, training=training))
+            if id_vector_keep is None:
+                id_vector_keep = self.id_dropout(tf.ones_like(vectors[..., :1]), training=training)
+            parts.append(vectors * id_vector_keep)
         return tf.concat(parts, axis=-1)
 
     def encode_neighbourhood(
@@ -156,6 +159,7 @@ class UserTower(tf.keras.Model):
         friend_keep: tf.Tensor | None = None,
         training: bool = False,
         friend_states: tf.Tensor | None = None,
+        id_vector_keep: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """The full tower with the training-time hooks.
 
@@ -163,13 +167,16 @@ class UserTower(tf.keras.Model):
         exclude: the other side of a training friendship (its ``self_*`` inputs); it is removed
             from this user's neighbourhood (leakage guard): exactly from the id part, and from
             the precomputed feature means by subtracting its encoding (``degree`` friends).
-        id_keep / friend_keep: augmentation masks (CCA-SSG views) for the user's ids and friends.
+        id_keep / friend_keep / id_vector_keep: augmentation masks (CCA-SSG views) for the user's
+            sparse ids, its friends and its user-id vector.
         friend_states: the friends' layer-1 states when already computed (augmented views and
             masked users share them with the main pass: their augmentations touch only the user).
         """
         own_node = {k[5:]: v for k, v in inputs.items() if k.startswith("self_")}
         own = (
-            self.encode_self(own_node, id_keep, training) if own_override is None else own_override
+            self.encode_self(own_node, id_keep, training, id_vector_keep)
+            if own_override is None
+            else own_override
         )
         if exclude is None:
             neighbourhood = self.encode_neighbourhood(own_node)

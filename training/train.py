@@ -40,6 +40,7 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
             "cca_lambda",
             "cca_fraction",
             "cca_projector_dim",
+            "cca_id_drop",
             "feature_drop",
             "neighbour_drop",
             "mae_fraction",
@@ -52,15 +53,24 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
     return LossConfig.for_objective(cfg.objective, **overrides)
 
 
-# Settings added after runs were cached; left out of a run's identity while at their default.
-ADDED_SETTINGS = ("cca_projector_dim",)
+# Settings added after runs were cached: the value every earlier run had, and the loss weight
+# they act through. A setting at that value, or whose loss is off, is left out of a run's
+# identity, so earlier runs (and every run it cannot change) keep their folders.
+ADDED_SETTINGS: dict[str, tuple[object, str]] = {
+    "cca_projector_dim": (0, "cca_weight"),
+    "cca_id_drop": (None, "cca_weight"),
+}
 
 
 def run_name(cfg: TrainingSettings) -> str:
     """The run folder: the model's identity, not its stopping rule, so that asking for more
     epochs (or more patience) continues the same run."""
-    defaults = TrainingSettings.model_fields
-    unset = {name for name in ADDED_SETTINGS if getattr(cfg, name) == defaults[name].default}
+    losses = loss_config(cfg)
+    unset = {
+        name
+        for name, (earlier, weight) in ADDED_SETTINGS.items()
+        if getattr(cfg, name) == earlier or getattr(losses, weight) == 0
+    }
     identity = cfg.model_dump_json(exclude={"epochs", "patience", *unset})
     digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
     return f"{cfg.objective}-seed{cfg.seed}-{digest}"
