@@ -136,7 +136,7 @@ def test_cca_id_drop_sets_the_views_user_id_augmentation(ctx):
     expected = float(cca_ssg_loss(view, view, same.loss_config.cca_lambda))
     got = float(same.cca_loss(query, candidate, friends, training=True))
     assert got == pytest.approx(expected, rel=1e-5)
-    dropped = SSMTLModel(tower, LossConfig.for_objective("cca", **rates), seed=1)
+    dropped = SSMTLModel(tower, LossConfig.for_objective("cca", cca_id_drop=None, **rates), seed=1)
     assert float(dropped.cca_loss(query, candidate, friends, training=True)) > expected + 1e-3
     # A run folder names the setting only where it changes the model: not for the baseline.
     for objective, differs in (("cca", True), ("ssmtl", True), ("baseline", False), ("mae", False)):
