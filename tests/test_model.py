@@ -28,7 +28,13 @@ from training.losses import cca_ssg_loss, scaled_cosine_error
 from training.model import LossConfig, SSMTLModel
 from training.pipeline import PairSampler, embed_all
 from training.tower import UserTower, transform_profile_tf
-from training.train import TrainingContext, loss_config, make_train_step, run_name
+from training.train import (
+    TrainingContext,
+    loss_config,
+    make_train_step,
+    read_run_config,
+    run_name,
+)
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -145,6 +151,19 @@ def test_cca_id_drop_sets_the_views_user_id_augmentation(ctx):
             for rate in (None, 0.0)
         }
         assert (len(names) == 2) == differs, objective
+
+
+def test_runs_from_before_an_added_setting_read_back_as_trained(tmp_path):
+    """A run folder written before ``cca_id_drop`` existed was trained with the tower's dropout in
+    the views (None), not today's default, and keeps its name."""
+    cfg = SMALL.model_copy(update={"objective": "ssmtl", "cca_id_drop": None})
+    old = json.loads(cfg.model_dump_json())
+    del old["cca_id_drop"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    read = read_run_config(tmp_path)
+    assert read.cca_id_drop is None and run_name(read) == run_name(cfg)
+    (tmp_path / "config.json").write_text(SMALL.model_dump_json())
+    assert read_run_config(tmp_path).cca_id_drop == SMALL.cca_id_drop == 0.0
 
 
 def test_training_steps_lower_the_loss(ctx):

@@ -32,7 +32,7 @@ class LossConfig:
     cca_projector_dim: int = 0
     # The user-id vector's drop rate in each CCA-SSG view; None: the tower's training-time
     # id dropout, drawn independently per view (so the views disagree on the id half the time,
-    # and the invariance term teaches the tower to ignore ids: worse on every graph tried).
+    # and the invariance term teaches the tower to ignore ids; docs/quality.md).
     cca_id_drop: float | None = 0.0
     feature_drop: float = 0.2
     neighbour_drop: float = 0.2

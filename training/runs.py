@@ -16,7 +16,7 @@ from training import evaluation as ev
 from training.features import sample_neighbours, tower_inputs
 from training.pipeline import embed_all
 from training.tower import UserTower
-from training.train import TrainingContext
+from training.train import TrainingContext, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def latest_run(ctx: TrainingContext, objective: str, seed: int | None = None) ->
     """The most recently finished run of an objective (and seed) for the dataset."""
     candidates = []
     for result in runs_dir(ctx).glob("*/result.json"):
-        cfg = TrainingSettings.model_validate_json((result.parent / "config.json").read_text())
+        cfg = read_run_config(result.parent)
         if cfg.objective == objective and (seed is None or cfg.seed == seed):
             candidates.append(result)
     if not candidates:
@@ -44,7 +44,7 @@ def latest_run(ctx: TrainingContext, objective: str, seed: int | None = None) ->
 
 def restore_tower(ctx: TrainingContext, run_dir: Path) -> tuple[UserTower, TrainingSettings]:
     """Rebuild a run's tower from its config and load its best weights."""
-    cfg = TrainingSettings.model_validate_json((run_dir / "config.json").read_text())
+    cfg = read_run_config(run_dir)
     tower = ctx.build_tower(cfg)
     rows = np.arange(min(2, len(ctx.table)))  # one tiny call builds the variables to restore
     tower(tower_inputs(ctx.table, rows, sample_neighbours(ctx.table, rows, cfg.fanout, None)))

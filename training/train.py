@@ -62,6 +62,14 @@ ADDED_SETTINGS: dict[str, tuple[object, str]] = {
 }
 
 
+def read_run_config(run_dir: Path) -> TrainingSettings:
+    """A run's settings as it was trained: a setting added after the run gets the value the run
+    actually had, not today's default."""
+    raw = json.loads((run_dir / "config.json").read_text())
+    earlier = {name: value for name, (value, _) in ADDED_SETTINGS.items() if name not in raw}
+    return TrainingSettings.model_validate({**raw, **earlier})
+
+
 def run_name(cfg: TrainingSettings) -> str:
     """The run folder: the model's identity, not its stopping rule, so that asking for more
     epochs (or more patience) continues the same run."""
