@@ -71,6 +71,8 @@ def test_the_result_with_more_seeds_wins_and_targets_are_judged(tmp_path: Path):
     text = markdown(list(results.values()))
     assert "| g/A | 1,000 | 500 (50) | 3 | 0.2000 | 0.2050 | 0.2500 | +2.5% [-2.5%, +7.5%]" in text
     assert "| g/B | met | missed | met | met |" in text
+    # A: +3 % cold-start meets the target by its point estimate only (CI -7 %, +13 %).
+    assert "| g/A | missed | met (CI includes 0) | missed | met |" in text
 
 
 def test_plot_is_written_and_bad_files_are_named(tmp_path: Path):
@@ -82,3 +84,12 @@ def test_plot_is_written_and_bad_files_are_named(tmp_path: Path):
     broken.write_text("{not json")
     with pytest.raises(ValueError, match=r"broken\.json: not a `friendrec bench quality` result"):
         load_results([broken])
+
+
+def test_a_graph_with_either_ablation_is_in_the_ablation_table(tmp_path: Path):
+    cca_only = _entry("g/C", 0.21, 0.10, objectives=("baseline", "ssmtl", "cca"))
+    source = _write(tmp_path / "c.json", [0, 1, 2], "2026-01-01", cca_only, _entry("g/D", 0.2, 0.1))
+    text = markdown(load_results([source]))
+    assert "| g/C | 3 | retrieval + CCA-SSG |" in text
+    assert "| g/C | 3 | retrieval + masked reconstruction |" not in text
+    assert "| g/D | 3 | SSMTL" not in text  # no ablation run: not in that table
