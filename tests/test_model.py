@@ -25,7 +25,7 @@ from training.features import (
     tower_inputs,
 )
 from training.losses import cca_ssg_loss, scaled_cosine_error
-from training.model import LossConfig, SSMTLModel
+from training.model import LossConfig, SSMTLModel, split_inputs
 from training.pipeline import PairSampler, embed_all
 from training.tower import UserTower, transform_profile_tf
 from training.train import (
@@ -79,10 +79,15 @@ def ctx(engb_store):
     return TrainingContext.load(settings, "twitch/ENGB")
 
 
+def first_batch(ctx) -> dict[str, tf.Tensor]:
+    """The first training batch of the SMALL settings (seed 0), as tensors."""
+    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, seed=0)
+    return {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
+
+
 def test_zero_auxiliary_weights_are_exactly_the_baseline(ctx):
     tower = ctx.build_tower(SMALL)
-    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, seed=0)
-    batch = {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
+    batch = first_batch(ctx)
     baseline = SSMTLModel(tower, LossConfig.for_objective("baseline"), seed=1)
     zeroed = SSMTLModel(
         tower, LossConfig.for_objective("ssmtl", cca_weight=0.0, mae_weight=0.0), seed=1
@@ -98,8 +103,7 @@ def test_cca_projector_is_trained_through_the_cca_loss_only(ctx):
     """With ``cca_projector_dim`` the CCA loss scores the projection: the projector gets gradients
     from it, the retrieval loss is untouched and the run keeps the settings' defaults' folder."""
     tower = ctx.build_tower(SMALL)
-    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, seed=0)
-    batch = {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
+    batch = first_batch(ctx)
     plain = SSMTLModel(tower, LossConfig.for_objective("cca"), seed=1)
     projected = SSMTLModel(tower, LossConfig.for_objective("cca", cca_projector_dim=16), seed=1)
     assert not hasattr(plain, "cca_projector")
@@ -124,11 +128,8 @@ def test_cca_id_drop_sets_the_views_user_id_augmentation(ctx):
     augmentation) both views are the same embedding, so the invariance term is at its optimum;
     with the tower's dropout (None) the views disagree on the user-id vector (a worse optimum)."""
     tower = ctx.build_tower(SMALL)
-    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, seed=0)
-    batch = {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
-    query, candidate = (
-        {k[2:]: v for k, v in batch.items() if k.startswith(side)} for side in ("q/", "c/")
-    )
+    batch = first_batch(ctx)
+    query, candidate = split_inputs(batch, "q/"), split_inputs(batch, "c/")
     friends = tower.friend_states(query, training=True)
     rates = {"feature_drop": 0.0, "neighbour_drop": 0.0, "cca_fraction": 1.0}
     same = SSMTLModel(tower, LossConfig.for_objective("cca", cca_id_drop=0.0, **rates), seed=1)
