@@ -63,6 +63,22 @@ def open_store(settings: Settings, dataset: str | None = None) -> FeatureStore:
     return FeatureStore(config=config)
 
 
+# The ValueProto kinds the contract's dtypes are stored as: read straight off the proto, the same
+# values Feast's general converter returns, at a fraction of its cost per value.
+_SCALAR_KINDS = frozenset({"int64_val", "float_val"})
+_LIST_KINDS = frozenset({"int64_list_val", "float_list_val"})
+
+
+def python_value(value: ValueProto) -> Any:
+    """A stored value as Python (``None`` when unset), as ``feast_value_type_to_python_type``."""
+    kind = value.WhichOneof("val")
+    if kind in _SCALAR_KINDS:
+        return getattr(value, kind)
+    if kind in _LIST_KINDS:
+        return list(getattr(value, kind).val)
+    return None if kind is None else feast_value_type_to_python_type(value)
+
+
 _VIEW_CACHE: weakref.WeakKeyDictionary[FeatureStore, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
@@ -123,7 +139,7 @@ def online_features(
         for user, (_, values) in zip(unique, read, strict=True):
             for name in names:
                 if values and name in values:
-                    found[user][name] = feast_value_type_to_python_type(values[name])
+                    found[user][name] = python_value(values[name])
     names = [n for view_names in grouped.values() for n in view_names]
     rows = []
     for user in (int(u) for u in user_ids):

@@ -68,21 +68,23 @@ def friend_aggregates(
         profile_mean = contract.transform_profile(scalars).sum(axis=0) / np.float32(degree)
     else:
         profile_mean = np.zeros(width, dtype=np.float32)
-    bag: dict[int, np.float32] = {}
-    for row in present:
-        ids = list(row[contract.SPARSE_IDS.name] or ())[: features.sparse_cap]
-        if not ids:
-            continue
-        weight = np.float32(1.0) / np.float32(len(ids))
-        for i in ids:
-            bag[int(i)] = bag.get(int(i), np.float32(0.0)) + weight
+    bags = [list(row[contract.SPARSE_IDS.name] or ())[: features.sparse_cap] for row in present]
+    bags = [ids for ids in bags if ids]
+    lengths = np.array([len(ids) for ids in bags], dtype=np.int64)
+    ids = np.fromiter((int(i) for b in bags for i in b), dtype=np.int64, count=int(lengths.sum()))
+    # Each friend's bag normalised to sum 1, summed in float32 in friend order (np.add.at is
+    # sequential and unbuffered), as a per-id Python loop would: ties must break the same way.
+    weights = np.repeat(np.float32(1.0) / lengths.astype(np.float32), lengths)
+    bag_ids, slot = np.unique(ids, return_inverse=True)
+    bag = np.zeros(len(bag_ids), dtype=np.float32)
+    np.add.at(bag, slot, weights)
     # Heaviest first, ties by the smaller id (as the batch job orders them).
-    top = sorted(bag.items(), key=lambda kv: (-kv[1], kv[0]))[: features.nbr_sparse_cap]
+    top = np.lexsort((bag_ids, -bag))[: features.nbr_sparse_cap]
     inv_degree = np.float32(1.0 / degree) if degree else np.float32(0.0)
     return {
         contract.DEGREE.name: degree,
         contract.FRIEND_IDS.name: [int(f) for f in sample],
-        contract.NBR_SPARSE_IDS.name: [i for i, _ in top],
-        contract.NBR_SPARSE_WEIGHTS.name: [float(np.float32(w * inv_degree)) for _, w in top],
+        contract.NBR_SPARSE_IDS.name: bag_ids[top].tolist(),
+        contract.NBR_SPARSE_WEIGHTS.name: (bag[top] * inv_degree).astype(np.float32).tolist(),
         contract.NBR_PROFILE_MEAN.name: [float(x) for x in profile_mean],
     }

@@ -8,6 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from feast.infra.online_stores.sqlite import SqliteOnlineStore
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import FloatList, Int64List
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.type_map import feast_value_type_to_python_type
 from feast_checks import assert_online_matches_offline, assert_reads_match_the_sdk, sample_users
 
 from feature_repo.definitions import FEAST_TYPES, build_definitions
@@ -16,7 +20,8 @@ from feature_repo.jobs.materialize import apply, materialize
 from friendrec import contract
 from friendrec.config import load_settings
 from friendrec.data.canonical import load_prepared, prepare
-from friendrec.feast_store import online_features, open_store, render_config
+from friendrec.feast_sqlite import MAX_KEYS, FriendrecSqliteOnlineStore
+from friendrec.feast_store import online_features, open_store, python_value, render_config
 from friendrec.paths import DatasetPaths
 
 pytestmark = pytest.mark.integration
@@ -26,6 +31,47 @@ def test_online_equals_offline_for_sampled_users_sqlite(engb_store):
     users = sample_users(engb_store, "twitch/ENGB", 60)
     assert_online_matches_offline(engb_store, "twitch/ENGB", users)
     assert_reads_match_the_sdk(open_store(engb_store, "twitch/ENGB"), users)
+
+
+def test_friendrec_sqlite_read_equals_feasts_own(engb_store):
+    """The embedded store's faster ``online_read`` returns what Feast's sqlite store returns,
+    over more keys than one SQL chunk, with duplicates, an unknown key and feature subsets."""
+    store = open_store(engb_store, "twitch/ENGB")
+    ours = store._get_provider().online_store
+    assert isinstance(ours, FriendrecSqliteOnlineStore)
+    users = [*range(MAX_KEYS + 100), 7, 10**12]
+    keys = [
+        EntityKeyProto(join_keys=[contract.JOIN_KEY], entity_values=[ValueProto(int64_val=u)])
+        for u in users
+    ]
+    for view, features in contract.VIEWS.items():
+        table = store.get_feature_view(view)
+        stock = SqliteOnlineStore().online_read(store.config, table, keys)
+        for requested in (None, [features[-1].name, features[0].name]):
+            read = ours.online_read(store.config, table, keys, requested)
+            assert len(read) == len(stock)
+            for (ts, values), (want_ts, want) in zip(read, stock, strict=True):
+                assert ts == want_ts
+                if want is None:
+                    assert values is None
+                    continue
+                names = requested or list(want)
+                assert values == {n: want[n] for n in names}
+        assert stock[-1] == (None, None) and stock[0][1] is not None
+
+
+def test_python_value_reads_values_as_feast_does():
+    cases = [
+        ValueProto(),
+        ValueProto(int64_val=-3),
+        ValueProto(float_val=0.25),
+        ValueProto(double_val=1.5),
+        ValueProto(int64_list_val=Int64List(val=[3, 1])),
+        ValueProto(float_list_val=FloatList(val=[0.5])),
+        ValueProto(int64_list_val=Int64List()),
+    ]
+    for value in cases:
+        assert python_value(value) == feast_value_type_to_python_type(value), value
 
 
 def test_unknown_feature_references_are_rejected(engb_store):
