@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from friendrec import contract
+from friendrec.config import load_settings
 from friendrec.data.canonical import load_prepared
 from friendrec.feast_store import online_features, open_store
 from friendrec.friend_aggregates import RequestFeatures, friend_aggregates
@@ -47,6 +48,24 @@ def test_friend_aggregates_equal_the_batch_job(engb_store):
         assert got["nbr_sparse_ids"] == list(want["nbr_sparse_ids"]), user
         np.testing.assert_allclose(got["nbr_sparse_weights"], want["nbr_sparse_weights"], rtol=1e-5)
         np.testing.assert_allclose(got["nbr_profile_mean"], want["nbr_profile_mean"], atol=1e-5)
+
+
+def test_friend_aggregates_on_a_hand_made_neighbourhood():
+    """Bags normalised per friend, summed, ties broken by the smaller id, a duplicate id counted
+    twice, a friend without a row counted in the degree only."""
+    features = load_settings().features.model_copy(update={"nbr_sparse_cap": 3})
+    rows = {
+        f: {**{n: 0.0 for n in contract.PROFILE_SCALAR_NAMES}, "sparse_ids": ids}
+        for f, ids in {1: [7, 2], 2: [2, 7], 3: [9, 9, 4, 4], 4: []}.items()
+    }
+    got = friend_aggregates(0, [1, 2, 3, 4, 5], rows, features, seed=0)
+    # 2 and 7: 0.5 + 0.5; 4 and 9: 0.25 + 0.25; degree 5
+    assert got["degree"] == 5
+    assert got["nbr_sparse_ids"] == [2, 7, 4]
+    assert got["nbr_sparse_weights"] == np.float32([0.2, 0.2, 0.1]).tolist()
+    assert got["nbr_profile_mean"] == [0.0] * len(contract.PROFILE_SCALARS)
+    lonely = friend_aggregates(0, [], {}, features, seed=0)
+    assert lonely["degree"] == 0 and lonely["nbr_sparse_ids"] == lonely["friend_ids"] == []
 
 
 def test_request_features_reproduce_a_known_users_inputs(engb_store):
