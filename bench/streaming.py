@@ -215,6 +215,19 @@ def batch_seconds(proc: WorkerProcess) -> tuple[float, float]:
     return total, count
 
 
+def cpu_budget(cpu_s: dict[str, float], friendships: int, rate: float) -> dict[str, Any]:
+    """CPU milliseconds each process spent per friendship at full speed, and the cores the whole
+    chain would need at ``rate`` friendships/s at that cost: what the throughput target asks of
+    the machine, whatever the processes' scheduling."""
+    per = {name: 1000.0 * seconds / friendships for name, seconds in cpu_s.items()}
+    total = sum(per.values())
+    return {
+        "cpu_ms_per_friendship": {k: round(v, 2) for k, v in per.items()},
+        "cpu_ms_per_friendship_total": round(total, 2),
+        "cores_needed_at_target": round(total * rate / 1000.0, 2),
+    }
+
+
 def run(settings: Settings, cfg: StreamingBenchConfig, output: Path) -> dict[str, Any]:
     import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
     from bench.quality import ensure_features
@@ -299,6 +312,7 @@ def run(settings: Settings, cfg: StreamingBenchConfig, output: Path) -> dict[str
             "worker_cpu_share": {k: round(v / seconds, 2) for k, v in cpu.items()},
             "worker_batches": batches,
             "removals_per_s": round(cfg.events / removal_s, 1),
+            **cpu_budget(cpu, cfg.events, TARGETS["friendships_per_s"]),
         }
 
         sinks = [w for w in workers if w.worker == "milvus-sink"]
@@ -361,8 +375,15 @@ def print_table(result: dict[str, Any]) -> None:
     )
     table.add_row("  (Kafka messages/s)", f"{2 * t['friendships_per_s']:.0f}", "")
     table.add_row("removals/s end to end", f"{t['removals_per_s']:.0f}", "")
+    per = t["cpu_ms_per_friendship"]
     for name, share in t["worker_cpu_share"].items():
-        table.add_row(f"  {name} CPU (cores)", f"{share:.2f}", "")
+        table.add_row(f"  {name} CPU: cores, ms/friendship", f"{share:.2f}, {per[name]:.2f}", "")
+    cores = result["machine"]["cpus"]
+    table.add_row(
+        f"CPU needed at {TARGETS['friendships_per_s']:.0f}/s (cores)",
+        f"{t['cores_needed_at_target']:.1f}",
+        f"<= {cores} (this machine)",
+    )
     for f in result["freshness"]:
         at = f"@ {f['rate_achieved']:.0f}/s"
         table.add_row(f"freshness p50 {at}", f"{f['p50_s']:.3f} s", "")

@@ -168,6 +168,15 @@ def test_bucket_percentiles_interpolate_within_a_bucket():
     assert bucket_percentile(before, after, 0.75) == pytest.approx(0.75)
 
 
+def test_cpu_budget_scales_the_measured_cost_to_the_target_rate():
+    from bench.streaming import cpu_budget
+
+    budget = cpu_budget({"updater": 3.0, "broker": 1.0}, friendships=2000, rate=1000.0)
+    assert budget["cpu_ms_per_friendship"] == {"updater": 1.5, "broker": 0.5}
+    assert budget["cpu_ms_per_friendship_total"] == 2.0
+    assert budget["cores_needed_at_target"] == 2.0
+
+
 def test_refresher_inputs_equal_the_serving_feature_path(engb_store):
     """The refresher reads each row once; the tensors must be the serving path's, bit for bit."""
     from friendrec.feast_store import open_store
