@@ -1,11 +1,11 @@
 """Feast's sqlite online store with a faster ``online_read``. This is the embedded default
 (``feature_repo/feature_store.yaml``: ``type: friendrec.feast_sqlite.FriendrecSqliteOnlineStore``).
 
-The stock read costs about 10 µs of Python per stored value. Most of it goes to the sqlite3
-timestamp converter Feast registers, which turns every row's ``event_ts`` into a ``datetime``.
-Grouping and sorting rows that are only looked up by key cost more. Because it also reads every
-feature of a view whatever was requested, it bounded the streaming refresher, which reads users
-and their sampled friends for every refresh.
+The stock read costs about 10 µs of Python per stored value: the sqlite3 timestamp converter Feast
+registers turns every row's ``event_ts`` into a ``datetime``, the rows are sorted and grouped
+although they are only looked up by key, and every feature of the view is read whatever was
+requested. That bounded the streaming refresher, which reads the users it refreshes and their
+sampled friends (streaming/README.md).
 
 This read gets the same rows from the same table that Feast writes (writes, materialization,
 ``update`` and ``teardown`` are all inherited unchanged). It differs in four ways:
