@@ -103,6 +103,7 @@ def evaluate_dataset(
     per_seed: dict[str, list[dict[str, np.ndarray]]] = {o: [] for o in objectives}
     step_seconds: dict[str, list[float]] = {o: [] for o in objectives}
     val_recall: dict[str, list[float]] = {o: [] for o in objectives}
+    popularity: dict[str, list[np.ndarray]] = {o: [] for o in objectives}
     curves: dict[str, dict[str, dict[int, float]]] = {}
     for seed in seeds:
         for objective in objectives:
@@ -115,6 +116,7 @@ def evaluate_dataset(
             emb = embed_all(tower, ctx.table, cfg.fanout)
             topk = ev.topk_from_embeddings(emb, evalset)
             per_seed[objective].append(ev.per_user_metrics(topk, evalset, ks=KS))
+            popularity[objective].append(ev.retrieved_popularity(topk, evalset))
             if seed == seeds[0]:  # the Recall@K plot shows the first seed's curves
                 curves[objective] = ev.recall_curve(topk, evalset)
             step_seconds[objective].append(result.step_seconds)
@@ -133,6 +135,9 @@ def evaluate_dataset(
     }
     fixed = baseline_topks(evalset, settings.data.seed)
     per_user.update({n: ev.per_user_metrics(t, evalset, ks=KS) for n, t in fixed.items()})
+    retrieved = {o: np.mean(runs, axis=0) for o, runs in popularity.items()}
+    retrieved.update({n: ev.retrieved_popularity(t, evalset) for n, t in fixed.items()})
+    retrieved["heldout_friends"] = ev.heldout_popularity(evalset)
     results = {n: ev.summarise_slices(m, evalset) for n, m in per_user.items()}
     comparisons = compare_to(per_user, evalset, "baseline")
     curves.update({n: ev.recall_curve(t, evalset) for n, t in fixed.items()})
@@ -149,6 +154,11 @@ def evaluate_dataset(
             o: [float(np.mean(run["recall@50"])) for run in runs] for o, runs in per_seed.items()
         },
         "val_recall50": val_recall,
+        # mean log(1 + training degree) of the top 50 per method, and of the true held-out friends
+        "popularity@50": {
+            name: {m: float(np.nanmean(v[mask])) for m, v in retrieved.items()}
+            for name, mask in evalset.slice_masks().items()
+        },
         "train_step_seconds": {o: float(np.median(v)) for o, v in step_seconds.items()},
         "step_seconds": interleaved,
         "step_ratio_vs_baseline": {o: t / interleaved["baseline"] for o, t in interleaved.items()},

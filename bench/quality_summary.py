@@ -177,8 +177,35 @@ def markdown(results: list[GraphResult]) -> str:
                     f"{_cell(r.comparison(m, 'all'))} | {_cell(r.comparison(m, 'cold_start'))} | "
                     f"{'n/a' if ratio is None else f'{ratio:.2f}'} |"
                 )
+    lines += _popularity_table(results)
     lines += ["", "Sources: " + ", ".join(sorted({f"`{r.source}`" for r in results}))]
     return "\n".join(lines) + "\n"
+
+
+def _popularity_table(results: list[GraphResult]) -> list[str]:
+    """Mean log(1 + training degree) of what each method puts in the top 50, beside that of the
+    true held-out friends, per slice (graphs measured since `bench quality` records it)."""
+    measured = [r for r in results if "popularity@50" in r.entry]
+    if not measured:
+        return []
+    methods = ("baseline", *METHODS, "adamic_adar")
+    lines = [
+        "",
+        "Popularity of the top 50: mean log(1 + training degree) of the retrieved users, and of "
+        "the held-out friends they should find.",
+        "",
+        "| graph | slice | held-out friends | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---|---|---:|" + "---:|" * len(methods),
+    ]
+    for r in measured:
+        for slice_name, values in r.entry["popularity@50"].items():
+            cells = [f"{values[m]:.2f}" if m in values else "n/a" for m in methods]
+            lines.append(
+                f"| {r.dataset} | {slice_name} | {values['heldout_friends']:.2f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return lines
 
 
 def plot(results: list[GraphResult], path: Path) -> None:

@@ -60,7 +60,7 @@ def test_feature_store_yaml_template_renders_per_dataset(settings):
         "provider": "local",
         "offline_store": {"type": "duckdb"},
         "online_store": {
-            "type": "sqlite",
+            "type": "friendrec.feast_sqlite.FriendrecSqliteOnlineStore",
             "path": str(settings.workdir / "feast" / "synthetic_1000" / "online.db"),
         },
         "entity_key_serialization_version": 3,

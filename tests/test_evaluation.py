@@ -17,9 +17,11 @@ from friendrec.paths import DatasetPaths
 from training.evaluation import (
     EvalSet,
     adamic_adar_topk_with_scores,
+    heldout_popularity,
     paired_bootstrap,
     per_user_metrics,
     recall_curve,
+    retrieved_popularity,
     summarise,
     summarise_slices,
     topk_adamic_adar,
@@ -115,6 +117,21 @@ def test_metrics_on_hand_example():
     assert per_user_metrics(topk, evalset, ks=(1,), ndcg_k=1)["ndcg@1"][1] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="columns"):
         per_user_metrics(topk, evalset, ks=(10,), ndcg_k=4)
+
+
+def test_popularity_of_retrieved_and_heldout_friends():
+    # Training degrees: user 0 has 3, users 1..3 have 1, the rest 0.
+    evalset = _hand_evalset(6, train=[(0, 1), (0, 2), (0, 3)], held=[(0, 4), (1, 5), (4, 1)])
+    assert evalset.queries.tolist() == [0, 1, 4, 5]
+    topk = np.array([[1, 2], [0, -1], [-1, -1], [5, 0]])
+    got = retrieved_popularity(topk, evalset, k=2)
+    want = [math.log(2), math.log(4), math.nan, math.log(4) / 2]
+    np.testing.assert_allclose(got, want)
+    assert retrieved_popularity(topk, evalset, k=1)[3] == 0.0  # user 5 has degree 0
+    # held out: user 0 -> {4}; user 1 -> {5}; user 4 -> {0, 1}; user 5 -> {1}
+    np.testing.assert_allclose(
+        heldout_popularity(evalset), [0.0, 0.0, (math.log(4) + math.log(2)) / 2, math.log(2)]
+    )
 
 
 def test_cold_start_slice_and_recall_curve():

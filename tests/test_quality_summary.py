@@ -93,3 +93,15 @@ def test_a_graph_with_either_ablation_is_in_the_ablation_table(tmp_path: Path):
     assert "| g/C | 3 | retrieval + CCA-SSG |" in text
     assert "| g/C | 3 | retrieval + masked reconstruction |" not in text
     assert "| g/D | 3 | SSMTL" not in text  # no ablation run: not in that table
+
+
+def test_popularity_of_the_top_50_is_tabled_where_recorded(tmp_path: Path):
+    recorded = _entry("g/E", 0.21, 0.10)
+    recorded["popularity@50"] = {
+        "all": {"baseline": 3.1, "ssmtl": 3.2, "adamic_adar": 4.4, "heldout_friends": 4.0},
+        "cold_start": {"baseline": 1.7, "ssmtl": 1.6, "adamic_adar": 3.5, "heldout_friends": 4.1},
+    }
+    source = _write(tmp_path / "e.json", [0], "2026-01-01", recorded, _entry("g/F", 0.2, 0.1))
+    text = markdown(load_results([source]))
+    assert "| g/E | cold_start | 4.10 | 1.70 | 1.60 | n/a | n/a | 3.50 |" in text
+    assert "| g/F | all |" not in text  # measured before the column existed: left out

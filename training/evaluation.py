@@ -315,6 +315,27 @@ def per_user_metrics(
     return metrics
 
 
+def retrieved_popularity(topk: np.ndarray, evalset: EvalSet, k: int = 50) -> np.ndarray:
+    """Per query: the mean log(1 + training degree) of its top-k candidates. A diagnostic, not a
+    quality metric: it shows whether a retriever leans towards popular users or away from them.
+    Empty slots are skipped; a query with none retrieved is NaN."""
+    top = topk[:, :k]
+    valid = top >= 0
+    logs = np.log1p(evalset.train_degree[np.where(valid, top, 0)].astype(np.float64))
+    count = valid.sum(axis=1)
+    total = np.where(valid, logs, 0.0).sum(axis=1)
+    return np.divide(total, count, out=np.full(len(top), np.nan), where=count > 0)
+
+
+def heldout_popularity(evalset: EvalSet) -> np.ndarray:
+    """Per query: the mean log(1 + training degree) of its held-out friends, what a retriever
+    would have to match for ``retrieved_popularity`` to look like the truth."""
+    held = evalset.heldout
+    logs = np.log1p(evalset.train_degree[held.indices].astype(np.float64))
+    rows = np.repeat(np.arange(evalset.num_queries), np.diff(held.indptr))
+    return np.bincount(rows, weights=logs, minlength=evalset.num_queries) / evalset.heldout_count
+
+
 def recall_curve(
     topk: np.ndarray, evalset: EvalSet, max_k: int = 100
 ) -> dict[str, dict[int, float]]:
