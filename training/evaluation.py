@@ -330,10 +330,8 @@ def retrieved_popularity(topk: np.ndarray, evalset: EvalSet, k: int = 50) -> np.
 def heldout_popularity(evalset: EvalSet) -> np.ndarray:
     """Per query: the mean log(1 + training degree) of its held-out friends, what a retriever
     would have to match for ``retrieved_popularity`` to look like the truth."""
-    held = evalset.heldout
-    logs = np.log1p(evalset.train_degree[held.indices].astype(np.float64))
-    rows = np.repeat(np.arange(evalset.num_queries), np.diff(held.indptr))
-    return np.bincount(rows, weights=logs, minlength=evalset.num_queries) / evalset.heldout_count
+    logs = np.log1p(evalset.train_degree.astype(np.float64))
+    return (evalset.heldout @ logs) / evalset.heldout_count
 
 
 def recall_curve(
