@@ -1,7 +1,7 @@
 """Feast's sqlite online store with a faster ``online_read``. This is the embedded default
 (``feature_repo/feature_store.yaml``: ``type: friendrec.feast_sqlite.FriendrecSqliteOnlineStore``).
 
-The stock read costs about 10 µs of Python per stored value: the sqlite3 timestamp converter Feast
+The stock read spends its time in Python per stored value: the sqlite3 timestamp converter Feast
 registers turns every row's ``event_ts`` into a ``datetime``, the rows are sorted and grouped
 although they are only looked up by key, and every feature of the view is read whatever was
 requested. That bounded the streaming refresher, which reads the users it refreshes and their
