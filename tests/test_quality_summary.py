@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.quality_summary import load_results, markdown, plot, verdicts
+from bench.quality_summary import chosen_on_validation, load_results, markdown, plot, verdicts
 
 TARGETS = {"relative_recall50_gain": {"all": 0.05, "cold_start": 0.02}, "max_step_ratio": 1.5}
 
@@ -105,3 +105,43 @@ def test_popularity_of_the_top_50_is_tabled_where_recorded(tmp_path: Path):
     text = markdown(load_results([source]))
     assert "| g/E | cold_start | 4.10 | 1.70 | 1.60 | n/a | n/a | 3.50 |" in text
     assert "| g/F | all |" not in text  # measured before the column existed: left out
+
+
+def test_auxiliary_weights_are_chosen_on_validation_and_judged_on_test(tmp_path: Path):
+    entry = _entry("g/G", 0.20, 0.10, objectives=("baseline", "ssmtl", "cca", "mae"))
+    # masked reconstruction: best on validation, +6 % all and +10 % cold-start on test
+    entry["results"]["mae"] = _slices(0.212, 0.11)
+    entry["comparisons"] += [
+        {"a": "mae", "b": "baseline", "metric": "recall@50", "slice": s, "diff": d,
+         "lo": d - 0.005, "hi": d + 0.005}
+        for s, d in (("all", 0.012), ("cold_start", 0.01))
+    ]  # fmt: skip
+    entry["step_ratio_vs_baseline"]["mae"] = 1.05
+    entry["val_recall50"] = {
+        "baseline": [0.30, 0.32],
+        "ssmtl": [0.33, 0.29],  # 0.31
+        "cca": [0.28, 0.30],  # 0.29
+        "mae": [0.32, 0.31],  # 0.315: chosen, although a single seed of SSMTL is higher
+    }
+    no_choice = _entry("g/H", 0.21, 0.10)
+    no_choice["val_recall50"] = {"baseline": [0.3], "ssmtl": [0.31]}
+    two = _entry("g/I", 0.21, 0.10, objectives=("baseline", "ssmtl", "cca"))
+    two["val_recall50"] = {"baseline": [0.3], "ssmtl": [0.31], "cca": [0.32]}
+    source = _write(tmp_path / "g.json", [0, 1], "2026-01-01", entry, no_choice, two)
+    results = {r.dataset: r for r in load_results([source])}
+    assert chosen_on_validation(results["g/G"]) == "mae"
+    assert chosen_on_validation(results["g/H"]) is None  # SSMTL alone: nothing to choose from
+    assert chosen_on_validation(results["g/I"]) == "cca"  # of the two run
+    assert verdicts(results["g/G"], "mae") == {
+        "gain_all": True,  # +6 %
+        "gain_cold_start": True,  # +10 %
+        "above_adamic_adar": False,  # 0.212 < 0.25
+        "step_ratio": True,
+    }
+    text = markdown(list(results.values()))
+    assert (
+        "| g/G | 2 | 0.3100 / 0.3100 / 0.2900 / 0.3150 | retrieval + masked reconstruction |"
+        " +6.0% [+3.5%, +8.5%] | +10.0% [+5.0%, +15.0%] | met | met | missed |" in text
+    )
+    assert "| g/H | 2 | 0.3000" not in text
+    assert "| g/I | 2 | 0.3000 / 0.3100 / 0.3200 / n/a | retrieval + CCA-SSG |" in text
