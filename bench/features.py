@@ -475,14 +475,21 @@ def _redis_client(address: str):
     return redis.Redis(host=host, port=int(port))
 
 
-def _check_online(store: Any, user_ids: np.ndarray, rng: np.random.Generator) -> None:
-    """Fail loudly if sampled users did not land online (a fast wrong run is no result)."""
+def _check_online(
+    store: Any, user_ids: np.ndarray, rng: np.random.Generator, features: contract.Contract
+) -> None:
+    """Fail loudly if sampled users did not land online (a fast wrong run is no result): the
+    dataset's first profile feature and the degree must be there."""
     sample = rng.choice(user_ids, size=min(_SANITY_USERS, len(user_ids)), replace=False)
+    names = {
+        contract.PROFILE_VIEW: features.profile_features[0].name,
+        contract.GRAPH_VIEW: contract.DEGREE.name,
+    }
     response = store.get_online_features(
-        features=[f"{contract.PROFILE_VIEW}:views", f"{contract.GRAPH_VIEW}:degree"],
+        features=[f"{view}:{name}" for view, name in names.items()],
         entity_rows=[{contract.JOIN_KEY: int(u)} for u in sample],
     ).to_dict()
-    missing = sum(v is None for name in ("views", "degree") for v in response[name])
+    missing = sum(v is None for name in names.values() for v in response[name])
     if missing:
         raise RuntimeError(f"{missing} sampled feature values are missing after materialization")
 
@@ -514,7 +521,8 @@ def materialize_once(
         sqlite_path(paths, variant).unlink(missing_ok=True)
     started = time.perf_counter()
     store = open_variant_store(vsettings, paths, variant)
-    store.apply(build_definitions(paths).objects())
+    features = contract.load(paths.data_dir)
+    store.apply(build_definitions(paths, features).objects())
     apply_s = time.perf_counter() - started
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -538,7 +546,7 @@ def materialize_once(
             wall[view] = time.perf_counter() - started
             cpu[view] = time.process_time() - cpu_started
     redis_cpu_after = _redis_cpu_s(redis_address)
-    _check_online(store, user_ids, np.random.default_rng(0))
+    _check_online(store, user_ids, np.random.default_rng(0), features)
     if redis_address is not None:
         keys = _redis_client(redis_address).dbsize()
         if keys != len(user_ids):
@@ -818,10 +826,11 @@ def entity_batches(paths: DatasetPaths, count: int, entities: int, seed: int) ->
     return batches
 
 
-def sdk_readers(store: Any) -> dict[str, Callable[[list[int]], Any]]:
-    """`store.get_online_features` with the serving refs. Its response wraps the same proto the
-    gRPC server sends; `.to_dict()` is what a Python caller then pays to use the values."""
-    refs = contract.feature_refs()
+def sdk_readers(store: Any, features: contract.Contract) -> dict[str, Callable[[list[int]], Any]]:
+    """`store.get_online_features` with the serving refs (of the dataset's contract ``features``).
+    Its response wraps the same proto the gRPC server sends; `.to_dict()` is what a Python caller
+    then pays to use the values."""
+    refs = features.feature_refs()
 
     def sdk(ids: list[int]) -> Any:
         return store.get_online_features(
@@ -831,10 +840,13 @@ def sdk_readers(store: Any) -> dict[str, Callable[[list[int]], Any]]:
     return {"sdk": sdk, "sdk+to_dict": lambda ids: sdk(ids).to_dict()}
 
 
-def grpc_reader(channel: Any, probe: list[int]) -> Callable[[list[int]], Any]:
-    """GetOnlineFeatures on `feast listen` with the serving refs (the request grpc_server.py
-    expects: a FeatureList and the entity column as a RepeatedValue). ``probe``: known users
-    whose values must come back PRESENT before any timing (a wrong project fails here)."""
+def grpc_reader(
+    channel: Any, probe: list[int], features: contract.Contract
+) -> Callable[[list[int]], Any]:
+    """GetOnlineFeatures on `feast listen` with the serving refs of the dataset's contract
+    ``features`` (the request grpc_server.py expects: a FeatureList and the entity column as a
+    RepeatedValue). ``probe``: known users whose values must come back PRESENT before any timing
+    (a wrong project fails here)."""
     from feast.protos.feast.serving.GrpcServer_pb2_grpc import GrpcFeatureServerStub
     from feast.protos.feast.serving.ServingService_pb2 import (
         FeatureList,
@@ -844,7 +856,7 @@ def grpc_reader(channel: Any, probe: list[int]) -> Callable[[list[int]], Any]:
     from feast.protos.feast.types.Value_pb2 import RepeatedValue, Value
 
     stub = GrpcFeatureServerStub(channel)
-    refs = FeatureList(val=contract.feature_refs())
+    refs = FeatureList(val=features.feature_refs())
 
     def call(ids: list[int]) -> Any:
         entities = RepeatedValue(val=[Value(int64_val=u) for u in ids])
@@ -927,6 +939,7 @@ def measure_latency(
     )
     groups: list[dict[Reader, ReadFn]] = []
     grpc_group: dict[Reader, ReadFn] = {}
+    features = contract.load(paths.data_dir)
     with contextlib.ExitStack() as stack:
         for kind, variant in kinds:
             vsettings = variant_settings(settings, variant, redis_address)
@@ -937,9 +950,9 @@ def measure_latency(
                 feast_listen(feast_dir, log_dir / f"feast-listen-{kind}.log")
             )
             channel = stack.enter_context(grpc.insecure_channel(address))
-            sdk = sdk_readers(open_store(vsettings, paths.name))
+            sdk = sdk_readers(open_store(vsettings, paths.name), features)
             groups.append({(path, kind): read for path, read in sdk.items()})
-            grpc_group[("grpc", kind)] = grpc_reader(channel, batches[max(batches)][0])
+            grpc_group[("grpc", kind)] = grpc_reader(channel, batches[max(batches)][0], features)
         groups.append(grpc_group)
         log.info("timing Feast SDK and feast listen reads on sqlite and redis ...")
         samples = time_readers(groups, batches, config.warmup)

@@ -27,7 +27,7 @@ import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from feature_repo.jobs.graph_features import build_features
 from feature_repo.jobs.materialize import apply
 from friendrec.config import Settings
-from friendrec.data.canonical import available_twitch_languages, prepare
+from friendrec.data.canonical import files_present, prepare
 from friendrec.paths import DatasetPaths
 from training import evaluation as ev
 from training.pipeline import embed_all
@@ -40,7 +40,11 @@ TARGETS = {"all": 0.05, "cold_start": 0.02}  # relative Recall@50 gain of SSMTL 
 
 
 def all_datasets(settings: Settings) -> list[str]:
-    twitch = [f"twitch/{lang}" for lang in available_twitch_languages(settings.datasets_dir)]
+    """Every Twitch graph whose files are here (the shipped schema's variants), then GitHub."""
+    from friendrec.schema import resolve
+
+    variants = resolve("twitch/ENGB").schema_.variants or []
+    twitch = [f"twitch/{v}" for v in variants if files_present(settings, f"twitch/{v}")]
     return [*twitch, "github"]
 
 

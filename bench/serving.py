@@ -256,7 +256,9 @@ def copy_live_index(source: Settings, target: Settings, users: np.ndarray) -> di
     start = time.perf_counter()
     live, ids, vectors = live_vectors(source, users)
     with EmbeddingIndex.connect(target) as dst:
-        collection = dst.create_version(live.model_version, vectors.shape[1], live.dataset)
+        collection = dst.create_version(
+            live.model_version, vectors.shape[1], live.dataset, schema_hash=live.schema_hash
+        )
         for lo in range(0, len(ids), 10_000):
             dst.insert(
                 collection, ids[lo : lo + 10_000], vectors[lo : lo + 10_000], live.model_version

@@ -33,14 +33,22 @@ class DataSettings(BaseModel):
     """Which graph is active and how its friendships are timed and split."""
 
     dataset: str = Field(
-        "twitch/ENGB", description="Active dataset: twitch/<LANG>, github or synthetic:<N>."
+        "twitch/ENGB",
+        description="Active dataset: a shipped schema's short name (twitch/<LANG>, github, "
+        "synthetic:<N>) or the name of a dataset prepared from a schema file.",
+    )
+    schema_file: Path | None = Field(
+        None, description="A data schema YAML (your own users and friendships); see docs/data.md."
     )
     seed: int = Field(42, description="Seed for timestamps, the split and the synthetic generator.")
     timeline_start: int = Field(
-        DEFAULT_TIMELINE_START, description="Unix seconds of the first friendship."
+        DEFAULT_TIMELINE_START,
+        description="Unix seconds of the first friendship (graphs without a timestamp column).",
     )
     timeline_days: int = Field(
-        365, gt=0, description="Friendships are spread evenly over this many days."
+        365,
+        gt=0,
+        description="Friendships are spread evenly over this many days (no timestamp column).",
     )
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.10, ge=0.0, lt=1.0)
@@ -266,7 +274,21 @@ class StreamingSettings(BaseModel):
     )
     metrics_port: int = Field(0, ge=0, lt=65536, description="Worker /metrics port (0: off).")
     metrics_host: str = Field(
-        "0.0.0.0", description="Worker /metrics bind address (Prometheus scrapes containers)."
+        "127.0.0.1",
+        description="Worker /metrics bind address: loopback by default; production configs "
+        "(infra/config/production.yaml, the k8s configmap) bind 0.0.0.0 for Prometheus.",
+    )
+    sink_flush_rows: int = Field(
+        1000,
+        gt=0,
+        description="The Milvus sink flushes the live collection after this many upserted rows: "
+        "unflushed (growing) rows are searched by brute force, which made search ~6x slower "
+        "after a 1,000-friendship replay until a manual flush.",
+    )
+    sink_flush_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="... or this long after the first row not yet flushed, whichever comes first.",
     )
 
 

@@ -12,16 +12,41 @@ class FriendrecError(Exception):
 class DataValidationError(FriendrecError):
     """A raw dataset file is malformed; names the file and, where there is one, the line."""
 
-    def __init__(self, path: Path | str, reason: str, line: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        reason: str,
+        line: int | None = None,
+        column: str | None = None,
+        *,
+        where: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.line = line
+        self.column = column
         self.reason = reason
-        where = f"{self.path}:{line}" if line is not None else str(self.path)
-        super().__init__(f"{where}: {reason}")
+        location = f"{self.path}:{line}" if line is not None else str(self.path)
+        if where:  # e.g. "row group 3, row 17" for parquet
+            location = f"{location} ({where})"
+        if column:
+            location = f"{location}: column {column!r}"
+        super().__init__(f"{location}: {reason}")
 
 
 class UnknownDatasetError(FriendrecError):
-    """The dataset name is not one of twitch/<LANG>, github, synthetic:<N>."""
+    """The dataset name is not a shipped schema (NAME[/VARIANT]) and no schema file was given."""
+
+
+class DatasetMissingError(FriendrecError):
+    """A schema's files are not on this machine; the message says where and how to get them."""
+
+
+class SchemaError(FriendrecError):
+    """A schema YAML is malformed or inconsistent; names the file and the field."""
+
+
+class ContractMismatchError(FriendrecError):
+    """A model or feature set was built for another schema (its hash differs)."""
 
 
 class NotPreparedError(FriendrecError):

@@ -1,5 +1,6 @@
 """Opening the Feast feature store from the shared settings, and reading online features with the
-contract's defaults. Used by the feature jobs, the CLI, training, serving and streaming alike.
+defaults of the dataset's contract. Used by the feature jobs, the CLI, training, serving and
+streaming alike.
 
 Each prepared dataset gets its own Feast project (``friendrec_<slug>``): its own registry and
 sqlite file, or its own key namespace in a shared Redis.
@@ -19,8 +20,8 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import feast_value_type_to_python_type
 
-from friendrec import contract
 from friendrec.config import FEATURE_REPO_DIR, Settings
+from friendrec.contract import JOIN_KEY, Contract
 from friendrec.paths import DatasetPaths
 
 TEMPLATE = FEATURE_REPO_DIR / "feature_store.yaml"
@@ -82,21 +83,22 @@ def python_value(value: ValueProto) -> Any:
 _VIEW_CACHE: weakref.WeakKeyDictionary[FeatureStore, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def _views(store: FeatureStore) -> dict[str, Any]:
+def _views(store: FeatureStore, contract: Contract) -> dict[str, Any]:
     """The contract's feature views of ``store``, fetched from its registry once per store."""
     cached = _VIEW_CACHE.get(store)
     if cached is None:
-        cached = {name: store.get_feature_view(name) for name in contract.VIEWS}
+        cached = {name: store.get_feature_view(name) for name in contract.views}
         _VIEW_CACHE[store] = cached
     return cached
 
 
-def _group_refs(refs: Sequence[str]) -> dict[str, list[str]]:
+def _group_refs(refs: Sequence[str], contract: Contract) -> dict[str, list[str]]:
     """``view:feature`` references -> {view: [feature, ...]}, rejecting what the contract lacks."""
+    views = contract.views
     grouped: dict[str, list[str]] = {}
     for ref in refs:
         view, _, name = ref.partition(":")
-        if view not in contract.VIEWS or name not in {f.name for f in contract.VIEWS[view]}:
+        if view not in views or name not in {f.name for f in views[view]}:
             raise ValueError(
                 f"unknown feature reference {ref!r}; the contract has {contract.feature_refs()}"
             )
@@ -107,9 +109,14 @@ def _group_refs(refs: Sequence[str]) -> dict[str, list[str]]:
 def online_features(
     store: FeatureStore,
     user_ids: Sequence[int],
-    features: Sequence[str] | None = None,
+    refs: Sequence[str] | None = None,
+    *,
+    contract: Contract,
 ) -> list[dict[str, Any]]:
     """Online features per user, in request order, with the contract defaults filled in.
+
+    ``refs`` are ``view:feature`` references (default: every feature of ``contract``, the
+    dataset's contract, loaded once per process by the caller).
 
     Users the online store has never seen are not an error: they come back with every feature at
     its contract default and ``known = False`` (a user is known when any view has a row for it).
@@ -120,15 +127,15 @@ def online_features(
     more CPU than the read itself and bounded the streaming chain. The contract's views never expire
     (``ttl=0``), so there is no max-age status to lose; a test compares both paths value by value.
     """
-    grouped = _group_refs(list(features) if features else contract.feature_refs())
+    grouped = _group_refs(list(refs) if refs else contract.feature_refs(), contract)
     unique = list(dict.fromkeys(int(u) for u in user_ids))
     keys = [
-        EntityKeyProto(join_keys=[contract.JOIN_KEY], entity_values=[ValueProto(int64_val=u)])
+        EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(int64_val=u)])
         for u in unique
     ]
     found: dict[int, dict[str, Any]] = {u: {} for u in unique}
     provider = store._get_provider()  # Feast has no public getter
-    views = _views(store)
+    views = _views(store, contract)
     for view, names in grouped.items():
         if not keys:
             break
@@ -145,7 +152,7 @@ def online_features(
     for user in (int(u) for u in user_ids):
         values = found[user]
         row: dict[str, Any] = {
-            contract.JOIN_KEY: user,
+            JOIN_KEY: user,
             "known": any(values.get(name) is not None for name in names),
         }
         for name in names:

@@ -14,30 +14,45 @@ from typing import Any
 
 import numpy as np
 
-from friendrec import contract
 from friendrec.config import FeatureSettings
+from friendrec.contract import (
+    DEGREE,
+    FRIEND_IDS,
+    JOIN_KEY,
+    NBR_SPARSE_IDS,
+    NBR_SPARSE_WEIGHTS,
+    SPARSE_IDS,
+    Contract,
+)
 from friendrec.sampling import sample_friends
 
 
 @dataclass(frozen=True)
 class RequestFeatures:
-    """Profile features (raw, contract names) and friends of a user, supplied by a caller."""
+    """Profile features (raw scalars, contract names) and friends of a user, supplied by a caller.
+
+    Names are checked against the dataset's contract by ``check`` (the serving path calls it).
+    """
 
     profile: Mapping[str, float] = field(default_factory=dict)
     sparse_ids: Sequence[int] = ()
     friend_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
-        contract.check_profile_names(self.profile)
         if any(int(i) < 0 for i in self.sparse_ids):
             raise ValueError("sparse_ids must be >= 0")
 
-    def profile_row(self, user_id: int, sparse_cap: int) -> dict[str, Any]:
+    def check(self, contract: Contract) -> RequestFeatures:
+        """Reject profile scalars ``contract`` does not define (ValueError); returns self."""
+        contract.check_profile_names(self.profile)
+        return self
+
+    def profile_row(self, user_id: int, sparse_cap: int, contract: Contract) -> dict[str, Any]:
         """The user's ``user_profile`` row (contract defaults for what the caller left out)."""
-        row: dict[str, Any] = {contract.JOIN_KEY: int(user_id)}
-        for name in contract.PROFILE_SCALAR_NAMES:
+        row: dict[str, Any] = {JOIN_KEY: int(user_id)}
+        for name in contract.profile_scalar_names:
             row[name] = float(self.profile.get(name, contract.default_value(name)))
-        row[contract.SPARSE_IDS.name] = [int(i) for i in self.sparse_ids][:sparse_cap]
+        row[SPARSE_IDS.name] = [int(i) for i in self.sparse_ids][:sparse_cap]
         return row
 
 
@@ -47,6 +62,8 @@ def friend_aggregates(
     friend_rows: Mapping[int, Mapping[str, Any]],
     features: FeatureSettings,
     seed: int,
+    *,
+    contract: Contract,
 ) -> dict[str, Any]:
     """``user_graph`` features (contract names) of ``user_id`` with friends ``friend_ids``.
 
@@ -59,16 +76,14 @@ def friend_aggregates(
     sample = sample_friends(seed, user_id, friends, features.friend_cap)
     degree = len(friends)
     present = [friend_rows[int(f)] for f in friends if int(f) in friend_rows]
-    width = len(contract.PROFILE_SCALARS)
+    names = contract.profile_scalar_names
     if present and degree:
-        scalars = np.array(
-            [[row[n] for n in contract.PROFILE_SCALAR_NAMES] for row in present], dtype=np.float32
-        )
+        scalars = np.array([[row[n] for n in names] for row in present], dtype=np.float32)
         # The batch job divides the sum over present friends by the full degree.
         profile_mean = contract.transform_profile(scalars).sum(axis=0) / np.float32(degree)
     else:
-        profile_mean = np.zeros(width, dtype=np.float32)
-    bags = [list(row[contract.SPARSE_IDS.name] or ())[: features.sparse_cap] for row in present]
+        profile_mean = np.zeros(len(names), dtype=np.float32)
+    bags = [list(row[SPARSE_IDS.name] or ())[: features.sparse_cap] for row in present]
     bags = [ids for ids in bags if ids]
     lengths = np.array([len(ids) for ids in bags], dtype=np.int64)
     ids = np.fromiter((int(i) for b in bags for i in b), dtype=np.int64, count=int(lengths.sum()))
@@ -82,9 +97,9 @@ def friend_aggregates(
     top = np.lexsort((bag_ids, -bag))[: features.nbr_sparse_cap]
     inv_degree = np.float32(1.0 / degree) if degree else np.float32(0.0)
     return {
-        contract.DEGREE.name: degree,
-        contract.FRIEND_IDS.name: [int(f) for f in sample],
-        contract.NBR_SPARSE_IDS.name: bag_ids[top].tolist(),
-        contract.NBR_SPARSE_WEIGHTS.name: (bag[top] * inv_degree).astype(np.float32).tolist(),
-        contract.NBR_PROFILE_MEAN.name: [float(x) for x in profile_mean],
+        DEGREE.name: degree,
+        FRIEND_IDS.name: [int(f) for f in sample],
+        NBR_SPARSE_IDS.name: bag_ids[top].tolist(),
+        NBR_SPARSE_WEIGHTS.name: (bag[top] * inv_degree).astype(np.float32).tolist(),
+        contract.nbr_profile_mean.name: [float(x) for x in profile_mean],
     }

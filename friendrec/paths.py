@@ -6,8 +6,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from friendrec.config import Settings
+
+if TYPE_CHECKING:
+    from friendrec.contract import Contract
 
 
 def dataset_slug(name: str) -> str:
@@ -45,6 +49,19 @@ class DatasetPaths:
     def meta(self) -> Path:
         return self.data_dir / "meta.json"
 
+    @property
+    def contract(self) -> Path:
+        return self.data_dir / "contract.json"
+
+    @property
+    def id_map(self) -> Path:
+        """String ids only: user_id (dense int64) -> external_id."""
+        return self.data_dir / "id_map.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.data_dir / "report.json"
+
     # features build (the Feast offline store's sources)
     @property
     def features_dir(self) -> Path:
@@ -70,3 +87,12 @@ class DatasetPaths:
     @property
     def feast_online_sqlite(self) -> Path:
         return self.feast_dir / "online.db"
+
+
+def load_contract(settings: Settings, dataset: str | None = None) -> Contract:
+    """The feature contract of a prepared dataset (default: the active one), from its
+    ``contract.json``; NotPreparedError when the dataset is not prepared. Load it once per job or
+    process and pass it on."""
+    from friendrec import contract
+
+    return contract.load(DatasetPaths.of(settings, dataset).data_dir)

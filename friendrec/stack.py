@@ -247,9 +247,27 @@ class LocalStack:
         return stopped
 
     def status(self) -> list[dict[str, Any]]:
+        """Each recorded component: running or not (its pid is still the process we started)
+        and, for the retrieval service, its gRPC health (SERVING needs a live index)."""
         recorded, running = self._read(), self.running()
-        return [
-            {"component": name, "running": name in running, **recorded.get(name, {})}
-            for name in COMPONENTS
-            if name in recorded
-        ]
+        rows = []
+        for name in COMPONENTS:
+            if name not in recorded:
+                continue
+            row = {"component": name, "running": name in running, **recorded[name]}
+            if name == "service":
+                row["health"] = self.service_health() if name in running else "down"
+            rows.append(row)
+        return rows
+
+    def service_health(self) -> str:
+        """The service's gRPC health status name, or UNREACHABLE: an error text."""
+        import grpc
+
+        from serving.client import RecommenderClient
+
+        with RecommenderClient(self.settings, timeout_s=2.0) as client:
+            try:
+                return client.health()
+            except grpc.RpcError as exc:
+                return f"UNREACHABLE: {exc.code().name} {exc.details() or ''}".strip()

@@ -8,9 +8,10 @@ collection it resolves to, pinned for a request); ``promote`` moves it atomicall
 loaded collection, so a reader sees one version or the other, never a mix.
 
 Collection properties (strings) make the index self-describing: ``friendrec.model_version``,
-``.dataset``, ``.dim``, ``.index_type``, ``.state`` (``building`` until ``finish`` verified every
-row, then ``ready``), ``.rows``, ``.created_at``, ``.built_at`` and the promotion history
-(``.promotion_seq``, ``.promoted_at``, ``.rolled_back_at``).
+``.dataset``, ``.schema_hash`` (of the feature contract the model was trained on: serving refuses
+a live version of another schema), ``.dim``, ``.index_type``, ``.state`` (``building`` until
+``finish`` verified every row, then ``ready``), ``.rows``, ``.created_at``, ``.built_at`` and the
+promotion history (``.promotion_seq``, ``.promoted_at``, ``.rolled_back_at``).
 
 **Rollback target** ("the previous version"): the most recently *promoted* ready collection other
 than the live one, skipping collections that were rolled back *from*. Promotion order, not version
@@ -81,6 +82,7 @@ READY = "ready"
 _P = "friendrec."
 P_VERSION = _P + "model_version"
 P_DATASET = _P + "dataset"
+P_SCHEMA_HASH = _P + "schema_hash"
 P_DIM = _P + "dim"
 P_INDEX_TYPE = _P + "index_type"
 P_STATE = _P + "state"
@@ -139,6 +141,7 @@ class LiveIndex:
     model_version: int
     dataset: str
     dim: int
+    schema_hash: str = ""  # "" for a collection built before schemas existed
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class _CollectionMeta:
     dataset: str
     dim: int
     index_type: str
+    schema_hash: str = ""
 
 
 class EmbeddingIndex:
@@ -272,6 +276,7 @@ class EmbeddingIndex:
                 dataset=props.get(P_DATASET, ""),
                 dim=int(props[P_DIM]),
                 index_type=props.get(P_INDEX_TYPE, self.cfg.index_type),
+                schema_hash=props.get(P_SCHEMA_HASH, ""),
             )
             self._meta[collection] = meta
         return meta
@@ -290,8 +295,9 @@ class EmbeddingIndex:
         return getattr(state, "name", str(state)) == "Loaded"
 
     # -- building a version ------------------------------------------------------------------
-    def create_version(self, version: int, dim: int, dataset: str) -> str:
-        """An empty collection for one model version (state ``building``); fails if it exists."""
+    def create_version(self, version: int, dim: int, dataset: str, schema_hash: str = "") -> str:
+        """An empty collection for one model version (state ``building``); fails if it exists.
+        ``schema_hash``: the model card's (the contract the model was trained on)."""
         name = self.collection_name(version)
         if self.exists(name):
             raise EmbeddingIndexError(f"collection {name!r} already exists in {self.uri}")
@@ -311,6 +317,7 @@ class EmbeddingIndex:
         properties = {
             P_VERSION: str(int(version)),
             P_DATASET: dataset,
+            P_SCHEMA_HASH: schema_hash,
             P_DIM: str(int(dim)),
             P_INDEX_TYPE: self.cfg.index_type,
             P_STATE: BUILDING,
@@ -405,6 +412,11 @@ class EmbeddingIndex:
             self._rpc("upsert", self.client.upsert, collection, rows)
         return len(rows)
 
+    def flush(self, collection: str) -> None:
+        """Seal the collection's growing segments (``collection`` may be the alias) so that
+        searches use the index instead of scanning unflushed rows."""
+        self._rpc("flush", self.client.flush, self.resolve(collection))
+
     def count(self, collection: str) -> int:
         """Rows by primary key (a re-inserted user counts once)."""
         result = self._rpc(
@@ -470,7 +482,9 @@ class EmbeddingIndex:
             self._rpc("describe_alias", self.client.describe_alias, self.alias)["collection_name"]
         )
         meta = self._collection_meta(collection)
-        return LiveIndex(self.alias, collection, meta.version, meta.dataset, meta.dim)
+        return LiveIndex(
+            self.alias, collection, meta.version, meta.dataset, meta.dim, meta.schema_hash
+        )
 
     def load_live(self) -> LiveIndex | None:
         """Load the live collection if it was released (milvus-lite forgets load state when it

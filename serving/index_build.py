@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from friendrec import contract
 from friendrec.config import Settings
+from friendrec.contract import Contract
 from friendrec.errors import (
     EmbeddingIndexError,
     FriendrecError,
@@ -116,8 +116,11 @@ def version_dir(settings: Settings, model_version: int) -> Path:
     return settings.model_base_path / settings.serving.model_name / str(int(model_version))
 
 
-def read_model_card(settings: Settings, model_version: int, dataset: str) -> dict[str, Any]:
-    """The version's model card, checked against the active dataset and the serving contract."""
+def read_model_card(
+    settings: Settings, model_version: int, dataset: str, contract: Contract
+) -> dict[str, Any]:
+    """The version's model card, checked against the active dataset and its ``contract``: a
+    version trained on another schema is refused (ContractMismatchError, naming both hashes)."""
     directory = version_dir(settings, model_version)
     path = directory / MODEL_CARD
     if not path.is_file():
@@ -132,10 +135,11 @@ def read_model_card(settings: Settings, model_version: int, dataset: str) -> dic
             f"active dataset is {dataset!r} (data.dataset); its embeddings would index the "
             "wrong users"
         )
-    if card.get("feature_service") != contract.SERVING_SERVICE:
+    contract.check_compatible(card.get("schema_hash"), f"model version {model_version}")
+    if card.get("feature_service") != contract.serving_service:
         raise IncompatibleModelError(
             f"model version {model_version} expects feature service "
-            f"{card.get('feature_service')!r}, this code serves {contract.SERVING_SERVICE!r}"
+            f"{card.get('feature_service')!r}, this dataset serves {contract.serving_service!r}"
         )
     if not isinstance(card.get("inputs"), dict):
         raise IncompatibleModelError(f"{path} lists no signature inputs")
@@ -162,14 +166,23 @@ def build_index(
     then index, load, promote (the alias moves) and prune. See the module docstring."""
     from friendrec.data.canonical import load_prepared
     from friendrec.feast_store import open_store
+    from friendrec.online_users import online_user_ids
     from training.features import fetch_online_inputs
 
     started = time.perf_counter()
     data = load_prepared(DatasetPaths.of(settings))
-    dataset, user_ids = data.meta.name, data.user_ids
+    dataset = data.meta.name
+    # The prepared users and those the stream created since (they have online rows only).
+    online = online_user_ids(open_store(settings))
+    user_ids = np.union1d(data.user_ids, online)
+    if len(user_ids) > len(data.user_ids):
+        log.info(
+            "%d users created by the stream (online rows only) are indexed too",
+            len(user_ids) - len(data.user_ids),
+        )
     if len(user_ids) == 0:
         raise NotPreparedError(f"dataset {dataset!r} has no users")
-    card = read_model_card(settings, model_version, dataset)
+    card = read_model_card(settings, model_version, dataset, data.contract)
     spec = input_spec(card)
     timings = dict.fromkeys(("features", "embed", "insert", "finish"), 0.0)
     batch = settings.milvus.build_batch
@@ -203,7 +216,7 @@ def build_index(
                 for lo in range(0, len(user_ids), batch):
                     ids = user_ids[lo : lo + batch]
                     t0 = time.perf_counter()
-                    inputs, known = fetch_online_inputs(store, ids.tolist(), spec)
+                    inputs, known = fetch_online_inputs(store, ids.tolist(), spec, data.contract)
                     t1 = time.perf_counter()
                     vectors = np.asarray(embedder(inputs), dtype=np.float32)
                     t2 = time.perf_counter()
@@ -213,7 +226,9 @@ def build_index(
                         )
                     if collection is None:
                         dim = int(vectors.shape[1])
-                        collection = index.create_version(model_version, dim, dataset)
+                        collection = index.create_version(
+                            model_version, dim, dataset, schema_hash=data.contract.schema_hash
+                        )
                     index.insert(collection, ids, vectors, model_version)
                     t3 = time.perf_counter()
                     timings["features"] += t1 - t0

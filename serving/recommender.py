@@ -1,6 +1,10 @@
 """The retrieval path behind ``FriendRecommender``: Feast online features -> TF Serving Predict
 (pinned to the live index's model version) -> Milvus search -> top k without excluded users.
 
+Features are read and checked with the active dataset's contract (loaded once per process); a live
+model version trained on another schema (its collection's schema hash differs) is refused with
+FAILED_PRECONDITION naming both hashes.
+
 Independent of gRPC's server side so that the servicer, the benchmark and tests share it; every
 failure leaves as a ``ServiceError`` that carries the status code a client should see.
 """
@@ -20,7 +24,9 @@ from typing import Any, TypeVar
 import grpc
 
 from friendrec.config import Settings
+from friendrec.contract import Contract
 from friendrec.friend_aggregates import RequestFeatures
+from friendrec.paths import load_contract
 from serving.batching import RequestCoalescer
 from serving.index import EmbeddingIndex, IndexUnavailableError, LiveIndex
 from serving.metrics import ServingMetrics
@@ -78,8 +84,11 @@ def validate(
     exclude: Sequence[int],
     request_features: RequestFeatures | Callable[[], RequestFeatures] | None,
     where: str = "",
+    *,
+    contract: Contract,
 ) -> Query:
-    """Request fields -> a Query, or INVALID_ARGUMENT naming the field and the limit."""
+    """Request fields -> a Query, or INVALID_ARGUMENT naming the field and the limit (request
+    features' profile names are checked against the dataset's ``contract``)."""
     cfg = settings.serving
     if user_id < 0:
         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}user_id must be >= 0")
@@ -96,6 +105,7 @@ def validate(
     if request_features is not None:
         try:
             features = request_features() if callable(request_features) else request_features
+            features.check(contract)
         except ValueError as exc:
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{where}request_features: {exc}"
@@ -124,8 +134,11 @@ class Recommender:
         tfserving: TFServingClient,
         index: EmbeddingIndex,
         metrics: ServingMetrics | None = None,
+        contract: Contract | None = None,
     ) -> None:
+        """``contract``: the active dataset's (default: loaded from its prepared data)."""
         self.settings = settings
+        self.contract = contract if contract is not None else load_contract(settings)
         self.store = store
         self.tfserving = tfserving
         self.index = index
@@ -148,7 +161,20 @@ class Recommender:
 
     # -- stages ----------------------------------------------------------------------------------
     def live(self) -> LiveIndex:
-        """The live alias's collection and model version (cached ``alias_refresh_s``)."""
+        """The live alias's collection and model version (cached ``alias_refresh_s``), refused
+        (FAILED_PRECONDITION) when its model was trained on another schema than the dataset's."""
+        live = self._live_index()
+        if live.schema_hash != self.contract.schema_hash:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the live model version {live.model_version} was trained on schema "
+                f"{live.schema_hash or None!r}, but dataset {self.contract.dataset!r} has schema "
+                f"{self.contract.schema_hash!r}: re-train, export and `friendrec index build` "
+                "on this schema",
+            )
+        return live
+
+    def _live_index(self) -> LiveIndex:
         now = time.monotonic()
         with self._live_lock:
             if self._live is not None and now < self._live_until:
@@ -161,8 +187,10 @@ class Recommender:
         if live is None:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"no live index: alias {self.settings.milvus.alias!r} does not exist yet "
-                "(run `friendrec index build`)",
+                f"no live index: alias {self.settings.milvus.alias!r} does not exist in the "
+                f"Milvus at {self.settings.milvus.uri} (run `friendrec index build "
+                "--model-version N` with the same settings: while `friendrec up` runs it "
+                "writes there by itself, or pass `--config <workdir>/stack/settings.yaml`)",
             )
         with self._live_lock:
             self._live, self._live_until = live, now + self.settings.serving.alias_refresh_s
@@ -207,6 +235,7 @@ class Recommender:
             requested,
             self.settings.features,
             self.settings.data.seed,
+            contract=self.contract,
         )
         try:
             return future.result(timeout=timeout)

@@ -71,6 +71,7 @@ class FriendRecommenderServicer(pb_grpc.FriendRecommenderServicer):
                 request.k,
                 request.exclude_user_ids,
                 _request_features(request),
+                contract=self.recommender.contract,
             )
             rec, timings = self.recommender.recommend_one(query, _deadline(context))
             answer = Answer([rec], rec.model_version, timings)
@@ -95,6 +96,7 @@ class FriendRecommenderServicer(pb_grpc.FriendRecommenderServicer):
                     r.exclude_user_ids,
                     _request_features(r),
                     where=f"requests[{i}]: ",
+                    contract=self.recommender.contract,
                 )
                 for i, r in enumerate(request.requests)
             ]

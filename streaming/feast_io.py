@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from friendrec import contract
+from friendrec.contract import FRIEND_IDS, JOIN_KEY, Contract
 from friendrec.feast_store import online_features
 from training.features import FeatureTable, InputSpec, tower_inputs
 
@@ -21,31 +21,33 @@ READ_CHUNK = 256
 
 
 def read_online(
-    store: Any, users: Sequence[int], refs: list[str] | None = None
+    store: Any, users: Sequence[int], refs: list[str] | None = None, *, contract: Contract
 ) -> list[dict[str, Any]]:
     """``online_features`` in chunks of ``READ_CHUNK`` users (request order kept)."""
     rows: list[dict[str, Any]] = []
     for lo in range(0, len(users), READ_CHUNK):
-        rows.extend(online_features(store, list(users[lo : lo + READ_CHUNK]), refs))
+        chunk = list(users[lo : lo + READ_CHUNK])
+        rows.extend(online_features(store, chunk, refs, contract=contract))
     return rows
 
 
-def query_inputs(store: Any, users: Sequence[int], spec: InputSpec) -> dict[str, np.ndarray]:
+def query_inputs(
+    store: Any, users: Sequence[int], spec: InputSpec, contract: Contract
+) -> dict[str, np.ndarray]:
     """The tower inputs of ``users`` exactly as ``training.features.fetch_query_inputs`` builds
     them for users without request features (the serving path), with every row read once: the
     users, then those of their first ``fanout`` sampled friends not among them. A test compares
     the embeddings with the model run on ``fetch_online_inputs``."""
-    rows = read_online(store, users)
-    by_id = {r[contract.JOIN_KEY]: r for r in rows}
-    name = contract.FRIEND_IDS.name
+    rows = read_online(store, users, contract=contract)
+    by_id = {r[JOIN_KEY]: r for r in rows}
+    name = FRIEND_IDS.name
     wanted = sorted({int(f) for r in rows for f in r[name][: spec.fanout]})
-    extra = {
-        r[contract.JOIN_KEY]: r for r in read_online(store, [f for f in wanted if f not in by_id])
-    }
+    missing = [f for f in wanted if f not in by_id]
+    extra = {r[JOIN_KEY]: r for r in read_online(store, missing, contract=contract)}
     friends = [by_id[f] if f in by_id else extra[f] for f in wanted]
-    known = {r[contract.JOIN_KEY] for r in friends if r["known"]}
-    table = FeatureTable.from_rows(rows, spec)
-    friend_table = FeatureTable.from_rows(friends, spec) if friends else None
+    known = {r[JOIN_KEY] for r in friends if r["known"]}
+    table = FeatureTable.from_rows(rows, spec, contract)
+    friend_table = FeatureTable.from_rows(friends, spec, contract) if friends else None
     neighbour_rows = np.full((len(rows), spec.fanout), -1, dtype=np.int64)
     for i, row in enumerate(rows):
         # A friend the store does not know is absent, exactly as in the training table.

@@ -1,5 +1,11 @@
 """The feature updater: friendship and profile events -> Feast online features -> refresh requests.
 
+Profile events carry raw values of the dataset's declared features; the dataset's contract checks
+and encodes them (numbers and booleans -> profile scalars, categorical values -> their sparse ids, a
+value outside a vocabulary -> its feature's out-of-vocabulary id). An event the contract refuses
+(an unknown feature, a value of the wrong type) goes to the dead-letter topic with the reason
+(``invalid``), and the rest of its batch is applied.
+
 Per batch: profile updates are merged into the users' online profile rows and pushed; friendship
 events are applied to the full friend sets (``streaming.state``); every user an event touched gets
 its ``user_graph`` row recomputed from its full friend set with ``friend_aggregates`` (the batch
@@ -28,14 +34,26 @@ from typing import Any
 import pandas as pd
 from feast.data_source import PushMode
 
-from friendrec import contract
 from friendrec.config import Settings
+from friendrec.contract import (
+    EVENT_TIMESTAMP,
+    FRIEND_IDS,
+    GRAPH_PUSH_SOURCE,
+    GRAPH_VIEW,
+    JOIN_KEY,
+    PROFILE_PUSH_SOURCE,
+    PROFILE_VIEW,
+    SPARSE_IDS,
+    Contract,
+)
 from friendrec.feast_store import open_store
 from friendrec.friend_aggregates import friend_aggregates
+from friendrec.paths import load_contract
 from streaming.feast_io import read_online
 from streaming.schemas import (
     FriendshipEvent,
     GraphRecompute,
+    Message,
     ProfileUpdate,
     RefreshRequest,
 )
@@ -45,9 +63,8 @@ from streaming.worker import Record
 
 log = logging.getLogger(__name__)
 
-PROFILE_REFS = contract.feature_refs(contract.PROFILE_VIEW)
 FANOUT_REFRESH_S = 30.0
-FRIEND_REFS = [*PROFILE_REFS, f"{contract.GRAPH_VIEW}:{contract.FRIEND_IDS.name}"]
+FRIEND_IDS_REF = f"{GRAPH_VIEW}:{FRIEND_IDS.name}"
 
 
 def live_fanout(settings: Settings) -> int:
@@ -83,8 +100,13 @@ class FeatureUpdater:
         store: Any | None = None,
         state: FriendSets | None = None,
         fanout: int | None = None,
+        contract: Contract | None = None,
     ) -> None:
+        """``contract``: the active dataset's (default: loaded from its prepared data)."""
         self.settings = settings
+        self.contract = contract if contract is not None else load_contract(settings)
+        self.profile_refs = self.contract.feature_refs(PROFILE_VIEW)
+        self.friend_refs = [*self.profile_refs, FRIEND_IDS_REF]
         self.topics_ = Topics.of(settings)
         self.store = store if store is not None else open_store(settings)
         self.state = state if state is not None else open_state(settings)
@@ -103,6 +125,20 @@ class FeatureUpdater:
 
     def topics(self) -> tuple[str, ...]:
         return (self.topics_.friendships, self.topics_.profiles)
+
+    def invalid(self, message: Message) -> str | None:
+        """Why a profile event cannot be applied (the contract refuses its values), else None:
+        the worker dead-letters it with this reason."""
+        if not isinstance(message, ProfileUpdate):
+            return None
+        try:
+            self.contract.encode_profile(message.profile)
+        except ValueError as exc:
+            return (
+                f"profile.v1 of user {message.user_id} does not fit the contract of "
+                f"{self.contract.dataset!r} (schema {self.contract.schema_hash}): {exc}"
+            )
+        return None
 
     def close(self) -> None:
         self.state.close()
@@ -139,27 +175,24 @@ class FeatureUpdater:
         self, updates: list[ProfileUpdate], now: pd.Timestamp, send: Callable[[str, Any], None]
     ) -> dict[int, int]:
         users = sorted({u.user_id for u in updates})
-        current = {r[contract.JOIN_KEY]: r for r in read_online(self.store, users, PROFILE_REFS)}
+        rows = read_online(self.store, users, self.profile_refs, contract=self.contract)
+        current = {r[JOIN_KEY]: r for r in rows}
         origin: dict[int, int] = {}
         for update in updates:  # in partition order: later updates win
-            row = current[update.user_id]
-            row.update(update.profile)
-            if update.sparse_ids is not None:
-                row[contract.SPARSE_IDS.name] = update.sparse_ids[
-                    : self.settings.features.sparse_cap
-                ]
+            self._apply_profile(current[update.user_id], update)
             _min_ts(origin, update.user_id, update.event_ts)
+        cap = self.settings.features.sparse_cap
+        names = self.contract.profile_scalar_names
+        sparse = [[int(i) for i in current[u][SPARSE_IDS.name][:cap]] for u in users]
         frame = pd.DataFrame(
             {
-                contract.JOIN_KEY: users,
-                **{n: [float(current[u][n]) for u in users] for n in contract.PROFILE_SCALAR_NAMES},
-                contract.SPARSE_IDS.name: [
-                    [int(i) for i in current[u][contract.SPARSE_IDS.name]] for u in users
-                ],
-                contract.EVENT_TIMESTAMP: [now] * len(users),
+                JOIN_KEY: users,
+                **{n: [float(current[u][n]) for u in users] for n in names},
+                SPARSE_IDS.name: sparse,
+                EVENT_TIMESTAMP: [now] * len(users),
             }
         )
-        self.store.push(contract.PROFILE_PUSH_SOURCE, frame, to=PushMode.ONLINE)
+        self.store.push(PROFILE_PUSH_SOURCE, frame, to=PushMode.ONLINE)
         for user, friends in self.state.friends(users).items():
             for friend in friends:
                 send(
@@ -167,6 +200,16 @@ class FeatureUpdater:
                     GraphRecompute(user_id=friend, origin_ts=origin[user]),
                 )
         return origin
+
+    def _apply_profile(self, row: dict[str, Any], update: ProfileUpdate) -> None:
+        """Merge one event into a user's online profile row: explicit ``sparse_ids`` first, then
+        the declared features encoded by the contract (a categorical one replaces its own ids)."""
+        if update.sparse_ids is not None:
+            row[SPARSE_IDS.name] = list(update.sparse_ids)
+        scalars, sparse_ids = self.contract.encode_profile(update.profile, row[SPARSE_IDS.name])
+        row.update(scalars)
+        if sparse_ids is not None:
+            row[SPARSE_IDS.name] = sparse_ids
 
     def _push_graph_rows(
         self, users: dict[int, int], now: pd.Timestamp
@@ -176,19 +219,22 @@ class FeatureUpdater:
         this batch (a friend that is itself recomputed is a changed user, not a candidate)."""
         friend_sets = self.state.friends(sorted(users))
         needed = sorted({f for friends in friend_sets.values() for f in friends})
-        rows = read_online(self.store, needed, FRIEND_REFS)
+        rows = read_online(self.store, needed, self.friend_refs, contract=self.contract)
         # A friend with a graph row but no profile row reads the profile defaults (zeros, no
         # ids), which add exactly nothing to the aggregates: the same as leaving it out.
-        known = {r[contract.JOIN_KEY]: r for r in rows if r["known"]}
+        known = {r[JOIN_KEY]: r for r in rows if r["known"]}
         cfg, seed = self.settings.features, self.settings.data.seed
         graph = [
-            {contract.JOIN_KEY: u, **friend_aggregates(u, friends, known, cfg, seed)}
+            {
+                JOIN_KEY: u,
+                **friend_aggregates(u, friends, known, cfg, seed, contract=self.contract),
+            }
             for u, friends in friend_sets.items()
         ]
         frame = pd.DataFrame(graph)
-        frame[contract.EVENT_TIMESTAMP] = now
-        self.store.push(contract.GRAPH_PUSH_SOURCE, frame, to=PushMode.ONLINE)
-        return {r[contract.JOIN_KEY]: r for r in rows}
+        frame[EVENT_TIMESTAMP] = now
+        self.store.push(GRAPH_PUSH_SOURCE, frame, to=PushMode.ONLINE)
+        return {r[JOIN_KEY]: r for r in rows}
 
     def _refresh_targets(
         self, changed: dict[int, int], rows: dict[int, dict[str, Any]]
@@ -203,12 +249,12 @@ class FeatureUpdater:
         if not candidates:
             return targets
         missing = [c for c in candidates if c not in rows]
-        refs = [f"{contract.GRAPH_VIEW}:{contract.FRIEND_IDS.name}"]
-        fresh = {r[contract.JOIN_KEY]: r for r in read_online(self.store, missing, refs)}
+        read = read_online(self.store, missing, [FRIEND_IDS_REF], contract=self.contract)
+        fresh = {r[JOIN_KEY]: r for r in read}
         for user in candidates:
             row = rows[user] if user in rows else fresh[user]
-            sampled = row[contract.FRIEND_IDS.name][: self.fanout]
+            sampled = row[FRIEND_IDS.name][: self.fanout]
             for friend in sampled:
                 if friend in changed:
-                    _min_ts(targets, row[contract.JOIN_KEY], changed[friend])
+                    _min_ts(targets, row[JOIN_KEY], changed[friend])
         return targets

@@ -19,6 +19,10 @@ DROPPED = Counter(
     "Messages dropped on purpose (e.g. an embedding of a model version that is not live).",
     ["worker", "reason"],
 )
+SINK_FLUSHES = Counter(
+    "friendrec_stream_sink_flushes_total",
+    "Flushes of the live Milvus collection by the sink (sink_flush_rows / sink_flush_interval_s).",
+)
 RETRIES = Counter(
     "friendrec_stream_retries_total", "Batch retries after a transient error.", ["worker"]
 )

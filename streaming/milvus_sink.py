@@ -38,6 +38,9 @@ class MilvusSink:
         self.freshness: list[float] = []  # seconds, for the benchmark (bounded below)
         self.upserted = 0
         self.dropped = 0
+        self.flushes = 0
+        self._unflushed = 0  # rows upserted since the last flush
+        self._unflushed_since = 0.0  # monotonic time of the first of them
 
     def topics(self) -> tuple[str, ...]:
         return (self.topics_.embeddings,)
@@ -69,9 +72,27 @@ class MilvusSink:
             lambda index: index.upsert(live.collection, ids, vectors, live.model_version)
         )
         self.upserted += len(keep)
+        self._maybe_flush(live.collection, len(keep))
         now = time.time()
         for e in keep:
             seconds = max(now - e.origin_ts / 1000.0, 0.0)
             metrics.FRESHNESS.observe(seconds)
             self.freshness.append(seconds)
         del self.freshness[:-100_000]
+
+    def _maybe_flush(self, collection: str, rows: int) -> None:
+        """Seal the growing segment every ``sink_flush_rows`` rows or ``sink_flush_interval_s``
+        seconds: Milvus searches unflushed rows by brute force, so a steady stream of upserts
+        would otherwise slow every search until someone flushes by hand."""
+        cfg = self.settings.streaming
+        if self._unflushed == 0:
+            self._unflushed_since = time.monotonic()
+        self._unflushed += rows
+        due = time.monotonic() - self._unflushed_since >= cfg.sink_flush_interval_s
+        if self._unflushed < cfg.sink_flush_rows and not due:
+            return
+        self.index.call(lambda index: index.flush(collection))
+        self.flushes += 1
+        metrics.SINK_FLUSHES.inc()
+        log.debug("flushed %s after %d rows", collection, self._unflushed)
+        self._unflushed = 0

@@ -123,6 +123,11 @@ def _parse(value: bytes | None) -> tuple[DeadLetter, bytes | None, bytes]:
         original = base64.b64decode(letter.value_b64, validate=True)
     except binascii.Error as exc:
         raise ValueError(f"bad base64: {exc}") from None
+    if letter.truncated:
+        raise ValueError(
+            f"truncated letter: the original ({letter.value_size} bytes, sha256 "
+            f"{letter.value_sha256}) is at {letter.topic}[{letter.partition}]@{letter.offset}"
+        )
     return letter, key, original
 
 

@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from friendrec.config import Settings
+from friendrec.contract import Contract
 from friendrec.errors import IncompatibleModelError, IndexUnavailableError
 from friendrec.feast_store import open_store
+from friendrec.paths import load_contract
 from serving.tfserving.client import TFServingClient
 from streaming.feast_io import query_inputs
 from streaming.milvus_conn import ReconnectingIndex
@@ -35,9 +37,13 @@ class EmbeddingRefresher:
 
     name = "embedding-refresher"
 
-    def __init__(self, settings: Settings, store: Any | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Any | None = None, contract: Contract | None = None
+    ) -> None:
+        """``contract``: the active dataset's (default: loaded from its prepared data)."""
         self.settings = settings
         self.topics_ = Topics.of(settings)
+        self.contract = contract if contract is not None else load_contract(settings)
         self.store = store if store is not None else open_store(settings)
         self.index = ReconnectingIndex(settings)
         self.client = TFServingClient(
@@ -75,7 +81,7 @@ class EmbeddingRefresher:
         version = self.live_version()
         spec = self.client.input_spec(version)
         users = sorted(origin)
-        inputs = query_inputs(self.store, users, spec)
+        inputs = query_inputs(self.store, users, spec, self.contract)
         for lo in range(0, len(users), CHUNK):
             chunk = {k: v[lo : lo + CHUNK] for k, v in inputs.items()}
             vectors, served = self.client.predict(chunk, version)

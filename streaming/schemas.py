@@ -16,12 +16,12 @@ reason.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from friendrec import contract
 
 UserId = Annotated[int, Field(ge=0)]
 Millis = Annotated[int, Field(ge=0, description="Unix time in milliseconds.")]
@@ -73,19 +73,17 @@ class GraphRecompute(_Message):
 
 
 class ProfileUpdate(_Message):
-    """New profile values of a user (contract names, raw scalars); omitted scalars keep their
-    current online value, ``sparse_ids`` None keeps the current ids."""
+    """New raw values of a user's declared features (schema names; numbers, booleans, strings, lists
+    of strings or integers); omitted features keep their current online value. ``sparse_ids``
+    (already encoded ids) replaces the current ids; a categorical feature in ``profile`` then
+    replaces its own ids. Decoding is schema-agnostic: the feature updater checks and encodes the
+    values with the dataset's contract, and dead-letters an event it refuses."""
 
     schema_: Literal["profile.v1"] = Field("profile.v1", alias="schema")
     user_id: UserId
-    profile: dict[str, float] = Field(default_factory=dict)
+    profile: dict[str, Any] = Field(default_factory=dict)
     sparse_ids: list[Annotated[int, Field(ge=0)]] | None = None
     event_ts: Millis
-
-    @model_validator(mode="after")
-    def _contract_names(self) -> ProfileUpdate:
-        contract.check_profile_names(self.profile)
-        return self
 
 
 class RefreshRequest(_Message):
@@ -107,6 +105,9 @@ class UserEmbedding(_Message):
     computed_at: Millis
 
 
+DEAD_LETTER_MAX_VALUE = 256 * 1024  # bytes of the original kept in a letter (base64: 4/3 of it)
+
+
 class DeadLetter(BaseModel):
     """A message a worker could not use, with where it came from and why (value base64)."""
 
@@ -119,11 +120,34 @@ class DeadLetter(BaseModel):
     value_b64: str
     reason: str
     at: Millis
+    # The original's size and SHA-256; an original over DEAD_LETTER_MAX_VALUE is kept truncated
+    # (a letter must fit the producer's request size, or the dead letter itself kills the worker).
+    value_size: int | None = None
+    value_sha256: str | None = None
+    truncated: bool = False
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def encode(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
+
+    @classmethod
+    def of(cls, value: bytes | None, key: bytes | None, **fields: Any) -> DeadLetter:
+        """A letter for an original ``value``: kept whole up to DEAD_LETTER_MAX_VALUE bytes,
+        else its head, always with its size and SHA-256 (so an operator can find the original
+        at its topic, partition and offset, and tell whether a copy matches)."""
+        value = value or b""
+        kept = value[:DEAD_LETTER_MAX_VALUE]
+        return cls(
+            key_b64=base64.b64encode(key[:DEAD_LETTER_MAX_VALUE]).decode()
+            if key is not None
+            else None,
+            value_b64=base64.b64encode(kept).decode(),
+            value_size=len(value),
+            value_sha256=hashlib.sha256(value).hexdigest(),
+            truncated=len(kept) < len(value),
+            **fields,
+        )
 
 
 Message = FriendshipEvent | GraphRecompute | ProfileUpdate | RefreshRequest | UserEmbedding

@@ -10,7 +10,6 @@ the batch is committed). SIGTERM/SIGINT finish the current batch, commit, close 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import signal
@@ -28,7 +27,7 @@ from kafka.errors import KafkaError
 from friendrec.config import Settings
 from friendrec.errors import IndexUnavailableError
 from streaming import metrics
-from streaming.schemas import DeadLetter, Message, MessageError, decode
+from streaming.schemas import DEAD_LETTER_MAX_VALUE, DeadLetter, Message, MessageError, decode
 from streaming.topics import (
     Topics,
     batch_limit,
@@ -54,7 +53,13 @@ class Record:
 
 
 class Processor(Protocol):
-    """One worker's job over a batch of decoded messages (idempotent: it may see them again)."""
+    """One worker's job over a batch of decoded messages (idempotent: it may see them again).
+
+    A processor may also define ``invalid(message) -> str | None``: the reason it can never use a
+    decoded message (e.g. a profile event the dataset's contract refuses), None when it can. Such
+    a message goes to the dead-letter topic like an undecodable one; the rest of the batch is
+    processed.
+    """
 
     name: str
 
@@ -187,14 +192,17 @@ class Worker:
         started = time.perf_counter()
         records: list[Record] = []
         counts: dict[str, int] = {}
+        invalid = getattr(self.processor, "invalid", None)
         for tp, messages in polled.items():
             allowed = self.topics.schemas(tp.topic)
             for m in messages:
                 counts[tp.topic] = counts.get(tp.topic, 0) + 1
                 try:
-                    records.append(
-                        Record(tp.topic, tp.partition, m.offset, decode(m.value, allowed, m.key))
-                    )
+                    message = decode(m.value, allowed, m.key)
+                    reason = invalid(message) if invalid is not None else None
+                    if reason is not None:
+                        raise MessageError(reason)
+                    records.append(Record(tp.topic, tp.partition, m.offset, message))
                 except MessageError as exc:
                     self._dead_letter(
                         kafka_producer, tp.topic, tp.partition, m.offset, m.key, m.value, str(exc)
@@ -273,17 +281,21 @@ class Worker:
                 )
 
     def _dead_letter(self, kafka_producer, topic, partition, offset, key, value, reason) -> None:
-        letter = DeadLetter(
+        letter = DeadLetter.of(
+            value,
+            key,
             worker=self.name,
             topic=topic,
             partition=partition,
             offset=offset,
-            key_b64=base64.b64encode(key).decode() if key is not None else None,
-            value_b64=base64.b64encode(value or b"").decode(),
             reason=reason,
             at=int(time.time() * 1000),
         )
-        kafka_producer.send(self.topics.dead_letters, key=key, value=letter.encode())
+        kafka_producer.send(
+            self.topics.dead_letters,
+            key=key[:DEAD_LETTER_MAX_VALUE] if key is not None else None,
+            value=letter.encode(),
+        )
         self.stats.dead_letters += 1
         metrics.DEAD_LETTERS.labels(self.name).inc()
         log.warning("%s: dead letter %s[%d]@%d: %s", self.name, topic, partition, offset, reason)

@@ -10,7 +10,7 @@ from feature_repo.jobs.graph_features import latest_rows
 from friendrec import contract
 from friendrec.config import Settings
 from friendrec.feast_store import online_features, open_store
-from friendrec.paths import DatasetPaths
+from friendrec.paths import DatasetPaths, load_contract
 
 
 def offline_latest(settings: Settings, dataset: str) -> dict[int, dict]:
@@ -25,12 +25,13 @@ def offline_latest(settings: Settings, dataset: str) -> dict[int, dict]:
 
 
 def assert_online_matches_offline(settings: Settings, dataset: str, users: list[int]) -> None:
+    c = load_contract(settings, dataset)
     offline = offline_latest(settings, dataset)
-    online = online_features(open_store(settings, dataset), users)
+    online = online_features(open_store(settings, dataset), users, contract=c)
     for row in online:
         assert row["known"], row
         expected = offline[row[contract.JOIN_KEY]]
-        for feature in contract.ALL_FEATURES:
+        for feature in c.all_features:
             got, want = row[feature.name], expected[feature.name]
             if feature.dtype.startswith("float"):
                 np.testing.assert_allclose(got, want, rtol=0, atol=0, err_msg=feature.name)
@@ -44,12 +45,12 @@ def sample_users(settings: Settings, dataset: str, k: int, seed: int = 0) -> lis
     return sorted(rng.choice(pa.array(ids).to_numpy(), size=k, replace=False).tolist())
 
 
-def assert_reads_match_the_sdk(store, users: list[int]) -> None:
+def assert_reads_match_the_sdk(store, users: list[int], c: contract.Contract) -> None:
     """``online_features`` (provider reads) equals ``FeatureStore.get_online_features`` value by
     value: every feature, a subset of references, duplicates and a user the store lacks."""
     asked = [*users, users[0], 10**12]
-    for refs in (contract.feature_refs(), contract.feature_refs(contract.GRAPH_VIEW)[:2]):
-        ours = online_features(store, asked, refs)
+    for refs in (c.feature_refs(), c.feature_refs(contract.GRAPH_VIEW)[:2]):
+        ours = online_features(store, asked, refs, contract=c)
         sdk = store.get_online_features(
             features=refs, entity_rows=[{contract.JOIN_KEY: u} for u in asked]
         ).to_dict()
@@ -58,6 +59,6 @@ def assert_reads_match_the_sdk(store, users: list[int]) -> None:
             for ref in refs:
                 name = ref.split(":", 1)[1]
                 want = sdk[name][i]
-                want = contract.default_value(name) if want is None else want
+                want = c.default_value(name) if want is None else want
                 assert row[name] == want, (asked[i], name, row[name], want)
         assert [r["known"] for r in ours[-2:]] == [True, False]

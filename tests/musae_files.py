@@ -55,12 +55,13 @@ def prepare_all_train(tmp_path: Path, edges: list[tuple[int, int]], features, nu
     from friendrec.data.canonical import load_prepared, prepare
     from friendrec.paths import DatasetPaths
 
+    # A private datasets folder holding the graph as one of the shipped schema's variants.
     datasets = tmp_path / "datasets"
-    write_twitch(datasets, "TINY", edges, features, num_users=num_users)
+    write_twitch(datasets, "ENGB", edges, features, num_users=num_users)
     settings = load_settings(
         workdir=tmp_path / "work",
         datasets_dir=datasets,
         data={"val_fraction": 0.0, "test_fraction": 0.0},
     )
-    prepare(settings, "twitch/TINY")
-    return settings, load_prepared(DatasetPaths.of(settings, "twitch/TINY"))
+    prepare(settings, "twitch/ENGB")
+    return settings, load_prepared(DatasetPaths.of(settings, "twitch/ENGB"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from contracts import tagged, twitch_like
 from pydantic import ValidationError
 
-from friendrec import contract
 from friendrec.config import PROJECT_ROOT, load_settings
 from friendrec.feast_store import render_config
 from friendrec.paths import DatasetPaths, dataset_slug
@@ -73,18 +73,27 @@ def test_dataset_slugs_are_feast_safe():
     assert dataset_slug("github") == "github"
 
 
-def test_contract_is_self_consistent():
-    names = [f.name for f in contract.ALL_FEATURES]
+@pytest.mark.parametrize("make", [twitch_like, tagged])
+def test_contract_is_self_consistent(make):
+    c = make()
+    names = [f.name for f in c.all_features]
     assert len(names) == len(set(names))
-    assert len(contract.NBR_PROFILE_MEAN.default) == len(contract.PROFILE_SCALARS)
-    refs = contract.feature_refs()
-    assert len(refs) == len(names) and refs[0] == "user_profile:account_age_days"
-    raw = [[0.0, 9.0, 1.0, 0.0, 1.0]]
-    assert contract.transform_profile(raw)[0].tolist() == pytest.approx(
-        [0.0, 2.302585, 1.0, 0.0, 1.0]
-    )
+    assert len(c.nbr_profile_mean.default) == len(c.profile_scalars)
+    refs = c.feature_refs()
+    assert len(refs) == len(names) and refs[0] == f"user_profile:{c.profile_scalar_names[0]}"
+    assert c.serving_service.endswith(c.schema_hash) and c.training_service != c.serving_service
     with pytest.raises(ValueError):
-        contract.transform_profile([[1.0, 2.0]])
+        c.transform_profile([[1.0] * (len(c.profile_scalars) + 1)])
+
+
+def test_contract_transforms_clip_log_and_standardise():
+    raw = [[0.0, 9.0, 1.0, 0.0]]
+    assert twitch_like().transform_profile(raw)[0].tolist() == pytest.approx(
+        [0.0, 2.302585, 1.0, 0.0]
+    )
+    # plays: clipped to [0, 100], then (x - 20) / 10; verified: as it is.
+    got = tagged().transform_profile([[-5.0, 1.0], [250.0, 0.0], [35.0, 1.0]])
+    assert got.ravel().tolist() == pytest.approx([-2.0, 1.0, 8.0, 0.0, 1.5, 1.0])
 
 
 def test_json_logs_carry_structured_fields():
@@ -101,3 +110,21 @@ def test_json_logs_carry_structured_fields():
     assert entry["message"] == "Recommend OK" and entry["level"] == "INFO"
     assert entry["logger"] == "friendrec.serving.access"
     assert entry["request_id"] == "abc" and entry["stage_ms"] == {"feast": 1.5}
+
+
+def test_readme_states_the_metrics_bind_defaults_the_code_has():
+    """README's settings table once said 127.0.0.1 while the code bound 0.0.0.0."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    row = next(
+        line
+        for line in (REPO_ROOT / "README.md").read_text().splitlines()
+        if "`streaming.metrics_port`, `metrics_host`" in line
+    )
+    documented = re.findall(r"`([0-9.]+)`", row.split("|")[3])
+    cfg = load_settings().streaming
+    assert documented == [cfg.metrics_host]
+    prod = (REPO_ROOT / "infra" / "config" / "production.yaml").read_text()
+    assert "metrics_host: 0.0.0.0" in prod  # containers are scraped from outside

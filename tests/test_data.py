@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from musae_files import write_twitch
 
 from friendrec.config import load_settings
 from friendrec.data.canonical import SPLITS, load_prepared, prepare, read_meta
 from friendrec.errors import DataValidationError, UnknownDatasetError
 from friendrec.paths import DatasetPaths
+from friendrec.schema import SHIPPED_SCHEMAS_DIR
 
 
 def test_engb_ingest_counts(settings):
@@ -33,10 +36,12 @@ def test_engb_ingest_counts(settings):
     assert lengths.min() >= 1 and lengths.max() == 155
 
 
-def test_twitch_fr_repeated_accounts_keep_later_row(settings, caplog):
+def test_twitch_fr_repeated_accounts_keep_later_row(settings):
     meta = prepare(settings, "twitch/FR")
     assert meta.num_users == 6549  # 6,551 target rows, two accounts repeated
-    assert "repeats account" in caplog.text
+    paths = DatasetPaths.of(settings, "twitch/FR")
+    report = json.loads(paths.report.read_text())
+    assert report["duplicate_user_rows"] == 2
 
 
 def test_github_ingest(settings):
@@ -65,19 +70,31 @@ def test_split_is_seeded_temporal_and_85_5_10(settings):
     assert other.split_sha256 != meta.split_sha256
 
 
+def _twitch_schema(tmp_path: Path, datasets: Path, language: str = "XX") -> Path:
+    """The shipped Twitch schema pointed at hand-made files of one language."""
+    schema = yaml.safe_load((SHIPPED_SCHEMAS_DIR / "twitch.yaml").read_text())
+    schema.pop("variants")
+    schema["name"] = f"twitch_{language.lower()}"
+    text = yaml.safe_dump(schema).replace("{variant}", language)
+    path = tmp_path / "twitch_xx.yaml"
+    path.write_text(text.replace("{datasets_dir}", str(datasets)))
+    return path
+
+
 def _expect_error(tmp_path: Path, fragment: str, file_suffix: str, line: int | None, **files):
     datasets = tmp_path / "datasets"
     write_twitch(datasets, "XX", **files)
     settings = load_settings(workdir=tmp_path / "work", datasets_dir=datasets)
+    schema = _twitch_schema(tmp_path, datasets)
     with pytest.raises(DataValidationError) as info:
-        prepare(settings, "twitch/XX")
+        prepare(settings, schema_path=schema)
     err = info.value
     assert fragment in str(err)
     assert err.path.name.endswith(file_suffix)
     assert err.line == line
     assert f"XX{file_suffix}" in str(err)
     # Nothing half-written is left behind.
-    assert not DatasetPaths.of(settings, "twitch/XX").data_dir.exists()
+    assert not DatasetPaths.of(settings, "twitch_xx").data_dir.exists()
     return err
 
 
@@ -87,11 +104,9 @@ GOOD_FEATURES = {0: [1], 1: [2], 2: [3], 3: [1, 2]}
 @pytest.mark.parametrize(
     ("edges", "fragment", "line"),
     [
-        ("from,to\n0,1\n1,x\n", "integers", 3),
+        ("from,to\n0,1\n1,x\n", "'x' is not an integer", 3),
         ("from,to\n0,1\n1,2,3\n", "expected 2 fields", 3),
-        ("from,to\n0,1\n2,2\n", "self loop on user 2", 3),
-        ("from,to\n0,1\n1,2\n1,0\n", "duplicate friendship 0-1", 4),
-        ("from,to\n0,1\n1,9\n", "user id 9 is out of range", 3),
+        ("from,to\n0,1\n1,9\n", "user 9 is not in the users table", 3),
         ("from,to\n0,1\n-1,2\n", "negative user id", 3),
     ],
 )
@@ -99,6 +114,19 @@ def test_malformed_edges_name_file_and_line(tmp_path, edges, fragment, line):
     _expect_error(
         tmp_path, fragment, "_edges.csv", line, edges=edges, features=GOOD_FEATURES, num_users=4
     )
+
+
+def test_self_loops_and_duplicates_are_counted_and_dropped(tmp_path):
+    datasets = tmp_path / "datasets"
+    edges = "from,to\n0,1\n2,2\n1,2\n1,0\n"
+    write_twitch(datasets, "XX", edges=edges, features=GOOD_FEATURES, num_users=4)
+    settings = load_settings(workdir=tmp_path / "work", datasets_dir=datasets)
+    meta = prepare(settings, schema_path=_twitch_schema(tmp_path, datasets))
+    assert meta.num_friendships == 2
+    report = json.loads(DatasetPaths.of(settings, "twitch_xx").report.read_text())
+    assert (report["self_loops_dropped"], report["duplicates_dropped"]) == (1, 1)
+    data = load_prepared(DatasetPaths.of(settings, "twitch_xx"))
+    assert sorted(zip(data.src.tolist(), data.dst.tolist(), strict=True)) == [(0, 1), (1, 2)]
 
 
 def test_malformed_features_json(tmp_path):
@@ -110,17 +138,18 @@ def test_malformed_features_json(tmp_path):
         edges=[(0, 1)],
         features='{"0": [1],\n "1": [2,, 3]}',
     )
-    _expect_error(
+    err = _expect_error(
         tmp_path / "b",
-        "feature id 5000 outside the vocabulary",
+        "value 5000 is outside [0, 3170)",
         "_features.json",
         None,
         edges=[(0, 1)],
         features={0: [1], 1: [5000]},
     )
+    assert err.column == "features"
     _expect_error(
         tmp_path / "c",
-        "user 7 is out of range",
+        "user 7 is not in the first users source",
         "_features.json",
         None,
         edges=[(0, 1)],
@@ -130,36 +159,39 @@ def test_malformed_features_json(tmp_path):
 
 def test_malformed_target(tmp_path):
     rows = ["1000,10,True,5,False,0", "1001,10,maybe,5,False,1"]
-    _expect_error(
+    err = _expect_error(
         tmp_path,
-        "column mature: expected True/False",
+        "expected a boolean",
         "_target.csv",
         3,
         edges=[(0, 1)],
         features={0: [1], 1: [2]},
         target=rows,
     )
-    rows = ["1000,10,True,5,False,0", "1001,10,True,5,False,0"]
-    _expect_error(
+    assert err.column == "mature" and "column 'mature'" in str(err)
+    rows = ["1000,ten,True,5,False,0", "1001,10,True,5,False,1"]
+    err = _expect_error(
         tmp_path / "b",
-        "duplicate user id 0 (first on line 2)",
+        "expected a number, got 'ten'",
         "_target.csv",
-        3,
+        2,
         edges=[(0, 1)],
-        features={0: [1]},
+        features={0: [1], 1: [2]},
         target=rows,
     )
+    assert err.column == "days"
 
 
 def test_failed_prepare_keeps_previous_good_layout(tmp_path):
     datasets = tmp_path / "datasets"
     write_twitch(datasets, "XX", edges=[(0, 1), (1, 2)], features={0: [1], 1: [2], 2: [3]})
     settings = load_settings(workdir=tmp_path / "work", datasets_dir=datasets)
-    good = prepare(settings, "twitch/XX")
-    write_twitch(datasets, "XX", edges="from,to\n0,1\n1,1\n", features={0: [1]}, num_users=3)
+    schema = _twitch_schema(tmp_path, datasets)
+    good = prepare(settings, schema_path=schema)
+    write_twitch(datasets, "XX", edges="from,to\n0,1\n1,x\n", features={0: [1]}, num_users=3)
     with pytest.raises(DataValidationError):
-        prepare(settings, "twitch/XX")
-    paths = DatasetPaths.of(settings, "twitch/XX")
+        prepare(settings, schema_path=schema)
+    paths = DatasetPaths.of(settings, "twitch_xx")
     assert read_meta(paths) == good
     assert pq.read_table(paths.friendships).num_rows == 2
     leftovers = [p.name for p in paths.data_dir.parent.iterdir() if p.name.startswith(".")]

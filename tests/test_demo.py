@@ -29,10 +29,12 @@ def _our_processes(workdir: Path) -> list[str]:
 
 
 def test_demo_runs_the_whole_story_and_stops_everything(tmp_path: Path):
+    """On a machine without ../shared (a fresh clone alone): the synthetic graph, said so."""
     workdir = tmp_path / "work"
     env = {
         **os.environ,
         "FRIENDREC_WORKDIR": str(workdir),
+        "FRIENDREC_DATASETS_DIR": str(tmp_path / "no-datasets-here"),
         "FRIENDREC_TRAINING__MAX_STEPS_PER_EPOCH": "20",  # brief: the story, not the quality
         "COLUMNS": "200",
     }
@@ -44,6 +46,7 @@ def test_demo_runs_the_whole_story_and_stops_everything(tmp_path: Path):
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the demo runs on the synthetic graph synthetic:5000" in " ".join(done.stdout.split())
     for stage in (
         "materialize into the online store",
         "evaluate on the test friendships",

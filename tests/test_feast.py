@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -22,7 +23,7 @@ from friendrec.config import load_settings
 from friendrec.data.canonical import load_prepared, prepare
 from friendrec.feast_sqlite import MAX_KEYS, FriendrecSqliteOnlineStore
 from friendrec.feast_store import online_features, open_store, python_value, render_config
-from friendrec.paths import DatasetPaths
+from friendrec.paths import DatasetPaths, load_contract
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,8 @@ pytestmark = pytest.mark.integration
 def test_online_equals_offline_for_sampled_users_sqlite(engb_store):
     users = sample_users(engb_store, "twitch/ENGB", 60)
     assert_online_matches_offline(engb_store, "twitch/ENGB", users)
-    assert_reads_match_the_sdk(open_store(engb_store, "twitch/ENGB"), users)
+    c = load_contract(engb_store, "twitch/ENGB")
+    assert_reads_match_the_sdk(open_store(engb_store, "twitch/ENGB"), users, c)
 
 
 def test_friendrec_sqlite_read_equals_feasts_own(engb_store):
@@ -44,7 +46,7 @@ def test_friendrec_sqlite_read_equals_feasts_own(engb_store):
         EntityKeyProto(join_keys=[contract.JOIN_KEY], entity_values=[ValueProto(int64_val=u)])
         for u in users
     ]
-    for view, features in contract.VIEWS.items():
+    for view, features in load_contract(engb_store, "twitch/ENGB").views.items():
         table = store.get_feature_view(view)
         stock = SqliteOnlineStore().online_read(store.config, table, keys)
         for requested in (None, [features[-1].name, features[0].name]):
@@ -75,30 +77,37 @@ def test_python_value_reads_values_as_feast_does():
 
 
 def test_unknown_feature_references_are_rejected(engb_store):
+    c = load_contract(engb_store, "twitch/ENGB")
     with pytest.raises(ValueError, match="unknown feature reference 'user_graph:nope'"):
-        online_features(open_store(engb_store, "twitch/ENGB"), [5], ["user_graph:nope"])
+        online_features(open_store(engb_store, "twitch/ENGB"), [5], ["user_graph:nope"], contract=c)
 
 
 def test_unknown_users_get_contract_defaults(engb_store):
-    rows = online_features(open_store(engb_store, "twitch/ENGB"), [5, 10**12, -3])
+    c = load_contract(engb_store, "twitch/ENGB")
+    rows = online_features(open_store(engb_store, "twitch/ENGB"), [5, 10**12, -3], contract=c)
     assert [r["known"] for r in rows] == [True, False, False]
     for row in rows[1:]:
-        for feature in contract.ALL_FEATURES:
-            assert row[feature.name] == contract.default_value(feature.name)
+        for feature in c.all_features:
+            assert row[feature.name] == c.default_value(feature.name)
     assert rows[0]["degree"] > 0 and rows[0]["sparse_ids"]
+    assert len(rows[1]["nbr_profile_mean"]) == len(c.profile_scalars) == 4
 
 
 def test_feature_services_and_schema_follow_the_contract(engb_store):
     store = open_store(engb_store, "twitch/ENGB")
-    for service_name in (contract.TRAINING_SERVICE, contract.SERVING_SERVICE):
+    c = load_contract(engb_store, "twitch/ENGB")
+    for service_name in (c.training_service, c.serving_service):
+        assert service_name.endswith(c.schema_hash)
         service = store.get_feature_service(service_name)
         refs = sorted(
             f"{p.name}:{f.name}" for p in service.feature_view_projections for f in p.features
         )
-        assert refs == sorted(contract.feature_refs())
-    for view, features in contract.VIEWS.items():
-        schema = {f.name: f.dtype for f in store.get_feature_view(view).features}
+        assert refs == sorted(c.feature_refs())
+    for view, features in c.views.items():
+        registered = store.get_feature_view(view)
+        schema = {f.name: f.dtype for f in registered.features}
         assert schema == {f.name: FEAST_TYPES[f.dtype] for f in features}
+        assert registered.tags["schema_hash"] == c.schema_hash
     push_sources = {p.name for p in store.list_data_sources() if type(p).__name__ == "PushSource"}
     assert push_sources == {contract.PROFILE_PUSH_SOURCE, contract.GRAPH_PUSH_SOURCE}
 
@@ -136,7 +145,7 @@ def test_point_in_time_historical_retrieval(ptbr_two_snapshots):
             + [_ts(t2 + 86_400)] * len(users),
         }
     )
-    service = store.get_feature_service(contract.TRAINING_SERVICE)
+    service = store.get_feature_service(data.contract.training_service)
     result = store.get_historical_features(entity_df=entity_df, features=service).to_df()
     assert len(result) == 3 * len(users)  # no entity row dropped
     result = result.sort_values([contract.EVENT_TIMESTAMP, contract.JOIN_KEY])
@@ -186,10 +195,11 @@ def test_full_materialization_is_idempotent(ptbr_two_snapshots):
     apply(settings, "twitch/PTBR")
     materialize(settings, "twitch/PTBR")
     users = sample_users(settings, "twitch/PTBR", 50)
-    before = online_features(open_store(settings, "twitch/PTBR"), users)
+    c = load_contract(settings, "twitch/PTBR")
+    before = online_features(open_store(settings, "twitch/PTBR"), users, contract=c)
     materialize(settings, "twitch/PTBR")
     apply(settings, "twitch/PTBR")  # re-applying the same definitions changes nothing either
-    assert online_features(open_store(settings, "twitch/PTBR"), users) == before
+    assert online_features(open_store(settings, "twitch/PTBR"), users, contract=c) == before
     assert_online_matches_offline(settings, "twitch/PTBR", users)
 
 
@@ -207,22 +217,53 @@ def test_redis_online_round_trip(tmp_path, redis_url):
     apply(settings, "twitch/PTBR")
     materialize(settings, "twitch/PTBR")
     users = sample_users(settings, "twitch/PTBR", 60)
+    c = load_contract(settings, "twitch/PTBR")
     assert_online_matches_offline(settings, "twitch/PTBR", users)
-    assert_reads_match_the_sdk(open_store(settings, "twitch/PTBR"), users)
-    rows = online_features(open_store(settings, "twitch/PTBR"), [10**12])
+    assert_reads_match_the_sdk(open_store(settings, "twitch/PTBR"), users, c)
+    rows = online_features(open_store(settings, "twitch/PTBR"), [10**12], contract=c)
     assert rows[0]["known"] is False and rows[0]["friend_ids"] == []
     # The same values as the sqlite store would serve for the same user.
     sqlite_settings = load_settings(workdir=settings.workdir)
     apply(sqlite_settings, "twitch/PTBR")
     materialize(sqlite_settings, "twitch/PTBR")
-    assert online_features(open_store(settings, "twitch/PTBR"), users) == online_features(
-        open_store(sqlite_settings, "twitch/PTBR"), users
-    )
+    assert online_features(
+        open_store(settings, "twitch/PTBR"), users, contract=c
+    ) == online_features(open_store(sqlite_settings, "twitch/PTBR"), users, contract=c)
 
 
 def test_definitions_point_at_absolute_sources(engb_store):
-    defs = build_definitions(DatasetPaths.of(engb_store, "twitch/ENGB"))
+    paths = DatasetPaths.of(engb_store, "twitch/ENGB")
+    defs = build_definitions(paths, load_contract(engb_store, "twitch/ENGB"))
     for view in (defs.profile_view, defs.graph_view):
         path = view.batch_source.path
         assert path.startswith("/") and path.endswith(".parquet")
     assert defs.profile_view.ttl == timedelta(0)
+
+
+def test_definitions_module_imports_without_a_prepared_dataset(tmp_path):
+    """The module-level objects for the plain `feast` CLI exist only once the default dataset is
+    prepared: importing the module in a fresh workdir must not fail."""
+    import subprocess
+    import sys
+
+    code = "import feature_repo.definitions as d; print(hasattr(d, 'user_profile'))"
+    env = {**os.environ, "FRIENDREC_WORKDIR": str(tmp_path / "fresh")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_online_user_ids_lists_every_materialized_user(engb_store):
+    """Index builds embed these besides the prepared users (users the stream created)."""
+    import numpy as np
+
+    from friendrec.data.canonical import load_prepared
+    from friendrec.feast_store import open_store
+    from friendrec.online_users import online_user_ids
+    from friendrec.paths import DatasetPaths
+
+    data = load_prepared(DatasetPaths.of(engb_store, "twitch/ENGB"))
+    found = online_user_ids(open_store(engb_store, "twitch/ENGB"))
+    assert np.array_equal(found, data.user_ids)

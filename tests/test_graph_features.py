@@ -15,7 +15,6 @@ from feature_repo.jobs.graph_features import (
     features_from_table,
     latest_rows,
 )
-from friendrec import contract
 from friendrec.data.canonical import load_prepared, prepare
 from friendrec.paths import DatasetPaths
 from friendrec.sampling import sample_friends
@@ -56,14 +55,22 @@ def test_hand_computed_small_graph(tiny):
         assert sum(row["nbr_sparse_weights"]) == pytest.approx(1.0 if row["degree"] else 0.0)
     assert rows[4]["nbr_sparse_ids"] == [] and rows[4]["nbr_sparse_weights"] == []
 
-    # Profiles written by musae_files: days = 100 (u + 1), views = 10 u, mature = u odd.
+    # Profiles written by musae_files: days = 100 (u + 1), views = 10 u, mature = u odd, never a
+    # partner: the Twitch contract's four scalars, the first two log1p'd.
+    assert data.contract.profile_scalar_names == (
+        "account_age_days",
+        "views",
+        "is_mature",
+        "is_partner",
+    )
+
     def profile(u):
-        return [np.log1p(100 * (u + 1)), np.log1p(10 * u), float(u % 2), 0.0, 0.0]
+        return [np.log1p(100 * (u + 1)), np.log1p(10 * u), float(u % 2), 0.0]
 
     np.testing.assert_allclose(rows[3]["nbr_profile_mean"], profile(2), rtol=1e-6)
     expected_0 = (np.array(profile(1)) + np.array(profile(2))) / 2
     np.testing.assert_allclose(rows[0]["nbr_profile_mean"], expected_0, rtol=1e-6)
-    assert rows[4]["nbr_profile_mean"] == [0.0] * len(contract.PROFILE_SCALARS)
+    assert rows[4]["nbr_profile_mean"] == [0.0] * len(data.contract.profile_scalars)
 
 
 def test_friend_cap_uses_the_shared_deterministic_sample(tiny):
@@ -122,7 +129,7 @@ def test_snapshots_are_deltas_idempotent_and_time_ordered(settings):
     table = pq.read_table(paths.graph_source)
     assert table.num_rows == meta.num_users + touched.size
     # The latest row of every user equals a fresh full computation as of t2.
-    latest = features_from_table(latest_rows(table))
+    latest = features_from_table(latest_rows(table), data.contract)
     fresh = compute_graph_features(data, t2, settings, show_progress=False)
     np.testing.assert_array_equal(latest.fingerprints(), fresh.fingerprints())
     # Re-running the same snapshot rewrites the same rows.

@@ -4,7 +4,10 @@ through the Feast online store and the exported model, the alias, rollback, prun
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from friendrec.config import Settings
-from friendrec.errors import IncompatibleModelError
+from friendrec.errors import ContractMismatchError, IncompatibleModelError
 from friendrec.local_services import MilvusLiteProcess, MilvusStandaloneProcess
+from friendrec.paths import load_contract
 from serving.index import EmbeddingIndex, EmbeddingIndexError, IndexUnavailableError
 from serving.index_build import build_index
 
@@ -98,6 +102,7 @@ def test_build_v1_file_mode_matches_training_and_searches(exported_models, tmp_p
             1,
             "twitch/ENGB",
         )
+        assert live.schema_hash == load_contract(settings, "twitch/ENGB").schema_hash
         assert index.count(live.collection) == len(ids)
         stored = index.get_vectors(live.collection, ids)
         assert len(stored) == len(ids)
@@ -213,6 +218,40 @@ def test_model_card_of_another_dataset_is_refused(exported_models, tmp_path) -> 
         build_index(settings, 1, show_progress=False)
     with pytest.raises(Exception, match="no exported model version 9"):
         build_index(settings, 9, show_progress=False)
+    with EmbeddingIndex.connect(settings) as index:
+        assert index.versions() == [] and index.live() is None
+
+
+def test_model_card_of_another_schema_is_refused(exported_models, tmp_path) -> None:
+    """A version trained on another schema (its card's schema hash differs from the dataset's
+    contract) is refused by the build, and the CLI exits non-zero naming both hashes."""
+    base = private_base(exported_models, tmp_path, {1: 1})
+    card_path = base / exported_models.settings.serving.model_name / "1" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    ours = load_contract(exported_models.settings, "twitch/ENGB").schema_hash
+    assert card["schema_hash"] == ours and card["feature_service"].endswith(ours)
+    assert card["vocab_sha256"] and "views" in card["declared_features"]
+    card_path.write_text(json.dumps({**card, "schema_hash": "0ther0schema"}))
+    settings = with_base_path(with_milvus(exported_models.settings, str(tmp_path / "m.db")), base)
+    with pytest.raises(ContractMismatchError, match=f"'0ther0schema'.*'{ours}'"):
+        build_index(settings, 1, show_progress=False)
+    env = {
+        **os.environ,
+        "FRIENDREC_WORKDIR": str(settings.workdir),
+        "FRIENDREC_MILVUS__URI": settings.milvus_uri,
+        "FRIENDREC_SERVING__MODEL_BASE_PATH": str(base),
+        "COLUMNS": "300",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "friendrec", "index", "build", "--model-version", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    error = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
+    assert len(error) == 1 and "0ther0schema" in error[0] and ours in error[0], error
     with EmbeddingIndex.connect(settings) as index:
         assert index.versions() == [] and index.live() is None
 

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+from contracts import tagged, twitch_like
 from musae_files import prepare_all_train
 from tensorflow_serving.apis import prediction_log_pb2
 from tiny_models import SMALL
 
 import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from feature_repo.jobs.graph_features import compute_graph_features, profile_table
-from friendrec import contract
 from friendrec.feast_store import open_store
 from training.export import MODEL_CARD, WARMUP_FILE, export_tower, load_signature
 from training.features import (
@@ -27,7 +27,7 @@ from training.features import (
 from training.losses import cca_ssg_loss, scaled_cosine_error
 from training.model import LossConfig, SSMTLModel, split_inputs
 from training.pipeline import PairSampler, embed_all
-from training.tower import UserTower, transform_profile_tf
+from training.tower import UserTower, transform_constants, transform_profile_tf
 from training.train import (
     TrainingContext,
     loss_config,
@@ -65,11 +65,19 @@ def test_scaled_cosine_error_known_values():
     )
 
 
-def test_profile_transform_matches_the_contract():
-    raw = np.array([[0.0, 9.0, 1.0, 0.0, 1.0], [1459.0, 9528.0, 0.0, 1.0, 0.0]], np.float32)
-    np.testing.assert_allclose(
-        transform_profile_tf(tf.constant(raw)).numpy(), contract.transform_profile(raw), rtol=1e-6
-    )
+@pytest.mark.parametrize(
+    ("make", "raw"),
+    [
+        (twitch_like, [[0.0, 9.0, 1.0, 0.0], [1459.0, 9528.0, 0.0, 1.0], [-3.0, 0.5, 1.0, 1.0]]),
+        (tagged, [[-5.0, 1.0], [250.0, 0.0], [35.0, 1.0], [99.5, 0.0]]),
+    ],
+)
+def test_profile_transform_matches_the_contract(make, raw):
+    """Clip, log1p and standardisation in TensorFlow equal ``Contract.transform_profile``."""
+    c = make()
+    raw = np.array(raw, np.float32)
+    got = transform_profile_tf(tf.constant(raw), transform_constants(c.transform_arrays()))
+    np.testing.assert_allclose(got.numpy(), c.transform_profile(raw), rtol=1e-6)
 
 
 # -- the model on real data ---------------------------------------------------------------------
@@ -210,7 +218,7 @@ def test_leakage_guard_equals_removing_the_friendship(tmp_path):
         rows = {r["user_id"]: r for r in profile_table(graph, settings).to_pylist()}
         for r in compute_graph_features(graph, 2**40, settings, False).to_table(0).to_pylist():
             rows[r["user_id"]].update(r)
-        return FeatureTable.from_rows([rows[u] for u in sorted(rows)], spec)
+        return FeatureTable.from_rows([rows[u] for u in sorted(rows)], spec, data.contract)
 
     full = table_for(data)
     keep = ~((data.src == 0) & (data.dst == 2))
@@ -224,8 +232,18 @@ def test_leakage_guard_equals_removing_the_friendship(tmp_path):
         }
     )
     reduced = table_for(reduced_data)
-    profile = contract.transform_profile(full.profile)
-    tower = UserTower(spec, profile.mean(0), profile.var(0), full.user_ids, 16, 8, 8, 32)
+    profile = data.contract.transform_profile(full.profile)
+    tower = UserTower(
+        spec,
+        profile.mean(0),
+        profile.var(0),
+        full.user_ids,
+        16,
+        8,
+        8,
+        32,
+        transform=data.contract.transform_arrays(),
+    )
 
     u, v = np.array([0]), np.array([2])
     guarded = tower_inputs(full, u, sample_neighbours(full, u, 4, None, exclude=v))
@@ -250,7 +268,8 @@ def test_export_round_trip_and_training_serving_parity(ctx, engb_store, tmp_path
     served = load_signature(path)(**{k: tf.constant(v) for k, v in inputs.items()})["embedding"]
     assert np.abs(served.numpy() - trained).max() <= 1e-5
 
-    online, known = fetch_online_inputs(open_store(engb_store, "twitch/ENGB"), users, tower.spec)
+    store = open_store(engb_store, "twitch/ENGB")
+    online, known = fetch_online_inputs(store, users, tower.spec, ctx.contract)
     assert known.all()
     served_online = load_signature(path)(**{k: tf.constant(v) for k, v in online.items()})
     assert np.abs(served_online["embedding"].numpy() - trained).max() <= 1e-5
@@ -258,6 +277,8 @@ def test_export_round_trip_and_training_serving_parity(ctx, engb_store, tmp_path
     card = json.loads((path / MODEL_CARD).read_text())
     assert card["version"] == 1 and card["signature"] == "serving_default"
     assert set(card["inputs"]) == set(inputs)
+    width = len(ctx.contract.profile_scalars)
+    assert card["inputs"]["self_profile"]["shape"] == [None, width] == [None, 4]
     record = next(iter(tf.data.TFRecordDataset(str(path / "assets.extra" / WARMUP_FILE))))
     log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
     assert set(log.predict_log.request.inputs) == set(inputs)
@@ -267,7 +288,7 @@ def test_export_round_trip_and_training_serving_parity(ctx, engb_store, tmp_path
 def test_unknown_users_take_the_cold_start_path(ctx, engb_store):
     tower = ctx.build_tower(SMALL)
     inputs, known = fetch_online_inputs(
-        open_store(engb_store, "twitch/ENGB"), [5, 10**12], tower.spec
+        open_store(engb_store, "twitch/ENGB"), [5, 10**12], tower.spec, ctx.contract
     )
     assert known.tolist() == [True, False]
     assert inputs["friend_mask"][1].sum() == 0 and (inputs["self_sparse_ids"][1] < 0).all()

@@ -21,6 +21,7 @@ from tiny_models import ExportedModels
 from friendrec.config import Settings
 from friendrec.feast_store import online_features, open_store
 from friendrec.local_services import MilvusLiteProcess, TFServingProcess, free_port
+from friendrec.paths import load_contract
 from serving.client import RecommenderClient, recommend_request
 from serving.index_build import TFServingEmbedder, build_index
 from serving.service import SERVICE_NAME, RunningService, start_service
@@ -86,7 +87,9 @@ def _exact_topk(stack: Stack, version: int, user: int, exclude: set[int], k: int
 
 def _friends(stack: Stack, users) -> dict[int, set[int]]:
     store = open_store(stack.settings, "twitch/ENGB")
-    return {r["user_id"]: set(r["friend_ids"]) for r in online_features(store, list(users))}
+    c = load_contract(stack.settings, "twitch/ENGB")
+    rows = online_features(store, list(users), contract=c)
+    return {r["user_id"]: set(r["friend_ids"]) for r in rows}
 
 
 def _assert_scores_are_version(stack: Stack, response) -> None:
@@ -157,6 +160,39 @@ def test_bad_arguments_are_invalid_argument(stack: Stack, request_args, message)
         client.recommend(recommend_request(**request_args))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
+
+
+class _OtherSchemaIndex:
+    """A live index whose model was trained on another schema (nothing else is reached)."""
+
+    def live(self):
+        from serving.index import LiveIndex
+
+        return LiveIndex("user_embeddings", "user_embeddings_v7", 7, "twitch/ENGB", 16, "0ther0")
+
+    def load_live(self):
+        return self.live()
+
+
+def test_a_live_model_of_another_schema_is_failed_precondition(exported_models: ExportedModels):
+    """The service refuses a live version whose schema hash is not the dataset contract's, and
+    says which two hashes differ."""
+    from serving.recommender import Recommender
+
+    settings = _with(exported_models.settings, "serving", metrics_port=0)
+    c = load_contract(settings, "twitch/ENGB")
+    recommender = Recommender(settings, None, None, _OtherSchemaIndex())  # type: ignore[arg-type]
+    assert recommender.contract == c  # the active dataset's, loaded once
+    service = start_service(settings, recommender=recommender, port=0, probe_seconds=60)
+    try:
+        address = f"127.0.0.1:{service.port}"
+        with RecommenderClient(settings, address) as client, pytest.raises(grpc.RpcError) as err:
+            client.recommend(recommend_request(1, 5))
+    finally:
+        service.stop(grace=None)
+        recommender.close()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'0ther0'" in err.value.details() and c.schema_hash in err.value.details()
 
 
 def test_empty_and_oversized_batches_are_rejected(stack: Stack):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from tiny_models import ExportedModels
@@ -32,6 +33,9 @@ def test_up_serves_recommendations_and_down_leaves_nothing(exported_models: Expo
     stack = LocalStack(settings)
     try:
         state = stack.up(["milvus", "tfserving", "broker", "service"])
+        # No index yet: the service runs but cannot serve, and status says so.
+        (service,) = [row for row in stack.status() if row["component"] == "service"]
+        assert service["running"] and service["health"] == "NOT_SERVING"
         assert set(state) == {"milvus", "tfserving", "broker", "service"}
         assert stack.up(["milvus"]) == state  # idempotent: nothing started twice
         build_index(stack.settings, 2, show_progress=False)
@@ -39,6 +43,10 @@ def test_up_serves_recommendations_and_down_leaves_nothing(exported_models: Expo
             response = client.recommend(recommend_request(int(exported_models.user_ids[3]), 5))
         assert response.model_version == 2 and len(response.candidates) == 5
         assert all(row["running"] for row in stack.status())
+        deadline = time.monotonic() + 20  # the service's health probe runs every 2 s
+        while stack.service_health() != "SERVING":
+            assert time.monotonic() < deadline, stack.status()
+            time.sleep(0.5)
         assert os.path.getsize(state["tfserving"]["log"]) > 0  # every process logs to a file
         assert os.path.getsize(state["service"]["log"]) > 0
     finally:
@@ -46,3 +54,25 @@ def test_up_serves_recommendations_and_down_leaves_nothing(exported_models: Expo
     assert set(stopped) == {"milvus", "tfserving", "broker", "service"}
     assert not any(_alive(entry["pid"]) for entry in state.values())
     assert stack.status() == [] and not stack.paths.state.exists()
+
+
+def test_index_commands_use_the_running_stacks_milvus(tmp_path, monkeypatch):
+    """`friendrec index build` with default settings (a milvus-lite file) writes where the stack's
+    service reads while `friendrec up` runs Milvus, and the file otherwise."""
+    import json
+    import sys
+
+    from friendrec.cli.index import index_settings
+    from friendrec.stack import StackPaths
+
+    monkeypatch.setenv("FRIENDREC_WORKDIR", str(tmp_path))
+    monkeypatch.delenv("FRIENDREC_MILVUS__URI", raising=False)
+    alone = index_settings()
+    assert not (alone.milvus.uri or "").startswith("http")  # the milvus-lite file by default
+    paths = StackPaths(tmp_path / "stack")
+    paths.root.mkdir(parents=True)
+    # This very process stands in for the stack's Milvus (its command line holds the marker).
+    marker = sys.argv[0]
+    paths.state.write_text(json.dumps({"milvus": {"pid": os.getpid(), "marker": marker}}))
+    assert index_settings().milvus.uri == LocalStack(alone).settings.milvus.uri
+    assert index_settings().milvus.uri.startswith("http://127.0.0.1:")

@@ -4,6 +4,7 @@ and the three workers (threads here; a subprocess where it must be killed)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from friendrec import contract
 from friendrec.config import Settings, load_settings
 from friendrec.feast_store import online_features, open_store
 from friendrec.local_services import MilvusLiteProcess, TansuProcess, TFServingProcess, free_port
+from friendrec.paths import load_contract
 from serving.index import EmbeddingIndex, normalise
 from serving.index_build import LocalEmbedder, build_index, version_dir
 from streaming.feature_updater import FeatureUpdater
@@ -82,6 +84,13 @@ class Stack:
     def store(self):
         return open_store(self.settings)
 
+    @property
+    def contract(self) -> contract.Contract:
+        return load_contract(self.settings)
+
+    def online(self, users: list[int], refs: list[str] | None = None) -> list[dict]:
+        return online_features(self.store(), users, refs, contract=self.contract)
+
     def index(self) -> EmbeddingIndex:
         return EmbeddingIndex.connect(self.settings)
 
@@ -131,7 +140,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         settings = _with(settings, "tfserving", port=free_port(), poll_seconds=0.2)
         settings = _with(settings, "serving", metrics_port=0, alias_refresh_s=0.2)
         settings = _with(
-            settings, "streaming", bootstrap_servers=tansu.bootstrap_servers, max_records=200
+            settings,
+            "streaming",
+            bootstrap_servers=tansu.bootstrap_servers,
+            max_records=200,
+            sink_flush_rows=4,  # small, so that the tests' few refreshes exercise the flushes
         )
         tfserving = TFServingProcess(settings, settings.tfserving.port, log_dir=work)
         tfserving.start()
@@ -176,7 +189,7 @@ def batch_graph_rows(
         for user, values in profiles.items():
             row = data.index_of(np.array([user]))[0]
             for name, value in values.items():
-                profile[row, contract.PROFILE_SCALAR_NAMES.index(name)] = value
+                profile[row, data.contract.profile_scalar_names.index(name)] = value
         data = replace(data, profile=profile)
     cutoff = data.meta.train_cutoff_ts
     src = np.concatenate([data.src, extra[:, 0]])
@@ -190,7 +203,7 @@ def batch_graph_rows(
 
 
 def assert_online_equals_batch(stack: Stack, users: list[int], expected: dict[int, dict]) -> None:
-    rows = online_features(stack.store(), users, contract.feature_refs(contract.GRAPH_VIEW))
+    rows = stack.online(users, stack.contract.feature_refs(contract.GRAPH_VIEW))
     for row in rows:
         want = expected[row[contract.JOIN_KEY]]
         for name in (contract.DEGREE.name, contract.FRIEND_IDS.name, contract.NBR_SPARSE_IDS.name):
@@ -198,7 +211,7 @@ def assert_online_equals_batch(stack: Stack, users: list[int], expected: dict[in
                 row[contract.JOIN_KEY],
                 name,
             )
-        for name in (contract.NBR_SPARSE_WEIGHTS.name, contract.NBR_PROFILE_MEAN.name):
+        for name in (contract.NBR_SPARSE_WEIGHTS.name, stack.contract.nbr_profile_mean.name):
             np.testing.assert_allclose(row[name], want[name], atol=1e-6)
 
 
@@ -207,8 +220,8 @@ def model_embeddings(stack: Stack, users: list[int]) -> np.ndarray:
     from serving.index_build import input_spec, read_model_card
     from training.features import fetch_online_inputs
 
-    spec = input_spec(read_model_card(stack.settings, 1, DATASET))
-    inputs, _ = fetch_online_inputs(stack.store(), users, spec)
+    spec = input_spec(read_model_card(stack.settings, 1, DATASET, stack.contract))
+    inputs, _ = fetch_online_inputs(stack.store(), users, spec, stack.contract)
     return normalise(LocalEmbedder(version_dir(stack.settings, 1))(inputs))
 
 
@@ -223,7 +236,7 @@ def milvus_matches_model(stack: Stack, users: list[int]) -> bool:
 
 def degrees(stack: Stack, users: list[int]) -> dict[int, int]:
     refs = [f"{contract.GRAPH_VIEW}:{contract.DEGREE.name}"]
-    return {r["user_id"]: r["degree"] for r in online_features(stack.store(), users, refs)}
+    return {r["user_id"]: r["degree"] for r in stack.online(users, refs)}
 
 
 def dependents(stack: Stack, changed: set[int], fanout: int) -> list[int]:
@@ -236,7 +249,7 @@ def dependents(stack: Stack, changed: set[int], fanout: int) -> list[int]:
     refs = [f"{contract.GRAPH_VIEW}:{contract.FRIEND_IDS.name}"]
     return [
         r["user_id"]
-        for r in online_features(stack.store(), candidates, refs)
+        for r in stack.online(candidates, refs)
         if set(r["friend_ids"][:fanout]) & changed
     ]
 
@@ -288,6 +301,9 @@ def test_new_friendship_refreshes_embedding_to_what_the_model_computes(stack: St
         stored = index.get_vectors(index.alias, ids)
     want = np.array([stored[i] @ new for i in ids])
     np.testing.assert_allclose([c.score for c in response.candidates], want, atol=1e-4)
+    # The sink sealed what it upserted (sink_flush_rows=4 here): searches never scan a growing
+    # segment for long.
+    assert stack.workers["milvus-sink"].worker.processor.flushes >= 1
 
 
 def read_dead_letters(stack: Stack, count: int, timeout: float = 30.0) -> list[DeadLetter]:
@@ -314,7 +330,7 @@ def read_dead_letters(stack: Stack, count: int, timeout: float = 30.0) -> list[D
 def test_poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_processed(stack: Stack):
     ((a, b),) = stack.fresh_pairs(1).tolist()
     before = degrees(stack, [a, b])
-    topic = Topics.of(stack.settings).friendships
+    topic, profiles = Topics.of(stack.settings).friendships, Topics.of(stack.settings).profiles
     good = FriendshipEvent(op="add", user_id=a, friend_id=b, event_ts=int(time.time() * 1000))
     poison = [
         (str(a).encode(), b"\x00not json"),
@@ -325,8 +341,13 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_processed(s
             % (a, a),
         ),
         (b"12345", good.encode()),  # key is not the user
+        # ~2 MB: its dead letter must not exceed the producer's 1 MiB request size (it used to,
+        # and the worker died on this offset at every restart).
+        (str(a).encode(), b'{"schema":"friendship.v1","pad":"' + b"x" * 2_000_000 + b'"}'),
     ]
-    producer = KafkaProducer(bootstrap_servers=stack.settings.streaming.bootstrap_servers)
+    producer = KafkaProducer(
+        bootstrap_servers=stack.settings.streaming.bootstrap_servers, max_request_size=4 << 20
+    )
     try:
         for key, value in poison[:2]:
             producer.send(topic, key=key, value=value)
@@ -335,14 +356,25 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_rest_is_processed(s
             producer.send(topic, key=key, value=value)
         mirrored = good.mirrored()
         producer.send(topic, key=mirrored.key, value=mirrored.encode())
+        # A profile event the dataset's contract refuses (decodes fine: the schema is generic).
+        unknown = ProfileUpdate(user_id=a, profile={"favourite_colour": "red"}, event_ts=1)
+        producer.send(profiles, key=unknown.key, value=unknown.encode())
         producer.flush()
     finally:
         producer.close()
     stack.streamed.append((a, b))
 
-    letters = read_dead_letters(stack, 4)
+    everything = read_dead_letters(stack, 6)
+    (refused,) = [letter for letter in everything if letter.topic == profiles]
+    assert "unknown feature(s) ['favourite_colour']" in refused.reason
+    assert stack.contract.schema_hash in refused.reason
+    letters = [letter for letter in everything if letter.topic != profiles]
     reasons = sorted(letter.reason for letter in letters)
-    assert len(letters) == 4, reasons
+    assert len(letters) == 5, reasons
+    (big,) = [letter for letter in letters if letter.truncated]
+    assert big.value_size == len(poison[-1][1])
+    assert big.value_sha256 == hashlib.sha256(poison[-1][1]).hexdigest()
+    assert stack.workers["feature-updater"].thread.is_alive()
     assert any(r.startswith("not JSON") for r in reasons)
     assert any("schema 'friendship.v9' is not accepted" in r for r in reasons)
     assert any("cannot befriend itself" in r for r in reasons)
@@ -407,8 +439,8 @@ def remove_and_update_profile(
     stack.profiles[user] = dict(profile)
 
     def profile_applied() -> bool:
-        refs = contract.feature_refs(contract.PROFILE_VIEW)
-        row = online_features(stack.store(), [user], refs)[0]
+        refs = stack.contract.feature_refs(contract.PROFILE_VIEW)
+        row = stack.online([user], refs)[0]
         return all(row[name] == value for name, value in profile.items())
 
     wait_for("the removal", lambda: degrees(stack, [u, v]) == {u: before[u] - 1, v: before[v] - 1})

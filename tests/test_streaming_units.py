@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from contracts import tagged
 
 from friendrec.errors import IndexUnavailableError
 from streaming.schemas import (
@@ -21,7 +22,7 @@ from streaming.schemas import (
     decode,
 )
 from streaming.state import FriendState
-from streaming.worker import is_transient
+from streaming.worker import Record, Worker, is_transient
 
 ALL = ("friendship.v1", "graph_recompute.v1", "profile.v1", "refresh.v1", "embedding.v1")
 
@@ -33,6 +34,11 @@ ALL = ("friendship.v1", "graph_recompute.v1", "profile.v1", "refresh.v1", "embed
         FriendshipEvent(op="remove", user_id=2, friend_id=1, event_ts=11),
         GraphRecompute(user_id=3, origin_ts=5),
         ProfileUpdate(user_id=4, profile={"views": 3.0}, sparse_ids=[1, 2], event_ts=7),
+        ProfileUpdate(
+            user_id=4,
+            profile={"country": "FR", "tags": ["jazz", "new"], "plays": 12, "verified": True},
+            event_ts=8,
+        ),
         RefreshRequest(user_id=5, origin_ts=9),
         UserEmbedding(user_id=6, model_version=2, vector=[0.5, 0.5], origin_ts=1, computed_at=2),
     ],
@@ -79,9 +85,9 @@ def test_a_friendship_is_mirrored_onto_the_other_endpoint():
             "x: Extra inputs are not permitted",
         ),
         (
-            b'{"schema":"profile.v1","user_id":1,"profile":{"age":1},"event_ts":1}',
+            b'{"schema":"profile.v1","user_id":1,"profile":[1],"event_ts":1}',
             None,
-            "unknown profile feature(s) ['age']",
+            "invalid profile.v1: profile:",
         ),
         (
             b'{"schema":"friendship.v1","op":"add","user_id":1,"friend_id":2,"event_ts":1}',
@@ -180,17 +186,19 @@ def test_cpu_budget_scales_the_measured_cost_to_the_target_rate():
 def test_refresher_inputs_equal_the_serving_feature_path(engb_store):
     """The refresher reads each row once; the tensors must be the serving path's, bit for bit."""
     from friendrec.feast_store import open_store
+    from friendrec.paths import load_contract
     from streaming.feast_io import query_inputs
     from training.features import InputSpec, fetch_query_inputs
 
     store = open_store(engb_store)
+    c = load_contract(engb_store)
     spec = InputSpec.from_settings(engb_store, vocab_size=0, fanout=5)
     # Users and some of their own friends in one batch, plus one the store does not know.
     users = [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 10**12]
-    friends = fetch_query_inputs(store, users[:4], spec).friend_ids
+    friends = fetch_query_inputs(store, users[:4], spec, contract=c).friend_ids
     users = sorted({*users, *(int(f) for fs in friends for f in fs[:3])})
-    want = fetch_query_inputs(store, users, spec).inputs
-    got = query_inputs(store, users, spec)
+    want = fetch_query_inputs(store, users, spec, contract=c).inputs
+    got = query_inputs(store, users, spec, c)
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -216,3 +224,140 @@ def test_the_state_follows_the_online_store(settings, redis_url):
     assert isinstance(shared, RedisFriendState)
     assert shared.count() == 2 * meta.split_counts["train"]
     shared.close()
+
+
+def test_dead_letter_of_a_huge_message_is_truncated_with_size_and_hash():
+    import base64
+    import hashlib
+
+    from streaming.redrive import _parse
+    from streaming.schemas import DEAD_LETTER_MAX_VALUE, DeadLetter
+
+    huge = b"y" * (2 * 1024 * 1024)
+    fields = dict(worker="w", topic="t", partition=0, offset=7, reason="too big", at=1)
+    letter = DeadLetter.of(huge, b"42", **fields)
+    assert letter.truncated and letter.value_size == len(huge)
+    assert letter.value_sha256 == hashlib.sha256(huge).hexdigest()
+    assert base64.b64decode(letter.value_b64) == huge[:DEAD_LETTER_MAX_VALUE]
+    assert len(letter.encode()) < 1024 * 1024  # fits kafka-python's default max_request_size
+    small = DeadLetter.of(b"{}", None, **fields)
+    assert not small.truncated and base64.b64decode(small.value_b64) == b"{}"
+    # A truncated letter cannot be re-driven: it says where the original is instead.
+    with pytest.raises(ValueError, match=r"truncated letter: .* is at t\[0\]@7"):
+        _parse(letter.encode())
+    assert _parse(small.encode())[2] == b"{}"
+
+
+def _updater(settings):
+    """A feature updater over the hand-made ``tagged`` contract (no store or state is touched)."""
+    from streaming.feature_updater import FeatureUpdater
+
+    return FeatureUpdater(settings, store=object(), state=object(), fanout=5, contract=tagged())
+
+
+@pytest.mark.parametrize(
+    ("profile", "reason"),
+    [
+        ({"favourite_colour": "red"}, "unknown feature(s) ['favourite_colour']"),
+        ({"tags": "jazz"}, "tags: expected a list"),
+        ({"plays": "many"}, "plays: expected a number"),
+        ({"verified": "perhaps"}, "verified: expected a boolean"),
+        ({"country": ["FR"]}, "country: expected one value, got a list"),
+    ],
+)
+def test_profile_events_the_contract_refuses_are_named(settings, profile, reason):
+    updater = _updater(settings)
+    got = updater.invalid(ProfileUpdate(user_id=3, profile=profile, event_ts=1))
+    assert got is not None and reason in got and "user 3" in got and tagged().schema_hash in got
+    assert updater.invalid(FriendshipEvent(op="add", user_id=1, friend_id=2, event_ts=1)) is None
+
+
+def test_profile_events_are_encoded_with_the_contract(settings):
+    """Raw values -> stored scalars and sparse ids: a new tag goes to its feature's
+    out-of-vocabulary id, the other feature's ids are kept, scalars left out keep their value."""
+    c = tagged()
+    country, tags = c.categoricals_by_name["country"], c.categoricals_by_name["tags"]
+    updater = _updater(settings)
+    row = {"plays": 7.0, "verified": 0.0, "sparse_ids": country.encode("FR") + tags.encode(["pop"])}
+    event = ProfileUpdate(
+        user_id=3, profile={"tags": ["jazz", "brand-new"], "verified": "yes"}, event_ts=1
+    )
+    assert updater.invalid(event) is None
+    updater._apply_profile(row, event)
+    assert row["plays"] == 7.0 and row["verified"] == 1.0
+    assert row["sparse_ids"] == [*country.encode("FR"), *tags.encode(["jazz"]), tags.oov_id]
+    # Explicit ids replace the current ones; a categorical given beside them replaces its own.
+    both = ProfileUpdate(user_id=3, profile={"country": "DE"}, sparse_ids=[4], event_ts=2)
+    updater._apply_profile(row, both)
+    assert row["sparse_ids"] == [*country.encode("DE"), 4]
+
+
+class _Partition:
+    def __init__(self, topic: str) -> None:
+        self.topic, self.partition = topic, 0
+
+
+class _Polled:
+    def __init__(self, offset: int, message) -> None:
+        self.offset, self.key, self.value = offset, message.key, message.encode()
+
+
+class _Producer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def send(self, topic, key=None, value=None):
+        self.sent.append((topic, value))
+
+    def flush(self) -> None:
+        pass
+
+
+class _Consumer:
+    def commit(self) -> None:
+        pass
+
+
+def test_the_worker_dead_letters_refused_profile_events_and_applies_the_rest(settings):
+    """A profile event the contract refuses goes to the dead-letter topic with the reason; the
+    other events of its batch are processed."""
+    import json
+
+    from streaming.topics import Topics
+
+    class Refusing:
+        name = "feature-updater"
+
+        def __init__(self) -> None:
+            self.updater = _updater(settings)
+            self.seen: list[int] = []
+
+        def invalid(self, message):
+            return self.updater.invalid(message)
+
+        def topics(self):
+            return (Topics.of(settings).profiles,)
+
+        def process(self, records: list[Record], send) -> None:
+            self.seen += [r.offset for r in records]
+
+        def close(self) -> None:
+            pass
+
+    topics = Topics.of(settings)
+    events = [
+        ProfileUpdate(user_id=1, profile={"plays": 3}, event_ts=1),
+        ProfileUpdate(user_id=2, profile={"favourite_colour": "red"}, event_ts=1),
+        ProfileUpdate(user_id=3, profile={"tags": ["jazz"]}, event_ts=1),
+    ]
+    processor = Refusing()
+    producer = _Producer()
+    polled = {_Partition(topics.profiles): [_Polled(i, e) for i, e in enumerate(events)]}
+    worker = Worker(settings, processor)
+    worker._batch(_Consumer(), producer, polled)
+    assert processor.seen == [0, 2]
+    assert worker.stats.dead_letters == 1 and worker.stats.processed == 3
+    [(topic, value)] = producer.sent
+    letter = json.loads(value)
+    assert topic == topics.dead_letters and letter["offset"] == 1
+    assert "unknown feature(s) ['favourite_colour']" in letter["reason"]

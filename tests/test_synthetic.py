@@ -11,9 +11,8 @@ import inspect
 import numpy as np
 import pytest
 
-from friendrec import contract
 from friendrec.data.graph import RawGraph
-from friendrec.data.synthetic import _generate, generate_synthetic
+from friendrec.data.synthetic import SCALARS, _generate, generate_synthetic
 
 N = 10_000
 
@@ -87,9 +86,9 @@ def test_invariants(graph: RawGraph) -> None:
 
 def test_profile(graph: RawGraph) -> None:
     p = graph.profile
-    assert p.dtype == np.float32 and p.shape == (N, len(contract.PROFILE_SCALARS))
+    assert p.dtype == np.float32 and p.shape == (N, len(SCALARS))
     assert np.isfinite(p).all()
-    col = {name: p[:, j] for j, name in enumerate(contract.PROFILE_SCALAR_NAMES)}
+    col = {name: p[:, j] for j, name in enumerate(SCALARS)}
     assert col["account_age_days"].min() >= 30 and col["account_age_days"].max() <= 4000
     views = col["views"]
     assert views.min() >= 0

@@ -32,6 +32,7 @@ from tiny_models import ExportedModels
 from friendrec.config import ServingSettings, Settings, TFServingSettings
 from friendrec.feast_store import open_store
 from friendrec.local_services import TFServingProcess, tfserving_server
+from friendrec.paths import load_contract
 from serving.tfserving.client import TFServingClient, signature_shapes
 from serving.tfserving.models import ModelConfig, read_model_config_file
 from serving.tfserving.server import serve
@@ -132,9 +133,9 @@ def online(exported_models: ExportedModels, client: TFServingClient) -> Online:
     ids = exported_models.user_ids
     users = ids[[0, 1, 17, 250, 1000, len(ids) // 2, len(ids) - 1]]
     spec = client.input_spec()
-    inputs, known = fetch_online_inputs(
-        open_store(exported_models.settings, "twitch/ENGB"), users, spec
-    )
+    store = open_store(exported_models.settings, "twitch/ENGB")
+    c = load_contract(exported_models.settings, "twitch/ENGB")
+    inputs, known = fetch_online_inputs(store, users, spec, c)
     assert known.all()
     return Online(users, np.searchsorted(ids, users), inputs)
 
@@ -525,7 +526,8 @@ def test_a_batch_of_1024_users_fits_in_one_request(
 ):
     users = exported_models.user_ids[:1024]
     store = open_store(exported_models.settings, "twitch/ENGB")
-    inputs, _ = fetch_online_inputs(store, users, client.input_spec(2))
+    c = load_contract(exported_models.settings, "twitch/ENGB")
+    inputs, _ = fetch_online_inputs(store, users, client.input_spec(2), c)
     assert sum(v.nbytes for v in inputs.values()) > 4 * 1024 * 1024  # gRPC's default cap
     embedding, served = client.predict(inputs, version=2)
     assert served == 2 and embedding.shape == (1024, 16)

@@ -4,8 +4,9 @@
 ``assets.extra/tf_serving_warmup_requests`` (PredictRequests TF Serving replays before a version
 takes traffic) and ``model_card.json``. The ``serving_default`` signature takes the named raw inputs
 that Feast returns for a user and its sampled friends (``training.features.tower_inputs``) and
-returns ``embedding``; the profile transform, the standardisation and the out-of-vocabulary
-mapping all live inside the graph.
+returns ``embedding``; the profile transform (the dataset contract's, as constants), the
+standardisation and the out-of-vocabulary mapping all live inside the graph. The profile inputs are
+as wide as the contract has profile scalars.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from friendrec import contract
 from training.features import InputSpec
 from training.tower import UserTower
 
@@ -31,10 +31,11 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 MODEL_CARD = "model_card.json"
 
 
-def input_signature(spec: InputSpec) -> dict[str, tf.TensorSpec]:
+def input_signature(spec: InputSpec, profile_width: int) -> dict[str, tf.TensorSpec]:
     """The serving inputs: the user's own features (``self_*``), its ``fanout`` friends'
-    (``friend_*``, a fanout axis after the batch axis) and ``friend_mask``."""
-    p = len(contract.PROFILE_SCALARS)
+    (``friend_*``, a fanout axis after the batch axis) and ``friend_mask``; ``profile`` and
+    ``nbr_profile`` are ``profile_width`` wide (the contract's profile scalars)."""
+    p = int(profile_width)
     node = {
         "user_id": ([], tf.int64),
         "profile": ([p], tf.float32),
@@ -61,7 +62,7 @@ class ServingModule(tf.Module):
     def __init__(self, tower: UserTower) -> None:
         super().__init__()
         self.tower = tower
-        signature = input_signature(tower.spec)
+        signature = input_signature(tower.spec, tower.profile_width)
 
         @tf.function(input_signature=[signature])
         def serve(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -119,7 +120,7 @@ def export_tower(
             "output": OUTPUT,
             "inputs": {
                 k: {"dtype": v.dtype.name, "shape": v.shape.as_list()}
-                for k, v in input_signature(tower.spec).items()
+                for k, v in input_signature(tower.spec, tower.profile_width).items()
             },
             "exported_at": datetime.now(UTC).isoformat(),
         }

@@ -16,8 +16,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from friendrec import contract
 from friendrec.config import FeatureSettings, Settings
+from friendrec.contract import (
+    DEGREE,
+    EVENT_TIMESTAMP,
+    FRIEND_IDS,
+    JOIN_KEY,
+    NBR_SPARSE_IDS,
+    NBR_SPARSE_WEIGHTS,
+    SPARSE_IDS,
+    Contract,
+)
 from friendrec.data.canonical import PreparedDataset
 from friendrec.friend_aggregates import RequestFeatures, friend_aggregates
 
@@ -86,48 +95,50 @@ class FeatureTable:
     friend_matrix: np.ndarray  # int64 [n, friend_len]: sampled friends' user ids, PAD_ID padded
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, Any]], spec: InputSpec) -> FeatureTable:
-        """From dict rows as Feast returns them (online, or a historical DataFrame's records)."""
+    def from_rows(
+        cls, rows: Sequence[Mapping[str, Any]], spec: InputSpec, contract: Contract
+    ) -> FeatureTable:
+        """From dict rows as Feast returns them (online, or a historical DataFrame's records),
+        named and defaulted by the dataset's ``contract``."""
 
         def column(name: str) -> list[Any]:
             return [contract.default_value(name) if r.get(name) is None else r[name] for r in rows]
 
+        width = len(contract.profile_scalars)
         profile = np.array(
-            [column(n) for n in contract.PROFILE_SCALAR_NAMES], dtype=np.float32
-        ).T.reshape(len(rows), len(contract.PROFILE_SCALARS))
-        width = len(contract.PROFILE_SCALARS)
+            [column(n) for n in contract.profile_scalar_names], dtype=np.float32
+        ).T.reshape(len(rows), width)
         return cls(
-            user_ids=np.array([int(r[contract.JOIN_KEY]) for r in rows], dtype=np.int64),
+            user_ids=np.array([int(r[JOIN_KEY]) for r in rows], dtype=np.int64),
             profile=profile,
-            sparse_ids=_pad(column(contract.SPARSE_IDS.name), spec.sparse_len, PAD_ID, np.int64),
-            nbr_ids=_pad(column(contract.NBR_SPARSE_IDS.name), spec.nbr_len, PAD_ID, np.int64),
-            nbr_weights=_pad(
-                column(contract.NBR_SPARSE_WEIGHTS.name), spec.nbr_len, 0.0, np.float32
-            ),
-            nbr_profile=_pad(column(contract.NBR_PROFILE_MEAN.name), width, 0.0, np.float32),
-            degree=np.array(column(contract.DEGREE.name), dtype=np.int64),
-            friend_matrix=_pad(column(contract.FRIEND_IDS.name), spec.friend_len, PAD_ID, np.int64),
+            sparse_ids=_pad(column(SPARSE_IDS.name), spec.sparse_len, PAD_ID, np.int64),
+            nbr_ids=_pad(column(NBR_SPARSE_IDS.name), spec.nbr_len, PAD_ID, np.int64),
+            nbr_weights=_pad(column(NBR_SPARSE_WEIGHTS.name), spec.nbr_len, 0.0, np.float32),
+            nbr_profile=_pad(column(contract.nbr_profile_mean.name), width, 0.0, np.float32),
+            degree=np.array(column(DEGREE.name), dtype=np.int64),
+            friend_matrix=_pad(column(FRIEND_IDS.name), spec.friend_len, PAD_ID, np.int64),
         )
 
     @classmethod
     def from_offline_store(
         cls, store: Any, data: PreparedDataset, spec: InputSpec, as_of: int | None = None
     ) -> FeatureTable:
-        """Point-in-time join of every user at ``as_of`` (default: the training cutoff)."""
+        """Point-in-time join of every user at ``as_of`` (default: the training cutoff), through
+        the training feature service of the dataset's contract."""
         when = datetime.fromtimestamp((as_of or data.meta.train_cutoff_ts) + 1, UTC)
         entity_df = pd.DataFrame(
             {
-                contract.JOIN_KEY: data.user_ids,
-                contract.EVENT_TIMESTAMP: pd.Series([when] * len(data.user_ids)),
+                JOIN_KEY: data.user_ids,
+                EVENT_TIMESTAMP: pd.Series([when] * len(data.user_ids)),
             }
         )
-        service = store.get_feature_service(contract.TRAINING_SERVICE)
+        service = store.get_feature_service(data.contract.training_service)
         frame = store.get_historical_features(entity_df=entity_df, features=service).to_df()
-        frame = frame.sort_values(contract.JOIN_KEY).reset_index(drop=True)
-        if not np.array_equal(frame[contract.JOIN_KEY].to_numpy(), data.user_ids):
+        frame = frame.sort_values(JOIN_KEY).reset_index(drop=True)
+        if not np.array_equal(frame[JOIN_KEY].to_numpy(), data.user_ids):
             raise RuntimeError("the offline store did not return exactly one row per user")
         records = frame.replace({np.nan: None}).to_dict("records")
-        return cls.from_rows(records, spec)
+        return cls.from_rows(records, spec, data.contract)
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -240,6 +251,8 @@ def fetch_query_inputs(
     request_features: Mapping[int, RequestFeatures] | None = None,
     features: FeatureSettings | None = None,
     seed: int = 0,
+    *,
+    contract: Contract,
 ) -> QueryInputs:
     """The serving feature path: two online reads (the users, then their first ``fanout``
     sampled friends) -> the tower's raw inputs.
@@ -248,42 +261,46 @@ def fetch_query_inputs(
     the caller supplied ``request_features`` for them; then their graph features are computed from
     the named friends' online rows exactly as the batch job would (``friend_aggregates``), which
     needs the feature caps (``features``) and the sampling ``seed`` the store was built with.
+    ``contract`` is the dataset's (names, defaults, the profile transform).
     """
     from friendrec.feast_store import online_features
 
     request_features = request_features or {}
-    users = online_features(store, list(user_ids))
-    requested = [not row["known"] and row[contract.JOIN_KEY] in request_features for row in users]
+    users = online_features(store, list(user_ids), contract=contract)
+    requested = [not row["known"] and row[JOIN_KEY] in request_features for row in users]
     if any(requested) and features is None:
         raise ValueError("request features need the feature settings (caps) to aggregate friends")
     friend_lists: list[list[int]] = []
     wanted: set[int] = set()
     for row, use_request in zip(users, requested, strict=True):
         if use_request:
-            friends = [int(f) for f in request_features[row[contract.JOIN_KEY]].friend_ids]
+            friends = [int(f) for f in request_features[row[JOIN_KEY]].friend_ids]
             wanted.update(friends)  # every friend: the aggregates are over all of them
         else:
-            friends = [int(f) for f in row[contract.FRIEND_IDS.name]]
+            friends = [int(f) for f in row[FRIEND_IDS.name]]
             wanted.update(friends[: spec.fanout])
         friend_lists.append(friends)
-    friends = online_features(store, sorted(wanted)) if wanted else []
-    known_rows = {row[contract.JOIN_KEY]: row for row in friends if row["known"]}
+    friends = online_features(store, sorted(wanted), contract=contract) if wanted else []
+    known_rows = {row[JOIN_KEY]: row for row in friends if row["known"]}
     for i, use_request in enumerate(requested):
         if use_request:
-            uid = users[i][contract.JOIN_KEY]
+            uid = users[i][JOIN_KEY]
             request = request_features[uid]
+            aggregates = friend_aggregates(
+                uid, friend_lists[i], known_rows, features, seed, contract=contract
+            )
             users[i] = {
-                **request.profile_row(uid, spec.sparse_len),
-                **friend_aggregates(uid, friend_lists[i], known_rows, features, seed),
+                **request.profile_row(uid, spec.sparse_len, contract),
+                **aggregates,
                 "known": False,
             }
-            friend_lists[i] = users[i][contract.FRIEND_IDS.name]
-    table = FeatureTable.from_rows(users, spec)
-    friend_table = FeatureTable.from_rows(friends, spec) if friends else None
+            friend_lists[i] = users[i][FRIEND_IDS.name]
+    table = FeatureTable.from_rows(users, spec, contract)
+    friend_table = FeatureTable.from_rows(friends, spec, contract) if friends else None
     neighbour_rows = np.full((len(users), spec.fanout), -1, dtype=np.int64)
     for i, row in enumerate(users):
         # A friend the store does not know is absent, exactly as in the training table.
-        present = [f for f in row[contract.FRIEND_IDS.name][: spec.fanout] if f in known_rows]
+        present = [f for f in row[FRIEND_IDS.name][: spec.fanout] if f in known_rows]
         if present and friend_table is not None:
             neighbour_rows[i, : len(present)] = friend_table.rows_of(np.array(present))
     inputs = tower_inputs(table, np.arange(len(users)), neighbour_rows, friend_table)
@@ -296,8 +313,8 @@ def fetch_query_inputs(
 
 
 def fetch_online_inputs(
-    store: Any, user_ids: Sequence[int], spec: InputSpec
+    store: Any, user_ids: Sequence[int], spec: InputSpec, contract: Contract
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``fetch_query_inputs`` without request features: (tower inputs, known-to-Feast flags)."""
-    query = fetch_query_inputs(store, user_ids, spec)
+    query = fetch_query_inputs(store, user_ids, spec, contract=contract)
     return query.inputs, query.known

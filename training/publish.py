@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from friendrec import contract
 from friendrec.config import TrainingSettings
+from friendrec.contract import Contract
 from training.export import export_tower
 from training.features import sample_neighbours, tower_inputs
 from training.runs import latest_run, offline_metrics_of, restore_tower
@@ -30,6 +30,18 @@ def export_run(
     return export_with_card(ctx, tower, cfg, run_dir.name, offline_metrics_of(run_dir), version)
 
 
+def contract_card(contract: Contract) -> dict[str, Any]:
+    """The model card's contract fields: what a model version was trained on."""
+    return {
+        "schema_hash": contract.schema_hash,
+        "vocab_sha256": contract.vocab_sha256,
+        "contract_version": contract.version,
+        "feature_service": contract.serving_service,
+        "declared_features": list(contract.declared_names),
+        "profile_scalars": list(contract.profile_scalar_names),
+    }
+
+
 def export_with_card(
     ctx: TrainingContext,
     tower: UserTower,
@@ -39,12 +51,12 @@ def export_with_card(
     version: int | None = None,
 ) -> Path:
     """Export a tower with warmup requests from real users and the model card that names its
-    dataset, split, feature service and training configuration (index build checks them)."""
+    dataset, split, feature contract (schema hash, vocabulary digest, feature service, declared
+    features) and training configuration (index build and serving check them)."""
     rows = np.arange(min(WARMUP_USERS, len(ctx.table)))
     warmup = tower_inputs(ctx.table, rows, sample_neighbours(ctx.table, rows, cfg.fanout, None))
     card = {
-        "feature_service": contract.SERVING_SERVICE,
-        "contract_version": contract.CONTRACT_VERSION,
+        **contract_card(ctx.contract),
         "dataset": ctx.data.meta.name,
         "data_split_sha256": ctx.data.meta.split_sha256,
         "training_cutoff_ts": ctx.data.meta.train_cutoff_ts,

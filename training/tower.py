@@ -9,23 +9,44 @@ layer 1 needs no extra lookups, and layer 2 aggregates ``fanout`` sampled friend
 
 Users unknown at training time (new sign-ups) share one out-of-vocabulary id vector: they are served
 from their features and their friends, which is the cold-start path.
+
+The raw profile scalars go through the dataset contract's transform first (``transform``: the
+arrays of ``Contract.transform_arrays()``, baked into the graph as constants, so an exported
+SavedModel carries them and needs no contract at serving time).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import tensorflow as tf
 
-from friendrec import contract
 from training.features import InputSpec
 
-LOG1P_COLUMNS = np.array([f.transform == "log1p" for f in contract.PROFILE_SCALARS])
+TRANSFORM_KEYS = ("clip_min", "clip_max", "log1p", "standardise", "mean", "std")
 
 
-def transform_profile_tf(x: tf.Tensor) -> tf.Tensor:
-    """``contract.transform_profile`` in TensorFlow (a test pins them to the same values)."""
-    logged = tf.math.log1p(tf.maximum(x, 0.0))
-    return tf.where(LOG1P_COLUMNS, logged, x)
+def transform_constants(transform: Mapping[str, np.ndarray]) -> dict[str, tf.Tensor]:
+    """``Contract.transform_arrays()`` -> TensorFlow constants (float32; the masks bool)."""
+    missing = [k for k in TRANSFORM_KEYS if k not in transform]
+    if missing:
+        raise ValueError(f"transform arrays lack {missing}")
+    return {
+        k: tf.constant(
+            np.asarray(transform[k], dtype=bool if k in ("log1p", "standardise") else np.float32)
+        )
+        for k in TRANSFORM_KEYS
+    }
+
+
+def transform_profile_tf(x: tf.Tensor, transform: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    """``Contract.transform_profile`` in TensorFlow (a test pins them to the same values): clip,
+    then log1p of the non-negative part where ``log1p``, then ``(x - mean) / std`` where
+    ``standardise``."""
+    out = tf.minimum(tf.maximum(x, transform["clip_min"]), transform["clip_max"])
+    out = tf.where(transform["log1p"], tf.math.log1p(tf.maximum(out, 0.0)), out)
+    return tf.where(transform["standardise"], (out - transform["mean"]) / transform["std"], out)
 
 
 def masked_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
@@ -48,10 +69,15 @@ class UserTower(tf.keras.Model):
         id_dim: int = 32,
         hidden_dim: int = 128,
         id_dropout: float = 0.0,
+        *,
+        transform: Mapping[str, np.ndarray],
         **kwargs,
     ) -> None:
+        """``transform``: the dataset contract's ``transform_arrays()`` (one entry per profile
+        scalar, in contract order)."""
         super().__init__(**kwargs)
         self.spec = spec
+        self.transform = transform_constants(transform)
         self.embedding_dim = embedding_dim
         self.sparse_dim = sparse_dim
         self.id_dim = id_dim
@@ -90,9 +116,16 @@ class UserTower(tf.keras.Model):
     def input_dim(self) -> int:
         return 2 * self.sparse_dim + self.id_dim
 
+    @property
+    def profile_width(self) -> int:
+        """Profile scalars per user (the contract's; the serving signature's profile width)."""
+        return int(self.profile_mean.shape[0])
+
     # -- layer 0 -------------------------------------------------------------------------
     def standardise(self, profile: tf.Tensor) -> tf.Tensor:
-        return (transform_profile_tf(profile) - self.profile_mean) / self.profile_std
+        return (
+            transform_profile_tf(profile, self.transform) - self.profile_mean
+        ) / self.profile_std
 
     def bag(self, ids: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         """Weighted sum of id embeddings; padding (id < 0) has weight 0."""

@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from friendrec import contract
 from friendrec.config import Settings, TrainingSettings
+from friendrec.contract import Contract
 from friendrec.data.canonical import PreparedDataset, load_prepared
 from friendrec.errors import NotPreparedError
 from friendrec.feast_store import open_store
@@ -124,8 +124,13 @@ class TrainingContext:
         table = FeatureTable.from_offline_store(open_store(settings, paths.name), data, spec)
         return cls(settings, paths, data, table, spec)
 
+    @property
+    def contract(self) -> Contract:
+        """The dataset's feature contract (loaded with the prepared data)."""
+        return self.data.contract
+
     def build_tower(self, cfg: TrainingSettings) -> UserTower:
-        profile = contract.transform_profile(self.table.profile)
+        profile = self.contract.transform_profile(self.table.profile)
         tf.keras.utils.set_random_seed(cfg.seed)
         return UserTower(
             replace(self.spec, fanout=cfg.fanout),
@@ -137,6 +142,7 @@ class TrainingContext:
             id_dim=cfg.id_dim,
             id_dropout=cfg.id_dropout,
             hidden_dim=cfg.hidden_dim,
+            transform=self.contract.transform_arrays(),
         )
 
 

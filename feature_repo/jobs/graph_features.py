@@ -21,8 +21,17 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from friendrec import contract
 from friendrec.config import Settings
+from friendrec.contract import (
+    DEGREE,
+    EVENT_TIMESTAMP,
+    FRIEND_IDS,
+    JOIN_KEY,
+    NBR_SPARSE_IDS,
+    NBR_SPARSE_WEIGHTS,
+    SPARSE_IDS,
+    Contract,
+)
 from friendrec.data.canonical import (
     TIMESTAMP_TYPE,
     PreparedDataset,
@@ -49,7 +58,8 @@ class GraphFeatures:
     nbr_offsets: np.ndarray
     nbr_ids: np.ndarray
     nbr_weights: np.ndarray  # float32
-    nbr_profile_mean: np.ndarray  # float32 [n, P]
+    nbr_profile_mean: np.ndarray  # float32 [n, P]: P = the contract's profile scalars
+    contract: Contract  # the dataset's: the column names
 
     def to_table(self, as_of: int, rows: np.ndarray | None = None) -> pa.Table:
         """Arrow table of the given rows (all by default) with event_timestamp = as_of."""
@@ -61,18 +71,18 @@ class GraphFeatures:
         width = p.shape[1]
         return pa.table(
             {
-                contract.JOIN_KEY: pa.array(self.user_ids[sel], type=pa.int64()),
-                contract.DEGREE.name: pa.array(self.degree[sel], type=pa.int64()),
-                contract.FRIEND_IDS.name: sparse_list_array(f_off, f_val),
-                contract.NBR_SPARSE_IDS.name: sparse_list_array(n_off, n_ids),
-                contract.NBR_SPARSE_WEIGHTS.name: pa.ListArray.from_arrays(
+                JOIN_KEY: pa.array(self.user_ids[sel], type=pa.int64()),
+                DEGREE.name: pa.array(self.degree[sel], type=pa.int64()),
+                FRIEND_IDS.name: sparse_list_array(f_off, f_val),
+                NBR_SPARSE_IDS.name: sparse_list_array(n_off, n_ids),
+                NBR_SPARSE_WEIGHTS.name: pa.ListArray.from_arrays(
                     pa.array(n_off.astype(np.int64)), pa.array(n_w, type=pa.float32())
                 ).cast(pa.list_(pa.float32())),
-                contract.NBR_PROFILE_MEAN.name: pa.ListArray.from_arrays(
+                self.contract.nbr_profile_mean.name: pa.ListArray.from_arrays(
                     pa.array(np.arange(len(sel) + 1, dtype=np.int64) * width),
                     pa.array(p.reshape(-1), type=pa.float32()),
                 ).cast(pa.list_(pa.float32())),
-                contract.EVENT_TIMESTAMP: pa.array(
+                EVENT_TIMESTAMP: pa.array(
                     np.full(len(sel), as_of * 1_000_000, dtype=np.int64)
                 ).cast(TIMESTAMP_TYPE),
             }
@@ -165,7 +175,7 @@ def compute_graph_features(
         (np.ones(len(adj.indices), dtype=np.float32), adj.indices, adj.indptr), shape=(n, n)
     )
     inv_degree = np.where(degree > 0, 1.0 / np.maximum(degree, 1), 0.0).astype(np.float32)
-    profile_t = contract.transform_profile(data.profile)
+    profile_t = data.contract.transform_profile(data.profile)
     nbr_profile_mean = (a @ profile_t) * inv_degree[:, None]
 
     # Friends' mean sparse bag, top nbr_sparse_cap ids per user, computed in blocks of users.
@@ -211,6 +221,7 @@ def compute_graph_features(
         nbr_ids=np.concatenate(nbr_ids_parts) if nbr_ids_parts else np.zeros(0, np.int64),
         nbr_weights=np.concatenate(nbr_w_parts) if nbr_w_parts else np.zeros(0, np.float32),
         nbr_profile_mean=np.asarray(nbr_profile_mean, dtype=np.float32),
+        contract=data.contract,
     )
 
 
@@ -224,15 +235,16 @@ def _blocks(work: np.ndarray, budget: float) -> list[int]:
     return sorted({0, *[int(c) + 1 for c in cuts if 0 < c + 1 < n], n})
 
 
-def features_from_table(table: pa.Table) -> GraphFeatures:
-    """Read back graph-feature rows (the inverse of ``GraphFeatures.to_table``)."""
-    f_off, f_val = list_array_to_csr(table.column(contract.FRIEND_IDS.name))
-    n_off, n_ids = list_array_to_csr(table.column(contract.NBR_SPARSE_IDS.name))
-    weights = table.column(contract.NBR_SPARSE_WEIGHTS.name).combine_chunks()
-    means = table.column(contract.NBR_PROFILE_MEAN.name).combine_chunks()
+def features_from_table(table: pa.Table, contract: Contract) -> GraphFeatures:
+    """Read back graph-feature rows of the dataset's ``contract`` (the inverse of
+    ``GraphFeatures.to_table``)."""
+    f_off, f_val = list_array_to_csr(table.column(FRIEND_IDS.name))
+    n_off, n_ids = list_array_to_csr(table.column(NBR_SPARSE_IDS.name))
+    weights = table.column(NBR_SPARSE_WEIGHTS.name).combine_chunks()
+    means = table.column(contract.nbr_profile_mean.name).combine_chunks()
     return GraphFeatures(
-        user_ids=table.column(contract.JOIN_KEY).to_numpy(),
-        degree=table.column(contract.DEGREE.name).to_numpy(),
+        user_ids=table.column(JOIN_KEY).to_numpy(),
+        degree=table.column(DEGREE.name).to_numpy(),
         friend_offsets=f_off,
         friend_values=f_val,
         nbr_offsets=n_off,
@@ -241,14 +253,15 @@ def features_from_table(table: pa.Table) -> GraphFeatures:
         nbr_profile_mean=means.flatten()
         .to_numpy(zero_copy_only=False)
         .astype(np.float32)
-        .reshape(len(table), -1),
+        .reshape(len(table), len(contract.profile_scalars)),
+        contract=contract,
     )
 
 
 def latest_rows(table: pa.Table, before: int | None = None) -> pa.Table:
     """The latest row per user (optionally with event time strictly before ``before``)."""
-    ts = table.column(contract.EVENT_TIMESTAMP).cast(pa.int64()).to_numpy() // 1_000_000
-    ids = table.column(contract.JOIN_KEY).to_numpy()
+    ts = table.column(EVENT_TIMESTAMP).cast(pa.int64()).to_numpy() // 1_000_000
+    ids = table.column(JOIN_KEY).to_numpy()
     idx = np.arange(len(ts)) if before is None else np.flatnonzero(ts < before)
     order = idx[np.lexsort((ts[idx], ids[idx]))]
     last = np.ones(len(order), dtype=bool)
@@ -266,11 +279,11 @@ def profile_table(data: PreparedDataset, settings: Settings) -> pa.Table:
     offsets, values = cap_sparse(
         data.sparse_offsets, data.sparse_values, settings.features.sparse_cap
     )
-    columns: dict[str, pa.Array] = {contract.JOIN_KEY: pa.array(data.user_ids, type=pa.int64())}
-    for j, feature in enumerate(contract.PROFILE_SCALARS):
+    columns: dict[str, pa.Array] = {JOIN_KEY: pa.array(data.user_ids, type=pa.int64())}
+    for j, feature in enumerate(data.contract.profile_scalars):
         columns[feature.name] = pa.array(data.profile[:, j], type=pa.float32())
-    columns[contract.SPARSE_IDS.name] = sparse_list_array(offsets, values)
-    columns[contract.EVENT_TIMESTAMP] = pa.array(
+    columns[SPARSE_IDS.name] = sparse_list_array(offsets, values)
+    columns[EVENT_TIMESTAMP] = pa.array(
         np.full(len(data.user_ids), data.meta.profile_ts * 1_000_000, dtype=np.int64)
     ).cast(TIMESTAMP_TYPE)
     return pa.table(columns)
@@ -314,7 +327,7 @@ def build_features(
 
     existing = pq.read_table(paths.graph_source) if paths.graph_source.exists() else None
     if existing is not None:
-        ts = existing.column(contract.EVENT_TIMESTAMP).cast(pa.int64()).to_numpy() // 1_000_000
+        ts = existing.column(EVENT_TIMESTAMP).cast(pa.int64()).to_numpy() // 1_000_000
         if ts.size and ts.max() > as_of:
             raise ValueError(
                 f"a newer snapshot ({datetime.fromtimestamp(int(ts.max()), UTC).isoformat()}) "
@@ -322,14 +335,14 @@ def build_features(
             )
         existing = existing.filter(
             pc.less(
-                existing.column(contract.EVENT_TIMESTAMP),
+                existing.column(EVENT_TIMESTAMP),
                 pa.scalar(as_of * 1_000_000, TIMESTAMP_TYPE),
             )
         )
     if existing is None or existing.num_rows == 0:
         changed = np.arange(len(data.user_ids))
     else:
-        previous = features_from_table(latest_rows(existing))  # sorted by user id
+        previous = features_from_table(latest_rows(existing), data.contract)  # sorted by id
         prev_fp = previous.fingerprints()
         pos = np.minimum(np.searchsorted(previous.user_ids, data.user_ids), len(prev_fp) - 1)
         known = previous.user_ids[pos] == data.user_ids

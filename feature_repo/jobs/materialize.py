@@ -13,18 +13,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from feast import FeatureStore
+from feast import FeatureStore, FeatureView
 
 from feature_repo.definitions import build_definitions
 from friendrec import contract
 from friendrec.config import Settings
-from friendrec.errors import NotPreparedError
+from friendrec.errors import ContractMismatchError, NotPreparedError
 from friendrec.feast_store import open_store, write_repo_dir
 from friendrec.paths import DatasetPaths
 
@@ -43,9 +44,22 @@ def apply(settings: Settings, dataset: str | None = None) -> FeatureStore:
             )
     write_repo_dir(settings, paths)
     store = open_store(settings, paths.name)
-    store.apply(build_definitions(paths).objects())
+    store.apply(build_definitions(paths, contract.load(paths.data_dir)).objects())
     log.info("applied Feast definitions for %s (project %s)", paths.name, store.project)
     return store
+
+
+def check_registered_schema(views: Iterable[FeatureView], schema_hash: str) -> None:
+    """Refuse views registered for another schema (ContractMismatchError): the dataset was
+    prepared again with a changed schema, and its features need building and applying again."""
+    for view in views:
+        registered = view.tags.get("schema_hash")
+        if registered is not None and registered != schema_hash:
+            raise ContractMismatchError(
+                f"the registered view {view.name!r} has schema {registered!r}, the prepared "
+                f"dataset has schema {schema_hash!r}; run `friendrec features build` and "
+                "`friendrec features apply` again"
+            )
 
 
 def data_end(source: Path) -> datetime:
@@ -88,6 +102,7 @@ def materialize(
         raise NotPreparedError(
             f"views {sorted(missing)} are not registered; run `friendrec features apply`"
         )
+    check_registered_schema(views.values(), contract.load(paths.data_dir).schema_hash)
     sources = {contract.PROFILE_VIEW: paths.profile_source, contract.GRAPH_VIEW: paths.graph_source}
     windows: dict[str, tuple[str, str] | None] = {}
     for name, view in views.items():

@@ -75,7 +75,11 @@ def config() -> None:
 
 @app.command()
 def demo(
-    dataset: str = typer.Option("twitch/ENGB", help="Dataset to run the story on."),
+    dataset: str = typer.Option(
+        None,
+        help="Dataset to run the story on. Default: data.dataset (twitch/ENGB), or the synthetic "
+        "graph (synthetic:5000) when the datasets folder does not hold it.",
+    ),
     users: list[int] = typer.Option([0, 1, 2], "--user", help="Users whose features to show."),
     replay: int = typer.Option(
         2000, "--replay", min=1, help="Held-out friendships replayed as Kafka events."

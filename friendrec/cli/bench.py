@@ -210,6 +210,24 @@ def streaming(
     run(load_settings(), cfg, output)
 
 
+@app.command()
+def prepare(
+    users: str = typer.Option(
+        "100000,1000000", "--users", help="Graph sizes (users), comma-separated."
+    ),
+    output: Path = typer.Option(
+        Path("bench/results/prepare.json"), "--output", "-o", help="JSON result."
+    ),
+) -> None:
+    """`data prepare` of a team's own graph given as parquet (string ids, a string categorical,
+    a list of string tags), in a fresh process per size: wall time, peak memory and seconds per
+    million users. Prints a table and writes JSON."""
+    from bench.prepare import run
+    from friendrec.config import load_settings
+
+    run(load_settings(), _sizes(users), output)
+
+
 @app.command("quality-summary")
 def quality_summary(
     results: list[Path] = typer.Argument(

@@ -75,7 +75,9 @@ def get(
     and "known": false (never an error)."""
     from friendrec.config import load_settings
     from friendrec.feast_store import online_features, open_store
+    from friendrec.paths import load_contract
 
     settings = load_settings()
-    rows = online_features(open_store(settings, dataset), user)
+    features = load_contract(settings, dataset)
+    rows = online_features(open_store(settings, dataset), user, contract=features)
     typer.echo(json.dumps(rows, indent=2))

@@ -4,14 +4,34 @@ alias)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import typer
+
+from friendrec.config import Settings
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(
     help="Build the Milvus embedding index of a model version, move the live alias, roll back, "
     "list and prune versions.",
     no_args_is_help=True,
 )
+
+
+def index_settings() -> Settings:
+    """The settings, pointed at the local stack's Milvus while `friendrec up` runs one and no
+    Milvus server is configured: the index is then built where the stack's service reads it
+    (a milvus-lite file cannot be shared between processes)."""
+    from friendrec.config import load_settings
+    from friendrec.stack import LocalStack
+
+    settings = load_settings()
+    stack = LocalStack(settings)
+    if stack.settings.milvus.uri != settings.milvus.uri and "milvus" in stack.running():
+        log.info("the local stack runs Milvus at %s: using it", stack.settings.milvus.uri)
+        return stack.settings
+    return settings
 
 
 @app.command()
@@ -30,11 +50,10 @@ def build(
     batches of milvus.build_batch) into a new collection, build its index, load it, move the
     alias to it and prune old versions. A failed build leaves the alias and collections as
     they were."""
-    from friendrec.config import load_settings
     from serving.index_build import TFServingEmbedder, build_index
     from serving.tfserving.client import TFServingClient
 
-    settings = load_settings()
+    settings = index_settings()
     if not via_tfserving:
         report = build_index(settings, model_version)
     else:
@@ -47,10 +66,9 @@ def build(
 @app.command()
 def rollback() -> None:
     """Move the alias back to the previously live version's collection."""
-    from friendrec.config import load_settings
     from serving.index import EmbeddingIndex
 
-    with EmbeddingIndex.connect(load_settings()) as index:
+    with EmbeddingIndex.connect(index_settings()) as index:
         before = index.live()
         live = index.rollback()
     result = {
@@ -70,10 +88,9 @@ def list_versions(
     from rich.console import Console
     from rich.table import Table
 
-    from friendrec.config import load_settings
     from serving.index import EmbeddingIndex
 
-    settings = load_settings()
+    settings = index_settings()
     with EmbeddingIndex.connect(settings) as index:
         versions = index.versions()
     if as_json:
@@ -120,9 +137,8 @@ def prune(
     ),
 ) -> None:
     """Drop collections beyond milvus.keep_versions (never the live one or the rollback one)."""
-    from friendrec.config import load_settings
     from serving.index import EmbeddingIndex
 
-    with EmbeddingIndex.connect(load_settings()) as index:
+    with EmbeddingIndex.connect(index_settings()) as index:
         dropped = index.prune(include_incomplete=incomplete)
     typer.echo(json.dumps({"dropped": dropped}, indent=2))

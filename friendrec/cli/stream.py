@@ -3,6 +3,7 @@ broker, topic and state set-up, and event replay."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -141,6 +142,48 @@ def replay(
             }
         )
     )
+
+
+@app.command()
+def profile(
+    user: int = typer.Option(..., "--user", help="The user whose profile changed."),
+    features: str = typer.Option(
+        ...,
+        "--features",
+        help="New raw values of declared features, as a JSON object, e.g. "
+        '\'{"country": "FR", "tags": ["jazz", "synthwave"], "plays": 12}\'. Checked against the '
+        "dataset's contract before it is sent.",
+    ),
+) -> None:
+    """Produce one profile event (profile.v1) for a user: the feature updater encodes it with the
+    dataset's contract (a value outside a vocabulary goes to its out-of-vocabulary id), pushes it
+    to Feast and has the user and its dependents re-embedded."""
+    import time
+
+    from friendrec import contract
+    from friendrec.config import load_settings
+    from friendrec.errors import FriendrecError
+    from friendrec.paths import DatasetPaths
+    from streaming.schemas import ProfileUpdate
+    from streaming.topics import Topics, create_topics, producer
+
+    settings = load_settings()
+    try:
+        values = json.loads(features)
+    except json.JSONDecodeError as exc:
+        raise FriendrecError(f"--features is not JSON: {exc.msg}") from None
+    if not isinstance(values, dict):
+        raise FriendrecError("--features must be a JSON object of feature name -> value")
+    try:
+        contract.load(DatasetPaths.of(settings).data_dir).encode_profile(values)
+    except ValueError as exc:
+        raise FriendrecError(f"--features: {exc}") from None
+    event = ProfileUpdate(user_id=user, profile=values, event_ts=int(time.time() * 1000))
+    create_topics(settings)
+    topic = Topics.of(settings).profiles
+    with contextlib.closing(producer(settings)) as sender:
+        sender.send(topic, key=event.key, value=event.encode()).get(timeout=30)
+    typer.echo(json.dumps({"topic": topic, "user_id": user, "profile": values}))
 
 
 @app.command()

@@ -1,12 +1,14 @@
-"""The canonical dataset layout: users and friendships as parquet, plus meta.json.
+"""The canonical dataset layout: users and friendships as parquet, the feature contract, the id
+mapping (string ids), the ingestion report and meta.json.
 
-Timestamps and split (docs/data.md). The MUSAE graphs carry no time, so each friendship gets one
+Timestamps and split (docs/data.md). When the schema names a friendship timestamp column, those
+times are used: the oldest 85% of friendships are *train*, the next 5% *val*, the newest 10% *test*
+(ties broken by a seeded permutation). Without one (the MUSAE graphs), each friendship gets a time
 from a seeded random permutation: edge of rank ``r`` (of ``E``) was created at
-``timeline_start + floor(r * timeline_days * 86400 / E)`` seconds. The split follows time: the
-oldest 85% are *train*, the next 5% *val*, the newest 10% *test*. Because the ranks are a uniformly
-random permutation this is exactly a seeded random 85/5/10 split, and it is also a temporal one:
-every feature computed "as of" the training cutoff provably excludes the held-out friendships,
-which later arrive as streaming events. Profiles exist from ``timeline_start``.
+``timeline_start + floor(r * timeline_days * 86400 / E)`` seconds, which makes the same temporal
+split a seeded random 85/5/10 split. Either way every feature computed "as of" the training cutoff
+provably excludes the held-out friendships, which later arrive as streaming events. Profiles exist
+from the first friendship's time (the timeline start).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from pydantic import BaseModel
 
 from friendrec import contract
 from friendrec.config import DataSettings, Settings
-from friendrec.data.graph import RawGraph, list_array_to_csr, sparse_list_array
-from friendrec.errors import NotPreparedError, UnknownDatasetError
+from friendrec.contract import Contract
+from friendrec.data.graph import list_array_to_csr, sparse_list_array
+from friendrec.data.ingest import Ingested, IngestReport, ingest
+from friendrec.errors import NotPreparedError
 from friendrec.paths import DatasetPaths
+from friendrec.schema import ResolvedSchema, resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,10 @@ class DatasetMeta(BaseModel):
     profile_ts: int
     sources: dict[str, str]
     contract_version: int = contract.CONTRACT_VERSION
+    schema_hash: str = ""
+    schema_file: str = ""
+    id_type: str = "integer"
+    timestamps: str = "synthetic"  # "synthetic" or "column:<name>"
 
 
 @dataclass
@@ -64,6 +73,7 @@ class PreparedDataset:
     """A prepared dataset loaded back: arrays ready for vectorised jobs."""
 
     meta: DatasetMeta
+    contract: Contract
     user_ids: np.ndarray  # int64 [n], sorted
     profile: np.ndarray  # float32 [n, P] raw scalars
     sparse_offsets: np.ndarray
@@ -85,56 +95,35 @@ class PreparedDataset:
         return self.src[mask], self.dst[mask]
 
 
-def available_twitch_languages(datasets_dir: Path) -> list[str]:
-    base = datasets_dir / "twitch_social"
-    return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+def assign_time_and_split(
+    num_edges: int, cfg: DataSettings, created: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """created_ts (unix s) and split code per edge (see the module docstring).
 
-
-def load_raw(settings: Settings, name: str) -> RawGraph:
-    """Dataset name -> validated RawGraph. Names: twitch/<LANG>, github, synthetic:<N>."""
-    from friendrec.data import musae
-
-    datasets_dir = settings.datasets_dir
-    if name.startswith("twitch/"):
-        language = name.split("/", 1)[1].upper()
-        languages = available_twitch_languages(datasets_dir)
-        if language not in languages:
-            raise UnknownDatasetError(
-                f"unknown Twitch language {language!r}; available in {datasets_dir}: {languages}"
-            )
-        return musae.read_musae(musae.twitch_files(datasets_dir, language), f"twitch/{language}")
-    if name == "github":
-        return musae.read_musae(musae.github_files(datasets_dir), "github")
-    if name.startswith("synthetic:"):
-        from friendrec.data.synthetic import generate_synthetic
-
-        size = name.split(":", 1)[1].replace("_", "")
-        if not size.isdigit() or int(size) < 2:
-            raise UnknownDatasetError(f"synthetic:<N> needs an integer N >= 2, got {name!r}")
-        return generate_synthetic(int(size), seed=settings.data.seed)
-    raise UnknownDatasetError(
-        f"unknown dataset {name!r}: expected twitch/<LANG>, github or synthetic:<N>"
-    )
-
-
-def assign_time_and_split(num_edges: int, cfg: DataSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic created_ts (unix s) and split code per edge (see module docstring)."""
+    With ``created`` (real times) the rank is the time order, ties broken by the seeded
+    permutation; without, the seeded permutation alone gives both rank and time.
+    """
     rng = np.random.default_rng(cfg.seed)
     rank = np.empty(num_edges, dtype=np.int64)
     rank[rng.permutation(num_edges)] = np.arange(num_edges, dtype=np.int64)
-    span = cfg.timeline_days * 86_400
-    created = cfg.timeline_start + (rank * span) // max(num_edges, 1)
+    if created is None:
+        span = cfg.timeline_days * 86_400
+        created = cfg.timeline_start + (rank * span) // max(num_edges, 1)
+    else:
+        order = np.lexsort((rank, created))
+        rank[order] = np.arange(num_edges, dtype=np.int64)
     n_test = round(num_edges * cfg.test_fraction)
     n_val = round(num_edges * cfg.val_fraction)
     n_train = num_edges - n_val - n_test
     split = np.zeros(num_edges, dtype=np.int8)
     split[rank >= n_train] = 1
     split[rank >= n_train + n_val] = 2
-    return created.astype(np.int64), split
+    return np.asarray(created, dtype=np.int64), split
 
 
 def _split_hash(src: np.ndarray, dst: np.ndarray, split: np.ndarray) -> str:
-    order = np.lexsort((dst, src))
+    # Sorted by (src, dst): one int64 key (pairs are unique) sorts faster than a lexsort.
+    order = np.argsort(src * (int(dst.max(initial=0)) + 1) + dst, kind="stable")
     digest = hashlib.sha256()
     for array in (src[order], dst[order], split[order]):
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -145,13 +134,14 @@ def _seconds_to_timestamps(seconds: np.ndarray) -> pa.Array:
     return pa.array(seconds.astype(np.int64) * 1_000_000, type=pa.int64()).cast(TIMESTAMP_TYPE)
 
 
-def users_table(graph: RawGraph, profile_ts: int) -> pa.Table:
-    columns: dict[str, Any] = {contract.JOIN_KEY: pa.array(graph.user_ids, type=pa.int64())}
-    for j, feature in enumerate(contract.PROFILE_SCALARS):
-        columns[feature.name] = pa.array(graph.profile[:, j], type=pa.float32())
-    columns[contract.SPARSE_IDS.name] = sparse_list_array(graph.sparse_offsets, graph.sparse_values)
+def users_table(data: Ingested, profile_ts: int) -> pa.Table:
+    """The prepared users: id, raw profile scalars (contract names), sparse ids, a timestamp."""
+    columns: dict[str, Any] = {contract.JOIN_KEY: pa.array(data.user_ids, type=pa.int64())}
+    for j, feature in enumerate(data.contract.profile_scalars):
+        columns[feature.name] = pa.array(data.profile[:, j], type=pa.float32())
+    columns[contract.SPARSE_IDS.name] = sparse_list_array(data.sparse_offsets, data.sparse_values)
     columns[contract.EVENT_TIMESTAMP] = _seconds_to_timestamps(
-        np.full(graph.num_users, profile_ts, dtype=np.int64)
+        np.full(data.num_users, profile_ts, dtype=np.int64)
     )
     return pa.table(columns)
 
@@ -169,19 +159,57 @@ def write_atomic(table: pa.Table, path: Path) -> None:
         raise
 
 
-def prepare(settings: Settings, name: str | None = None) -> DatasetMeta:
-    """Read, validate, time and split a dataset, then write its canonical layout atomically.
+def resolve_dataset(
+    settings: Settings, name: str | None = None, schema_path: Path | None = None
+) -> ResolvedSchema:
+    """The schema a command works on: ``--schema`` (or ``data.schema_file``) else the shipped
+    schema of ``--dataset`` (or ``data.dataset``)."""
+    schema_path = schema_path or settings.data.schema_file
+    if schema_path is not None:
+        return resolve(name, Path(schema_path))
+    return resolve(name or settings.data.dataset)
 
-    A failed run leaves any previous good layout of the dataset untouched.
+
+def files_present(settings: Settings, name: str | None = None) -> bool:
+    """Whether a dataset's declared files are on this machine (generated ones always are)."""
+    import glob
+
+    resolved = resolve_dataset(settings, name)
+    if resolved.schema_.synthetic is not None:
+        return True
+    schema = resolved.schema_
+    for pattern in [schema.friendships.path, *(u.path for u in schema.users)]:
+        path = resolved.expand(pattern, settings.datasets_dir, settings.workdir)
+        if not glob.glob(str(path)):
+            return False
+    return True
+
+
+def check(
+    settings: Settings, name: str | None = None, schema_path: Path | None = None
+) -> IngestReport:
+    """Validate and encode a dataset without writing anything: the report `data check` prints."""
+    data = ingest(resolve_dataset(settings, name, schema_path), settings)
+    return data.report
+
+
+def prepare(
+    settings: Settings, name: str | None = None, schema_path: Path | None = None
+) -> DatasetMeta:
+    """Read, validate, encode, time and split a dataset, then write its canonical layout.
+
+    The layout is written to a staging folder and swapped in by rename: a failed run leaves any
+    previous good layout of the dataset untouched.
     """
-    paths = DatasetPaths.of(settings, name)
-    graph = load_raw(settings, paths.name)
+    resolved = resolve_dataset(settings, name, schema_path)
+    paths = DatasetPaths.of(settings, resolved.dataset)
+    data = ingest(resolved, settings)
     cfg = settings.data
-    created, split = assign_time_and_split(graph.num_friendships, cfg)
+    created, split = assign_time_and_split(data.num_friendships, cfg, data.created_ts)
     friendships = pa.table(
         {
-            "src": pa.array(graph.src, type=pa.int64()),
-            "dst": pa.array(graph.dst, type=pa.int64()),
+            "src": pa.array(data.src, type=pa.int64()),
+            "dst": pa.array(data.dst, type=pa.int64()),
             contract.CREATED_TIMESTAMP: _seconds_to_timestamps(created),
             "split": pa.DictionaryArray.from_arrays(
                 pa.array(split, type=pa.int8()), pa.array(SPLITS)
@@ -190,26 +218,45 @@ def prepare(settings: Settings, name: str | None = None) -> DatasetMeta:
     )
     counts = {s: int(np.count_nonzero(split == i)) for i, s in enumerate(SPLITS)}
     train_created = created[split == 0]
+    if data.created_ts is None:
+        start, days = cfg.timeline_start, cfg.timeline_days
+    else:
+        start = int(created.min()) if created.size else cfg.timeline_start
+        days = max(1, -(-(int(created.max(initial=start)) - start) // 86_400))
     meta = DatasetMeta(
         name=paths.name,
         slug=paths.slug,
-        num_users=graph.num_users,
-        num_friendships=graph.num_friendships,
-        vocab_size=graph.vocab_size,
+        num_users=data.num_users,
+        num_friendships=data.num_friendships,
+        vocab_size=data.contract.vocab_size,
         seed=cfg.seed,
-        timeline_start=cfg.timeline_start,
-        timeline_days=cfg.timeline_days,
+        timeline_start=start,
+        timeline_days=days,
         split_counts=counts,
-        split_sha256=_split_hash(graph.src, graph.dst, split),
-        train_cutoff_ts=int(train_created.max()) if train_created.size else cfg.timeline_start,
-        profile_ts=cfg.timeline_start,
-        sources=graph.sources,
+        split_sha256=_split_hash(data.src, data.dst, split),
+        train_cutoff_ts=int(train_created.max()) if train_created.size else start,
+        profile_ts=start,
+        sources=data.sources,
+        schema_hash=data.contract.schema_hash,
+        schema_file=str(resolved.file),
+        id_type=data.report.id_type,
+        timestamps="synthetic" if data.created_ts is None else "column",
     )
     _invalidate_downstream(paths, meta)
     staging = Path(tempfile.mkdtemp(prefix=f".{paths.slug}.", dir=_ensure(paths.data_dir.parent)))
     try:
-        write_atomic(users_table(graph, meta.profile_ts), staging / paths.users.name)
+        write_atomic(users_table(data, meta.profile_ts), staging / paths.users.name)
         write_atomic(friendships, staging / paths.friendships.name)
+        if data.external_ids is not None:
+            id_map = pa.table(
+                {
+                    contract.JOIN_KEY: pa.array(data.user_ids, pa.int64()),
+                    "external_id": data.external_ids,
+                }
+            )
+            write_atomic(id_map, staging / paths.id_map.name)
+        data.contract.save(staging)
+        (staging / paths.report.name).write_text(data.report.model_dump_json(indent=2))
         (staging / paths.meta.name).write_text(meta.model_dump_json(indent=2))
         backup = paths.data_dir.with_name(f".{paths.slug}.old")
         if paths.data_dir.exists():
@@ -220,6 +267,8 @@ def prepare(settings: Settings, name: str | None = None) -> DatasetMeta:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for line in data.report.lines():
+        log.info("%s", line)
     log.info(
         "prepared %s: %d users, %d friendships (%s), cutoff %s",
         meta.name,
@@ -236,8 +285,11 @@ def _invalidate_downstream(paths: DatasetPaths, meta: DatasetMeta) -> None:
     if not paths.meta.is_file():
         return
     previous = DatasetMeta.model_validate(json.loads(paths.meta.read_text()))
-    if previous.split_sha256 != meta.split_sha256:
-        log.warning("%s: the split changed; removing its features and Feast state", paths.name)
+    if previous.split_sha256 != meta.split_sha256 or previous.schema_hash != meta.schema_hash:
+        log.warning(
+            "%s: the split or the schema changed; removing its features and Feast state",
+            paths.name,
+        )
         shutil.rmtree(paths.features_dir, ignore_errors=True)
         shutil.rmtree(paths.feast_dir, ignore_errors=True)
 
@@ -259,11 +311,12 @@ def read_meta(paths: DatasetPaths) -> DatasetMeta:
 def load_prepared(paths: DatasetPaths) -> PreparedDataset:
     """Load a prepared dataset into numpy arrays (columnar, no per-row Python)."""
     meta = read_meta(paths)
+    features = contract.load(paths.data_dir)
     users = pq.read_table(paths.users)
     friendships = pq.read_table(paths.friendships)
-    profile = np.column_stack(
-        [users.column(n).to_numpy() for n in contract.PROFILE_SCALAR_NAMES]
-    ).astype(np.float32)
+    profile = np.zeros((users.num_rows, len(features.profile_scalars)), dtype=np.float32)
+    for j, name in enumerate(features.profile_scalar_names):
+        profile[:, j] = users.column(name).to_numpy()
     offsets, values = list_array_to_csr(users.column(contract.SPARSE_IDS.name))
     split_column = friendships.column("split").combine_chunks()
     split_codes = pc.index_in(split_column.cast(pa.string()), pa.array(SPLITS)).to_numpy()
@@ -272,6 +325,7 @@ def load_prepared(paths: DatasetPaths) -> PreparedDataset:
     )
     return PreparedDataset(
         meta=meta,
+        contract=features,
         user_ids=users.column(contract.JOIN_KEY).to_numpy(),
         profile=profile,
         sparse_offsets=offsets,

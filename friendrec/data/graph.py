@@ -7,21 +7,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from friendrec import contract
-
 
 @dataclass
 class RawGraph:
     """A validated undirected graph with user features, before timestamps and the split.
 
-    Every source (MUSAE files, the synthetic generator) returns one; ``canonical.build`` turns it
-    into the parquet layout. Sparse ids are CSR-style: user ``i`` owns
+    The synthetic generator returns one (profile columns in ``synthetic.SCALARS`` order) and writes
+    it as tables that the generic ingestion (``friendrec.data.ingest``) reads back. Sparse ids
+    are CSR-style: user ``i`` owns
     ``sparse_values[sparse_offsets[i]:sparse_offsets[i + 1]]``.
     """
 
     name: str
     user_ids: np.ndarray  # int64 [n], unique
-    profile: np.ndarray  # float32 [n, P], raw scalars in contract.PROFILE_SCALARS order
+    profile: np.ndarray  # float32 [n, P], raw scalars (synthetic.SCALARS order)
     sparse_offsets: np.ndarray  # int64 [n + 1]
     sparse_values: np.ndarray  # int64 [nnz], each < vocab_size
     src: np.ndarray  # int64 [E] user ids with src < dst; pairs unique, no self loops
@@ -40,7 +39,7 @@ class RawGraph:
     def check(self) -> None:
         """Cheap structural invariants; readers validate content with precise errors first."""
         n = self.num_users
-        if self.profile.shape != (n, len(contract.PROFILE_SCALARS)):
+        if self.profile.ndim != 2 or self.profile.shape[0] != n:
             raise ValueError(f"profile shape {self.profile.shape} != ({n}, P)")
         if self.sparse_offsets.shape != (n + 1,):
             raise ValueError("sparse_offsets must have n + 1 entries")

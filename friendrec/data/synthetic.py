@@ -16,16 +16,28 @@ Model, all vectorised numpy:
   friends there than there are members), the rest across the whole graph.
 * Sparse ids: each community has a topic (``topic_size`` ids, Zipf-weighted); a user draws
   ``ids_per_user`` ids, a share ``topic_fraction`` from its topic, the rest from a global Zipf.
-* Profile scalars (``contract.PROFILE_SCALARS`` order): views follow degree (popular users are
-  watched), partners are mostly high-view users, mature / ML-developer flags vary by community.
+* Profile scalars (``SCALARS`` order): views follow degree (popular users are watched), partners
+  are mostly high-view users, mature / ML-developer flags vary by community.
+
+``write_synthetic_tables`` writes a graph as a team would hand it over (parquet users with a string
+``country`` per community and string ``interests`` tags, parquet friendships); the shipped schema
+``feature_repo/schemas/synthetic.yaml`` reads them back through the generic ingestion.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import inspect
+from pathlib import Path
 
-from friendrec import contract
-from friendrec.data.graph import RawGraph
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from friendrec.data.graph import RawGraph, sparse_list_array
+
+# The generator's profile columns, in the order of ``RawGraph.profile``.
+SCALARS = ("account_age_days", "views", "is_mature", "is_partner", "is_ml_developer")
 
 _CHUNK = 1 << 22  # endpoint samples per chunk: bounds the temporaries at ~100 MB
 _MAX_ROUNDS = 30  # top-up rounds; only near-complete tiny graphs need more than two or three
@@ -361,7 +373,7 @@ def _profile(
     deg: np.ndarray,
     avg_degree: float,
 ) -> np.ndarray:
-    """Raw profile scalars float32 [n, 5] in ``contract.PROFILE_SCALARS`` order.
+    """Raw profile scalars float32 [n, 5] in ``SCALARS`` order.
 
     Correlations a model can use: views rise with (expected) degree, partners are mostly
     high-view users, and the mature / ML-developer rates differ by community.
@@ -385,7 +397,48 @@ def _profile(
         "is_partner": partner,
         "is_ml_developer": ml_dev,
     }
-    profile = np.empty((n, len(contract.PROFILE_SCALAR_NAMES)), dtype=np.float32)
-    for j, name in enumerate(contract.PROFILE_SCALAR_NAMES):
-        profile[:, j] = columns[name]  # a KeyError here means the contract grew a scalar
+    profile = np.empty((n, len(SCALARS)), dtype=np.float32)
+    for j, name in enumerate(SCALARS):
+        profile[:, j] = columns[name]
     return profile
+
+
+def write_synthetic_tables(
+    n_users: int, seed: int, directory: Path, *, string_ids: bool = False
+) -> RawGraph:
+    """Generate a graph and write it as ``users.parquet`` and ``friendships.parquet``.
+
+    Users carry the five scalars, ``country`` (a string per community, ``C00042``) and
+    ``interests`` (the sparse ids as string tags, ``i0042``): what a team's own table looks like.
+    ``string_ids`` writes ids as strings (``u42``), which ingestion maps to dense ids.
+    """
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(generate_synthetic).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    graph, comm = _generate(n_users, seed, **defaults)
+    directory.mkdir(parents=True, exist_ok=True)
+    tag_names = pa.array([f"i{i:04d}" for i in range(graph.vocab_size)])
+    tags = tag_names.take(pa.array(graph.sparse_values, pa.int64()))
+
+    def ids(values: np.ndarray) -> pa.Array:
+        array = pa.array(values, pa.int64())
+        if not string_ids:
+            return array
+        return pc.binary_join_element_wise("u", pc.cast(array, pa.string()), "")
+
+    columns: dict[str, pa.Array] = {"user_id": ids(graph.user_ids)}
+    for j, name in enumerate(SCALARS):
+        values = graph.profile[:, j]
+        columns[name] = pa.array(values.astype(bool) if name.startswith("is_") else values)
+    names = pa.array([f"C{c:05d}" for c in range(int(comm.max(initial=0)) + 1)])
+    columns["country"] = names.take(pa.array(comm, pa.int64()))
+    offsets = sparse_list_array(graph.sparse_offsets, graph.sparse_values).offsets
+    columns["interests"] = pa.ListArray.from_arrays(offsets, tags)
+    pq.write_table(pa.table(columns), directory / "users.parquet")
+    pq.write_table(
+        pa.table({"src": ids(graph.src), "dst": ids(graph.dst)}),
+        directory / "friendships.parquet",
+    )
+    return graph
