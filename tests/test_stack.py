@@ -60,7 +60,7 @@ def test_index_commands_use_the_running_stacks_milvus(tmp_path, monkeypatch):
     """`friendrec index build` with default settings (a milvus-lite file) writes where the stack's
     service reads while `friendrec up` runs Milvus, and the file otherwise."""
     import json
-    import sys
+    from pathlib import Path
 
     from friendrec.cli.index import index_settings
     from friendrec.stack import StackPaths
@@ -72,7 +72,7 @@ def test_index_commands_use_the_running_stacks_milvus(tmp_path, monkeypatch):
     paths = StackPaths(tmp_path / "stack")
     paths.root.mkdir(parents=True)
     # This very process stands in for the stack's Milvus (its command line holds the marker).
-    marker = sys.argv[0]
+    marker = Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()
     paths.state.write_text(json.dumps({"milvus": {"pid": os.getpid(), "marker": marker}}))
     assert index_settings().milvus.uri == LocalStack(alone).settings.milvus.uri
     assert index_settings().milvus.uri.startswith("http://127.0.0.1:")
