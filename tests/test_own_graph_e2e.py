@@ -85,6 +85,15 @@ def test_own_graph_through_every_command(tmp_path: Path):
         _cli(env, "index", "build", "--model-version", "1")
         answer = json.loads(_cli(env, "recommend", "--user", "5", "-k", "5", "--json"))
         assert len(answer["candidates"]) == 5 and int(answer["model_version"]) == 1
+        # The same user by its own string id; candidates come back with theirs.
+        mine = json.loads(
+            _cli(env, "recommend", "--external-user", "user-0004", "-k", "5", "--json")
+        )
+        assert mine["external_id"] == "user-0004" and int(mine["user_id"]) == 5
+        assert [c["user_id"] for c in mine["candidates"]] == [
+            c["user_id"] for c in answer["candidates"]
+        ]
+        assert all(c["external_id"].startswith(("user-", "ghost")) for c in mine["candidates"])
 
         settings = load_settings(workdir=workdir, data={"dataset": "own_graph"})
         features = contract.load(DatasetPaths.of(settings).data_dir)

@@ -51,7 +51,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def recommend(
-        user: int = typer.Option(..., "--user", "-u", help="User id to recommend friends for."),
+        user: int = typer.Option(None, "--user", "-u", help="User id to recommend friends for."),
+        external_user: str = typer.Option(
+            None,
+            "--external-user",
+            help="Your own (string) user id instead of --user, for a dataset prepared with "
+            "string ids (its id_map); candidates then show their external ids too.",
+        ),
         k: int = typer.Option(10, "-k", help="Number of candidates."),
         exclude: list[int] = typer.Option([], "--exclude", help="User ids not to return."),
         profile: list[str] = typer.Option(
@@ -71,9 +77,19 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from friendrec.config import load_settings
+        from friendrec.data.canonical import IdMap
         from friendrec.errors import FriendrecError
+        from friendrec.paths import DatasetPaths
         from serving.client import RecommenderClient, recommend_request
 
+        settings = load_settings()
+        id_map = IdMap.load(DatasetPaths.of(settings))
+        if (user is None) == (external_user is None):
+            raise typer.BadParameter("give exactly one of --user and --external-user")
+        if external_user is not None:
+            if id_map is None:
+                raise FriendrecError("this dataset has integer ids: use --user")
+            user = id_map.dense(external_user)
         with_features = bool(profile or sparse_id or friend)
         request = recommend_request(
             user,
@@ -83,13 +99,18 @@ def register(app: typer.Typer) -> None:
             sparse_id if with_features else None,
             friend if with_features else None,
         )
-        with RecommenderClient(load_settings(), address, timeout) as client:
+        with RecommenderClient(settings, address, timeout) as client:
             try:
                 response = client.recommend(request)
             except grpc.RpcError as exc:
                 raise FriendrecError(f"{exc.code().name}: {exc.details()}") from None
         if as_json:
-            typer.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True)))
+            answer = MessageToDict(response, preserving_proto_field_name=True)
+            if id_map is not None:
+                answer["external_id"] = id_map.external_of(int(response.user_id))
+                for candidate in answer.get("candidates", []):
+                    candidate["external_id"] = id_map.external_of(int(candidate["user_id"]))
+            typer.echo(json.dumps(answer))
             return
         source = (
             "feature store"
@@ -102,6 +123,9 @@ def register(app: typer.Typer) -> None:
         table.add_column("rank", justify="right")
         table.add_column("user_id", justify="right")
         table.add_column("score", justify="right")
+        if id_map is not None:
+            table.add_column("external_id")
         for rank, candidate in enumerate(response.candidates, start=1):
-            table.add_row(str(rank), str(candidate.user_id), f"{candidate.score:.4f}")
+            extra = [str(id_map.external_of(candidate.user_id))] if id_map is not None else []
+            table.add_row(str(rank), str(candidate.user_id), f"{candidate.score:.4f}", *extra)
         Console().print(table)

@@ -335,3 +335,34 @@ def load_prepared(paths: DatasetPaths) -> PreparedDataset:
         created_ts=created.astype(np.int64),
         split=split_codes.astype(np.int8),
     )
+
+
+@dataclass
+class IdMap:
+    """A string-id dataset's mapping between its external ids and the dense ids friendrec uses
+    (``id_map.parquet``); empty for integer-id datasets, whose ids are their own."""
+
+    user_ids: np.ndarray  # int64, sorted (dense ids)
+    external: list[str]
+
+    @classmethod
+    def load(cls, paths: DatasetPaths) -> IdMap | None:
+        if not paths.id_map.is_file():
+            return None
+        table = pq.read_table(paths.id_map)
+        return cls(
+            table.column(contract.JOIN_KEY).to_numpy(), table.column("external_id").to_pylist()
+        )
+
+    def dense(self, external_id: str) -> int:
+        """External id -> dense id; NotPreparedError names an unknown one."""
+        index = {e: int(u) for u, e in zip(self.user_ids, self.external, strict=True)}
+        if external_id not in index:
+            raise NotPreparedError(f"external user id {external_id!r} is not in the id map")
+        return index[external_id]
+
+    def external_of(self, user_id: int) -> str | None:
+        pos = int(np.searchsorted(self.user_ids, user_id))
+        if pos < len(self.user_ids) and self.user_ids[pos] == user_id:
+            return self.external[pos]
+        return None
