@@ -13,6 +13,7 @@ from the first friendship's time (the timeline start).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -356,10 +357,11 @@ class IdMap:
 
     def dense(self, external_id: str) -> int:
         """External id -> dense id; NotPreparedError names an unknown one."""
-        index = {e: int(u) for u, e in zip(self.user_ids, self.external, strict=True)}
-        if external_id not in index:
+        # Dense ids were given in sorted order of the external ids: a binary search finds one.
+        pos = bisect.bisect_left(self.external, external_id)
+        if pos == len(self.external) or self.external[pos] != external_id:
             raise NotPreparedError(f"external user id {external_id!r} is not in the id map")
-        return index[external_id]
+        return int(self.user_ids[pos])
 
     def external_of(self, user_id: int) -> str | None:
         pos = int(np.searchsorted(self.user_ids, user_id))

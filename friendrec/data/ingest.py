@@ -171,14 +171,9 @@ def _ingest(resolved: ResolvedSchema, settings: Settings, generated: Path | None
     )
     hashes: dict[str, str] = {}
 
-    # Which users source holds each declared column.
     user_tables: list[list[SourceTable]] = []
-    owner: dict[str, int] = {}
-    for feature in schema.features:
-        col = feature.source_column
-        if col in owner:
-            continue
-        owner[col] = -1
+    # Which users source holds each declared column (-1: not found yet; the first source wins).
+    owner: dict[str, int] = dict.fromkeys((f.source_column for f in schema.features), -1)
     for k, source in enumerate(schema.users):
         files = _paths(resolved, settings, generated, source.path)
         tables = []
@@ -247,8 +242,7 @@ def _ingest(resolved: ResolvedSchema, settings: Settings, generated: Path | None
         ids = users_per_source[k][0]
         stray = np.setdiff1d(ids, user_ids)
         if stray.size:
-            tables = user_tables[k]
-            row, t = mapper.locate_user(k, stray[0], users_per_source[k])
+            row, t = mapper.locate_user(k, stray[0])
             raise t.error(
                 row,
                 f"user {mapper.external(stray[0])!r} is not in the first users source "
@@ -363,32 +357,15 @@ def _read_users_file(source, path: Path, owner: dict[str, int], k: int) -> Sourc
             and col != source.id_column
         ):
             wanted.append(col)
-    table = src_io.read_source(source, path, wanted if header is not None else [source.id_column])
-    if header is None:
-        # jsonl: read again with the declared columns that appear in the file.
-        present = _jsonl_columns(path)
-        wanted = [c for c in wanted if c in present or c == source.id_column]
+    if header is None:  # jsonl: one pass keeps the declared columns some line has
+        table = src_io.read_jsonl(path, wanted, optional=True)
+        wanted = table.table.column_names
+    else:
         table = src_io.read_source(source, path, wanted)
     for col in wanted[1:]:
         if owner.get(col, -1) < 0:
             owner[col] = k
     return table
-
-
-def _jsonl_columns(path: Path) -> set[str]:
-    import json
-
-    seen: set[str] = set()
-    with path.open() as fh:
-        for text in fh:
-            if text.strip():
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    seen.update(record)
-    return seen
 
 
 class _IdMapper:
@@ -442,7 +419,7 @@ class _IdMapper:
         assert self.vocabulary is not None
         return self.vocabulary.take(pa.array(user_ids))
 
-    def locate_user(self, k: int, user_id: int, source_users) -> tuple[int, SourceTable]:
+    def locate_user(self, k: int, user_id: int) -> tuple[int, SourceTable]:
         for t, ids in zip(self._tables_of(k), self._users[k], strict=True):
             hits = np.flatnonzero(ids == user_id)
             if hits.size:

@@ -94,7 +94,7 @@ def read_source(source: Source, path: Path, columns: list[str]) -> SourceTable:
     if source.format == "parquet":
         return _read_parquet(path, columns)
     if source.format == "jsonl":
-        return _read_jsonl(path, columns)
+        return read_jsonl(path, columns)
     if source.format == "musae_json":
         assert isinstance(source, UsersSource)
         return _read_musae_json(path, source.id_column, source.value_column, columns)
@@ -153,7 +153,9 @@ def _read_parquet(path: Path, columns: list[str]) -> SourceTable:
     return SourceTable(path, "parquet", table, row_group_starts=starts)
 
 
-def _read_jsonl(path: Path, columns: list[str]) -> SourceTable:
+def read_jsonl(path: Path, columns: list[str], optional: bool = False) -> SourceTable:
+    """One pass over a JSON-lines file; with ``optional``, columns no line has are left out
+    (instead of an error), except the first (the id)."""
     values: dict[str, list[Any]] = {c: [] for c in columns}
     lines: list[int] = []
     seen: set[str] = set()
@@ -171,9 +173,11 @@ def _read_jsonl(path: Path, columns: list[str]) -> SourceTable:
             for c in columns:
                 values[c].append(record.get(c))
             lines.append(lineno)
+    if optional:
+        columns = [c for i, c in enumerate(columns) if i == 0 or c in seen]
     if lines:
         _missing(path, columns, sorted(seen))
-    table = pa.table({c: _to_arrow(v) for c, v in values.items()})
+    table = pa.table({c: _to_arrow(values[c]) for c in columns})
     return SourceTable(path, "jsonl", table, lines=np.asarray(lines, dtype=np.int64))
 
 
