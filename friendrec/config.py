@@ -282,8 +282,7 @@ class StreamingSettings(BaseModel):
         1000,
         gt=0,
         description="The Milvus sink flushes the live collection after this many upserted rows: "
-        "unflushed (growing) rows are searched by brute force, which made search ~6x slower "
-        "after a 1,000-friendship replay until a manual flush.",
+        "unflushed (growing) rows are searched by brute force, which slows every search.",
     )
     sink_flush_interval_s: float = Field(
         10.0,
