@@ -104,6 +104,14 @@ def evaluate_dataset(
     ensure_features(settings, dataset)
     ctx = TrainingContext.load(settings, dataset)
     evalset = ev.EvalSet.from_prepared(ctx.data, "test")
+    # The service's friends-of-friends source, on validation (to choose the blend) and on test.
+    valset = ev.EvalSet.from_prepared(ctx.data, "val")
+    cap = settings.serving.fof_max_friends
+    fof = {
+        split: ev.topk_fof(es, ctx.data.user_ids, k=max(KS), cap=cap)
+        for split, es in (("val", valset), ("test", evalset))
+    }
+    blends: dict[str, list[dict[str, Any]]] = {}
     per_seed: dict[str, list[dict[str, np.ndarray]]] = {o: [] for o in objectives}
     step_seconds: dict[str, list[float]] = {o: [] for o in objectives}
     val_recall: dict[str, list[float]] = {o: [] for o in objectives}
@@ -118,8 +126,16 @@ def evaluate_dataset(
             started = time.perf_counter()
             result, tower = train(ctx, cfg, show_progress=False)
             emb = embed_all(tower, ctx.table, cfg.fanout)
-            topk = ev.topk_from_embeddings(emb, evalset)
+            topk = ev.topk_from_embeddings(emb, evalset, queries=tower.query_form(emb))
             per_seed[objective].append(ev.per_user_metrics(topk, evalset, ks=KS))
+            name = f"blend ({objective})"
+            weights, chosen = blend_on_validation(ctx, tower, emb, valset, fof["val"])
+            blended = ev.topk_blend(
+                topk, *fof["test"], evalset, ctx.data.user_ids, weights, max(KS)
+            )
+            per_seed.setdefault(name, []).append(ev.per_user_metrics(blended, evalset, ks=KS))
+            popularity.setdefault(name, []).append(ev.retrieved_popularity(blended, evalset))
+            blends.setdefault(objective, []).append(chosen)
             popularity[objective].append(ev.retrieved_popularity(topk, evalset))
             if seed == seeds[0]:  # the Recall@K plot shows the first seed's curves
                 curves[objective] = ev.recall_curve(topk, evalset)
@@ -138,6 +154,7 @@ def evaluate_dataset(
         for o, runs in per_seed.items()
     }
     fixed = baseline_topks(evalset, settings.data.seed)
+    fixed[f"fof (service, cap {cap})"] = fof["test"][0]
     per_user.update({n: ev.per_user_metrics(t, evalset, ks=KS) for n, t in fixed.items()})
     retrieved = {o: np.mean(runs, axis=0) for o, runs in popularity.items()}
     retrieved.update({n: ev.retrieved_popularity(t, evalset) for n, t in fixed.items()})
@@ -145,7 +162,9 @@ def evaluate_dataset(
     results = {n: ev.summarise_slices(m, evalset) for n, m in per_user.items()}
     comparisons = compare_to(per_user, evalset, "baseline")
     curves.update({n: ev.recall_curve(t, evalset) for n, t in fixed.items()})
-    ev.write_report(results, curves, comparisons, out_dir / DatasetPaths.of(settings, dataset).slug)
+    by_degree = {n: ev.recall_by_degree(m, evalset) for n, m in per_user.items()}
+    slug = DatasetPaths.of(settings, dataset).slug
+    ev.write_report(results, curves, comparisons, out_dir / slug, by_degree)
     interleaved = interleaved_step_times(ctx, objectives)
     return {
         "dataset": dataset,
@@ -154,6 +173,9 @@ def evaluate_dataset(
         "cold_start_queries": int(evalset.cold_start.sum()),
         "results": results,
         "comparisons": comparisons,
+        "by_degree": by_degree,
+        "blend_weights": blends,
+        "blend_gain": blend_gains(results, objectives),
         "seed_recall50": {
             o: [float(np.mean(run["recall@50"])) for run in runs] for o, runs in per_seed.items()
         },
@@ -167,6 +189,36 @@ def evaluate_dataset(
         "step_seconds": interleaved,
         "step_ratio_vs_baseline": {o: t / interleaved["baseline"] for o, t in interleaved.items()},
     }
+
+
+def blend_on_validation(
+    ctx: TrainingContext,
+    tower: Any,
+    emb: np.ndarray,
+    valset: ev.EvalSet,
+    fof_val: tuple[np.ndarray, np.ndarray],
+) -> tuple[Any, dict[str, Any]]:
+    """The blend's weights for this model, chosen on validation edges only."""
+    val_top = ev.topk_from_embeddings(emb, valset, queries=tower.query_form(emb))
+    weights, info = ev.tune_blend(val_top, *fof_val, valset, ctx.data.user_ids)
+    return weights, {"fof_weight": dict(weights.fof_weight), "k0": weights.k0, **info}
+
+
+def blend_gains(results: dict[str, Any], objectives: list[str]) -> dict[str, dict[str, float]]:
+    """Relative Recall@50 of each blend over the better of its two sources, per slice."""
+    out: dict[str, dict[str, float]] = {}
+    for objective in objectives:
+        blended = results.get(f"blend ({objective})")
+        if blended is None:
+            continue
+        out[objective] = {}
+        for slice_name in ("all", "cold_start"):
+            best = max(
+                results[objective][slice_name]["recall@50"],
+                results["adamic_adar"][slice_name]["recall@50"],
+            )
+            out[objective][slice_name] = blended[slice_name]["recall@50"] / best - 1.0
+    return out
 
 
 def render(report: list[dict[str, Any]]) -> Table:

@@ -9,7 +9,11 @@ a process and measured from this process over loopback gRPC:
   ``server-timing`` trailer: alias, feast, tfserving, milvus, rank);
 - throughput at concurrency 8 (threads, each with a blocking stub);
 - ANN recall@50 of the Milvus index against exact inner-product search over the same vectors;
-- the floors: one Milvus search alone, and exact numpy top-50 over the same matrix.
+- the floors: one Milvus search alone, and exact numpy top-50 over the same matrix;
+- a user with thousands of friends (``heavy_friends`` added to the friend sets, as the stream
+  updater would): latency with every friend excluded, by the Milvus filter (the default above
+  ``serving.filter_search_above``) and by fetching k + friends hits, and how many friends each
+  recommended (must be 0).
 
 Everything shares the machine's cores (client, service, TF Serving, Milvus), as a small
 single-node deployment would; latencies are what a client on the same host sees.
@@ -67,6 +71,8 @@ class ServingBenchConfig:
     k: int = 50
     train_steps: int = 200
     standalone: bool = True  # also measure a real Milvus standalone on the same vectors
+    heavy_friends: int = 5000  # friends given to one user for the exclusion measurement
+    heavy_requests: int = 200
 
 
 def _percentiles(ms: list[float] | np.ndarray) -> dict[str, float]:
@@ -232,6 +238,60 @@ def measure_index(
     }
 
 
+def _requests_for(
+    settings: Settings, user: int, cfg: ServingBenchConfig, banned: set[int]
+) -> dict[str, Any]:
+    """Latency of ``heavy_requests`` Recommend calls for one user, and banned users returned."""
+    ms: list[float] = []
+    leaked = 0
+    with RecommenderClient(settings, timeout_s=10.0) as client:
+        for i in range(cfg.heavy_requests + 10):
+            start = time.perf_counter()
+            response = client.recommend(recommend_request(user, cfg.k))
+            if i >= 10:  # warm-up
+                ms.append((time.perf_counter() - start) * 1e3)
+            leaked += len({c.user_id for c in response.candidates} & banned)
+    return {**_percentiles(ms), "friends_recommended": leaked}
+
+
+def measure_heavy_user(s: Settings, users: np.ndarray, cfg: ServingBenchConfig) -> dict[str, Any]:
+    """One user given ``heavy_friends`` friends in the friend sets (both directions, as the stream
+    updater writes them): Recommend latency with every friend excluded, through a service that
+    filters in Milvus (the default) and one that fetches k + friends hits; a user with a handful
+    of friends beside it. The added friendships are removed afterwards."""
+    from friendrec.friend_sets import open_state
+
+    rng = np.random.default_rng(1)
+    heavy, light = (int(u) for u in rng.choice(users, 2, replace=False))
+    over_fetch = s.model_copy(
+        update={"serving": s.serving.model_copy(update={"filter_search_above": 1_000_000})}
+    )
+    state = open_state(s)
+    had = set(state.friends([heavy])[heavy])
+    added = [int(u) for u in rng.choice(users, cfg.heavy_friends, replace=False)]
+    added = [u for u in added if u != heavy and u not in had]
+    friends = had | set(added)
+    light_friends = set(state.friends([light])[light])
+    out: dict[str, Any] = {"friends": len(friends), "k": cfg.k}
+    state.apply([c for u in added for c in (("add", heavy, u), ("add", u, heavy))])
+    try:
+        for mode, settings in (("filter", s), ("over_fetch", over_fetch)):
+            log.info("user %d with %d friends: %s", heavy, len(friends), mode)
+            service = service_process(settings)
+            try:
+                service.start()
+                out[mode] = _requests_for(settings, heavy, cfg, friends)
+                if mode == "filter":
+                    few = _requests_for(settings, light, cfg, light_friends)
+                    out["few_friends"] = {**few, "friends": len(light_friends)}
+            finally:
+                service.stop()
+    finally:
+        state.apply([c for u in added for c in (("remove", heavy, u), ("remove", u, heavy))])
+        state.close()
+    return out
+
+
 def measure_service(
     s: Settings, users: np.ndarray, cfg: ServingBenchConfig, label: str
 ) -> dict[str, Any]:
@@ -248,7 +308,8 @@ def measure_service(
         index_stats = measure_index(s, users, cfg, rng)
     finally:
         service.stop()
-    return {"single": single, "concurrent": concurrent, "index": index_stats}
+    heavy = measure_heavy_user(s, users, cfg)
+    return {"single": single, "concurrent": concurrent, "index": index_stats, "heavy_user": heavy}
 
 
 def copy_live_index(source: Settings, target: Settings, users: np.ndarray) -> dict[str, Any]:
@@ -371,6 +432,18 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
             [pair(r["index"]["numpy_exact_topk"]) for r in results],
         ),
     ]
+    if all("heavy_user" in r for r in results):
+        heavy = [r["heavy_user"] for r in results]
+        rows += [
+            ("user with N friends: N", [f"{h['friends']:,}" for h in heavy]),
+            ("  Milvus filter p50 / p99 (ms)", [pair(h["filter"]) for h in heavy]),
+            ("  k + N hits fetched p50 / p99 (ms)", [pair(h["over_fetch"]) for h in heavy]),
+            ("  friends recommended (filter / fetch)", [
+                f"{h['filter']['friends_recommended']} / {h['over_fetch']['friends_recommended']}"
+                for h in heavy
+            ]),
+            ("  a user with few friends p50 / p99 (ms)", [pair(h["few_friends"]) for h in heavy]),
+        ]  # fmt: skip
     return rows
 
 

@@ -13,7 +13,11 @@ milvus-lite server, `friendrec tfserving`, a Tansu broker and ONE process per wo
    histogram (event time -> embedding upserted into the live collection) read from its /metrics
    before and after each run, p50/p99 interpolated within its buckets; each run's friendships
    are removed again afterwards, so every run starts from the same graph (random friendships
-   would otherwise make it denser, and each event costlier, run after run).
+   would otherwise make it denser, and each event costlier, run after run);
+3. search latency under the stream: a probe thread searches the live collection (top 50, 20
+   searches/s) before the throughput phase, during it, and after it has drained, so the sink's
+   flush policy (``streaming.sink_flush_rows`` / ``sink_flush_interval_s``: unflushed upserts are
+   searched by brute force) shows as search p50/p99 in each phase.
 
 One friendship event is two Kafka messages (one keyed by each endpoint).
 """
@@ -26,6 +30,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -215,6 +220,58 @@ def batch_seconds(proc: WorkerProcess) -> tuple[float, float]:
     return total, count
 
 
+class SearchProbe:
+    """Searches the live collection from a thread at a steady rate, labelling each latency
+    with the phase the main thread names (``phase = ...``; None pauses the probe)."""
+
+    def __init__(self, settings: Settings, rate: float = 20.0, k: int = 50) -> None:
+        import numpy as np
+
+        from serving.index import EmbeddingIndex
+
+        self.index = EmbeddingIndex.connect(settings)
+        live = self.index.live()
+        assert live is not None
+        users = self.index.get_vectors(live.collection, range(200))
+        self.queries = np.stack(list(users.values()))
+        self.k, self.period = k, 1.0 / rate
+        self.phase: str | None = None
+        self.samples: dict[str, list[float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="search-probe", daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            phase = self.phase
+            if phase is not None:
+                start = time.perf_counter()
+                self.index.search(self.index.alias, self.queries[i % len(self.queries)], self.k)
+                self.samples.setdefault(phase, []).append((time.perf_counter() - start) * 1e3)
+                i += 1
+            time.sleep(self.period)
+
+    def start(self) -> SearchProbe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        """Per phase: searches, p50 and p99 (ms)."""
+        import numpy as np
+
+        self._stop.set()
+        self._thread.join()
+        self.index.close()
+        return {
+            phase: {
+                "searches": len(ms),
+                "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            }
+            for phase, ms in self.samples.items()
+        }
+
+
 def cpu_budget(cpu_s: dict[str, float], friendships: int, rate: float) -> dict[str, Any]:
     """CPU milliseconds each process spent per friendship at full speed, and the cores the whole
     chain would need at ``rate`` friendships/s at that cost: what the throughput target asks of
@@ -233,9 +290,9 @@ def run(settings: Settings, cfg: StreamingBenchConfig, output: Path) -> dict[str
     from bench.quality import ensure_features
     from bench.serving import ensure_model
     from feature_repo.jobs.materialize import materialize
+    from friendrec.friend_sets import open_state, seed_state
     from serving.index_build import build_index
     from streaming.replay import replay, synthetic_pairs
-    from streaming.state import open_state, seed_state
     from streaming.topics import create_topics
 
     s = bench_settings(settings, cfg)
@@ -277,7 +334,11 @@ def run(settings: Settings, cfg: StreamingBenchConfig, output: Path) -> dict[str
         replay(s, synthetic_pairs(s, 50, seed=0), show_progress=False)
         wait_drained(s, timeout=180)
 
+        probe = SearchProbe(s).start()
+        probe.phase = "before the stream"
+        time.sleep(10)
         log.info("throughput: %d friendships at full speed", cfg.events)
+        probe.phase = "during the stream"
         services = {"tfserving": tfserving.proc, "milvus-lite": milvus.proc, "tansu": tansu.proc}
         cpu0 = {w.name: w.cpu_seconds() for w in workers}
         svc0 = {k: proc_cpu_seconds(p.pid) for k, p in services.items() if p is not None}
@@ -286,6 +347,7 @@ def run(settings: Settings, cfg: StreamingBenchConfig, output: Path) -> dict[str
         pairs = synthetic_pairs(s, cfg.events, seed=1)
         produced = replay(s, pairs, show_progress=False)
         finished = wait_drained(s, timeout=max(600, cfg.events / 20))
+        probe.phase = "after the stream"
         seconds = finished - started
         cpu = {w.name: w.cpu_seconds() - cpu0[w.name] for w in workers}
         for name, proc in services.items():
@@ -298,6 +360,12 @@ def run(settings: Settings, cfg: StreamingBenchConfig, output: Path) -> dict[str
                 "batches": int(count - batch0[w.name][1]),
                 "busy_s": round(total - batch0[w.name][0], 2),
             }
+        time.sleep(max(10.0, s.streaming.sink_flush_interval_s + 2))
+        result["search_latency"] = {
+            "sink_flush_rows": s.streaming.sink_flush_rows,
+            "sink_flush_interval_s": s.streaming.sink_flush_interval_s,
+            "phases": probe.stop(),
+        }
         log.info("restoring the graph: the same friendships removed at full speed")
         removal_started = time.perf_counter()
         replay(s, pairs, op="remove", show_progress=False)
@@ -384,6 +452,11 @@ def print_table(result: dict[str, Any]) -> None:
         f"{t['cores_needed_at_target']:.1f}",
         f"<= {cores} (this machine)",
     )
+    search = result.get("search_latency")
+    if search:
+        for phase, m in search["phases"].items():
+            table.add_row(f"live-collection search p50 / p99, {phase}",
+                          f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f} ms", "")  # fmt: skip
     for f in result["freshness"]:
         at = f"@ {f['rate_achieved']:.0f}/s"
         table.add_row(f"freshness p50 {at}", f"{f['p50_s']:.3f} s", "")

@@ -104,6 +104,11 @@ class TrainingSettings(BaseModel):
     seed: int = 0
     temperature: float = Field(0.05, gt=0)
     log_q: bool = True
+    popularity_bias: bool = Field(
+        False,
+        description="Score candidates by cosine + w * log(1 + degree), w learned: the index "
+        "stores one more dimension (training/tower.py).",
+    )
     cca_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
     cca_lambda: float = Field(5e-3, ge=0)
     cca_fraction: float = Field(0.5, gt=0, le=1)
@@ -152,6 +157,37 @@ class ServingSettings(BaseModel):
     metrics_port: int = Field(
         9464, ge=0, lt=65536, description="Prometheus /metrics HTTP port (0: disabled)."
     )
+    default_source: Literal["embedding", "fof", "blend"] = Field(
+        "blend", description="Candidate source of a request that names none."
+    )
+    fof_max_friends: int = Field(
+        256,
+        gt=0,
+        description="Friends-of-friends: at most this many of a user's friends have their friend "
+        "lists read (a fixed pseudo-random choice; evaluation uses the same).",
+    )
+    blend_depth: int = Field(
+        100, gt=0, description="Candidates taken from each source before blending (>= k used)."
+    )
+    blend_k0: float = Field(
+        5.0, gt=0, description="Rank offset of the reciprocal-rank blend (friendrec/fof.py)."
+    )
+    blend_fof_weight: dict[str, float] = Field(
+        default_factory=lambda: {"0": 0.0, "1-2": 0.4, "3-5": 0.5, "6-20": 0.6, ">20": 0.6},
+        description="Friends-of-friends weight in the blend per training-degree bucket "
+        "(0, 1-2, 3-5, 6-20, >20); the default was chosen on twitch/ENGB validation edges.",
+    )
+    exclude_all_friends: bool = Field(
+        True,
+        description="Exclude every existing friend (the stream updater's full friend sets, "
+        "sqlite or Redis like the online store), not only the online store's friend sample.",
+    )
+    filter_search_above: int = Field(
+        512,
+        ge=0,
+        description="A query excluding more users than this is searched with a Milvus filter "
+        "(`user_id not in [...]`) instead of fetching k + excluded hits and dropping them.",
+    )
     tls_cert_file: Path | None = Field(None, description="PEM certificate: serve over TLS.")
     tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
     tls_ca_file: Path | None = Field(
@@ -164,6 +200,16 @@ class ServingSettings(BaseModel):
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @field_validator("blend_fof_weight")
+    @classmethod
+    def _blend_buckets(cls, value: dict[str, float]) -> dict[str, float]:
+        from friendrec.fof import DEGREE_BUCKETS
+
+        want = [label for label, _, _ in DEGREE_BUCKETS]
+        if sorted(value) != sorted(want) or not all(0.0 <= w <= 1.0 for w in value.values()):
+            raise ValueError(f"needs a weight in [0, 1] for each of the buckets {want}")
+        return {label: float(value[label]) for label in want}
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServingSettings:
@@ -277,6 +323,15 @@ class StreamingSettings(BaseModel):
         "127.0.0.1",
         description="Worker /metrics bind address: loopback by default; production configs "
         "(infra/config/production.yaml, the k8s configmap) bind 0.0.0.0 for Prometheus.",
+    )
+    heartbeat_file: Path | None = Field(
+        None,
+        description="A worker rewrites this JSON file after every poll loop once it holds "
+        "partitions: readiness and liveness for a supervisor (`friendrec up`/`status`, an exec "
+        "probe). None: off.",
+    )
+    heartbeat_stale_s: float = Field(
+        60.0, gt=0, description="A heartbeat older than this reports the worker as stalled."
     )
     sink_flush_rows: int = Field(
         1000,

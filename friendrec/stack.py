@@ -205,16 +205,26 @@ class LocalStack:
         assert process.pid is not None
         return process.pid, "friendrec serve", self.settings.serving.address, process.log_path
 
+    def worker_settings(self, worker: str) -> Settings:
+        """The stack's settings with this worker's heartbeat file."""
+        streaming = self.settings.streaming.model_copy(
+            update={"heartbeat_file": self.paths.root / "run" / f"{worker}.heartbeat"}
+        )
+        return self.settings.model_copy(update={"streaming": streaming})
+
     def _start_worker(self, worker: str) -> tuple[int, str, str, Path]:
         from friendrec.local_services import FriendrecProcess
+        from streaming.worker import heartbeat_health
 
-        started = time.monotonic()
+        settings = self.worker_settings(worker)
+        assert settings.streaming.heartbeat_file is not None
+        settings.streaming.heartbeat_file.unlink(missing_ok=True)
 
-        def settled() -> bool:  # no health endpoint: alive after start-up means running
-            return time.monotonic() - started > 3.0
+        def ready() -> bool:  # its partitions held and one whole poll loop done
+            return heartbeat_health(settings).startswith("ready")
 
         process = FriendrecProcess(
-            self.settings, ["stream", worker], self.paths.logs, name=worker, ready=settled
+            settings, ["stream", worker], self.paths.logs, name=worker, ready=ready
         )
         process.start()
         assert process.pid is not None
@@ -247,8 +257,9 @@ class LocalStack:
         return stopped
 
     def status(self) -> list[dict[str, Any]]:
-        """Each recorded component: running or not (its pid is still the process we started)
-        and, for the retrieval service, its gRPC health (SERVING needs a live index)."""
+        """Each recorded component: running or not (its pid is still the process we started);
+        for the retrieval service its gRPC health (SERVING needs a live index), for a stream
+        worker its heartbeat (ready, starting or stalled)."""
         recorded, running = self._read(), self.running()
         rows = []
         for name in COMPONENTS:
@@ -257,6 +268,14 @@ class LocalStack:
             row = {"component": name, "running": name in running, **recorded[name]}
             if name == "service":
                 row["health"] = self.service_health() if name in running else "down"
+            elif name in WORKERS:
+                from streaming.worker import heartbeat_health
+
+                row["health"] = (
+                    heartbeat_health(self.worker_settings(name), recorded[name]["pid"])
+                    if name in running
+                    else "down: the process exited (see its log)"
+                )
             rows.append(row)
         return rows
 

@@ -31,9 +31,16 @@ def recommend_request(
     profile: Mapping[str, float] | None = None,
     sparse_ids: Sequence[int] | None = None,
     friend_ids: Sequence[int] | None = None,
+    source: str = "blend",
 ) -> pb.RecommendRequest:
-    """A request; request features are attached when any of them is given."""
-    request = pb.RecommendRequest(user_id=user_id, k=k, exclude_user_ids=list(exclude))
+    """A request; request features are attached when any of them is given. ``source``:
+    ``embedding``, ``fof`` or ``blend``."""
+    request = pb.RecommendRequest(
+        user_id=user_id,
+        k=k,
+        exclude_user_ids=list(exclude),
+        source=pb.Source.Value(source.upper()),
+    )
     if profile is not None or sparse_ids is not None or friend_ids is not None:
         request.request_features.CopyFrom(
             pb.UserFeatures(

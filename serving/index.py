@@ -3,9 +3,11 @@
 Embeddings of different model versions live in different spaces, so each version gets its own
 collection (``<alias>_v<version>``: ``user_id`` INT64 primary key without auto id, ``embedding``
 FLOAT_VECTOR, ``model_version``, ``updated_at`` unix ms), indexed with HNSW (or FLAT) on inner
-product over unit vectors (= cosine). Readers search the alias ``settings.milvus.alias`` (or the
-collection it resolves to, pinned for a request); ``promote`` moves it atomically to a complete,
-loaded collection, so a reader sees one version or the other, never a mix.
+product. The vectors are stored as the model computed them (its index vectors: unit embeddings, plus
+the popularity term when the model has one; ``training/tower.py``). Readers search the alias
+``settings.milvus.alias`` (or the collection it resolves to, pinned for a request); ``promote``
+moves it atomically to a complete, loaded collection, so a reader sees one version or the other,
+never a mix.
 
 Collection properties (strings) make the index self-describing: ``friendrec.model_version``,
 ``.dataset``, ``.schema_hash`` (of the feature contract the model was trained on: serving refuses
@@ -123,13 +125,6 @@ def _is_not_loaded(exc: BaseException) -> bool:
     return isinstance(exc, MilvusException) and (
         exc.code == COLLECTION_NOT_LOADED or "not loaded" in str(exc.message).lower()
     )
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (inner product = cosine); all-zero rows stay zero."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0)
 
 
 @dataclass(frozen=True)
@@ -336,7 +331,7 @@ class EmbeddingIndex:
             properties=properties,
             description=(
                 f"friendrec user embeddings of model version {version} ({dataset}, dim {dim}, "
-                f"{self.cfg.index_type}/{METRIC} on unit vectors)"
+                f"{self.cfg.index_type}/{METRIC})"
             ),
         )
         # sync=False: pymilvus would poll with AllocTimestamp, which milvus-lite lacks; finish()
@@ -372,12 +367,11 @@ class EmbeddingIndex:
             )
         if not np.isfinite(vectors).all():
             raise EmbeddingIndexError(f"non-finite embedding values for {collection!r}")
-        unit = normalise(vectors)
         now_ms = int(time.time() * 1000)
         return [
             {
                 ID_FIELD: int(uid),
-                VECTOR_FIELD: unit[i],
+                VECTOR_FIELD: vectors[i],
                 VERSION_FIELD: int(model_version),
                 UPDATED_FIELD: now_ms,
             }
@@ -391,7 +385,7 @@ class EmbeddingIndex:
         vectors: np.ndarray,
         model_version: int,
     ) -> int:
-        """Add rows (vectors are normalised to unit length here, for every writer alike)."""
+        """Add rows (the model's index vectors, as computed)."""
         rows = self._rows(collection, user_ids, vectors, model_version)
         if rows:
             self._rpc("insert", self.client.insert, collection, rows)
@@ -695,7 +689,7 @@ class EmbeddingIndex:
     def get_vectors(
         self, collection: str, user_ids: Sequence[int] | np.ndarray
     ) -> dict[int, np.ndarray]:
-        """Stored (unit) vectors by user id; absent users are missing from the result."""
+        """Stored vectors by user id; absent users are missing from the result."""
         ids = [int(u) for u in np.asarray(user_ids, dtype=np.int64).tolist()]
         out: dict[int, np.ndarray] = {}
         for start in range(0, len(ids), GET_BATCH):

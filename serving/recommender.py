@@ -1,6 +1,11 @@
 """The retrieval path behind ``FriendRecommender``: Feast online features -> TF Serving Predict
 (pinned to the live index's model version) -> Milvus search -> top k without excluded users.
 
+Excluded are the user, the request's ``exclude_user_ids`` and every existing friend: the full
+friend set the stream updater keeps (``friendrec.friend_sets``), read beside the features, not only
+the online store's capped friend sample. A query with few exclusions fetches k + excluded hits and
+drops them; one with many (a user with thousands of friends) is searched with a Milvus filter.
+
 Features are read and checked with the active dataset's contract (loaded once per process); a live
 model version trained on another schema (its collection's schema hash differs) is refused with
 FAILED_PRECONDITION naming both hashes.
@@ -16,27 +21,32 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
+import numpy as np
 
 from friendrec.config import Settings
 from friendrec.contract import Contract
+from friendrec.fof import BlendWeights, adamic_adar, blend, expanded_friends
 from friendrec.friend_aggregates import RequestFeatures
+from friendrec.friend_sets import FriendSets
 from friendrec.paths import load_contract
 from serving.batching import RequestCoalescer
-from serving.index import EmbeddingIndex, IndexUnavailableError, LiveIndex
+from serving.index import ID_FIELD, EmbeddingIndex, IndexUnavailableError, LiveIndex
 from serving.metrics import ServingMetrics
-from serving.tfserving.client import TFServingClient
+from serving.tfserving.client import QUERY_OUTPUT, TFServingClient
 from training.features import InputSpec, QueryInputs, fetch_query_inputs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MILVUS_MAX_TOPK = 16_384  # Milvus rejects larger limits
+Source = Literal["embedding", "fof", "blend"]
+SOURCES: tuple[str, ...] = ("embedding", "fof", "blend")
 MAX_REQUEST_FRIENDS = 5_000  # friends named in request features (each is an online read)
 
 
@@ -57,12 +67,25 @@ class Query:
     k: int
     exclude: frozenset[int] = frozenset()
     request_features: RequestFeatures | None = None
+    source: Source = "blend"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recommended user: the requested source's score, which source found it (``blend``:
+    both did) and each source's own score where it found it."""
+
+    user_id: int
+    score: float
+    source: str
+    embedding_score: float | None = None
+    fof_score: float | None = None
 
 
 @dataclass
 class Recommendation:
     user_id: int
-    candidates: list[tuple[int, float]]
+    candidates: list[Candidate]
     model_version: int
     known_user: bool
     used_request_features: bool
@@ -86,6 +109,7 @@ def validate(
     where: str = "",
     *,
     contract: Contract,
+    source: str | None = None,
 ) -> Query:
     """Request fields -> a Query, or INVALID_ARGUMENT naming the field and the limit (request
     features' profile names are checked against the dataset's ``contract``)."""
@@ -115,7 +139,14 @@ def validate(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{where}request_features: at most {MAX_REQUEST_FRIENDS} friend_ids",
             )
-    return Query(int(user_id), int(k), frozenset(int(u) for u in exclude), features)
+    source = source or cfg.default_source
+    if source not in SOURCES:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{where}source must be one of {SOURCES}, got {source}",
+        )
+    excluded = frozenset(int(u) for u in exclude)
+    return Query(int(user_id), int(k), excluded, features, source)  # type: ignore[arg-type]
 
 
 def _feast_unavailable(exc: BaseException) -> bool:
@@ -135,11 +166,18 @@ class Recommender:
         index: EmbeddingIndex,
         metrics: ServingMetrics | None = None,
         contract: Contract | None = None,
+        friend_sets: FriendSets | None = None,
     ) -> None:
-        """``contract``: the active dataset's (default: loaded from its prepared data)."""
+        """``contract``: the active dataset's (default: loaded from its prepared data).
+        ``friend_sets``: the full friend sets; None excludes only the online store's sample
+        (``serving.exclude_all_friends`` off)."""
         self.settings = settings
         self.contract = contract if contract is not None else load_contract(settings)
         self.store = store
+        self.friend_sets = friend_sets
+        self.blend_weights = BlendWeights(
+            settings.serving.blend_fof_weight, settings.serving.blend_k0
+        )
         self.tfserving = tfserving
         self.index = index
         self.metrics = metrics or ServingMetrics()
@@ -158,6 +196,8 @@ class Recommender:
 
     def close(self) -> None:
         self._feast_pool.shutdown(wait=False, cancel_futures=True)
+        if self.friend_sets is not None:
+            self.friend_sets.close()
 
     # -- stages ----------------------------------------------------------------------------------
     def live(self) -> LiveIndex:
@@ -253,6 +293,138 @@ class Recommender:
                 ) from None
             raise
 
+    def _read_friends(self, queries: Sequence[Query]) -> Future[dict[int, list[int]]] | None:
+        """Start reading the queries' full friend sets (beside the feature read)."""
+        if self.friend_sets is None:
+            return None
+        return self._feast_pool.submit(self.friend_sets.friends, [q.user_id for q in queries])
+
+    def _friends_result(
+        self, future: Future[dict[int, list[int]]] | None, timeout: float
+    ) -> dict[int, list[int]]:
+        if future is None:
+            return {}
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            future.cancel()
+            self.metrics.dependency_errors.labels("friend_sets").inc()
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "friend sets did not answer in time"
+            ) from None
+        except Exception as exc:
+            self.metrics.dependency_errors.labels("friend_sets").inc()
+            if _feast_unavailable(exc):
+                raise ServiceError(
+                    grpc.StatusCode.UNAVAILABLE, f"friend sets unavailable: {exc}"
+                ) from None
+            raise
+
+    def _search(
+        self,
+        live: LiveIndex,
+        queries: Sequence[Query],
+        vectors: np.ndarray,
+        excluded: Sequence[set[int]],
+        timeout: float,
+        wanted: Sequence[int],
+    ) -> list[list[tuple[int, float]]]:
+        """Top ``wanted[i]`` hits per query, excluded users removed: one search for the queries
+        with few exclusions (wanted + excluded hits fetched), one filtered search per query with
+        many. Queries wanting 0 are not searched."""
+        cfg = self.settings
+        many = [
+            len(ex) > cfg.serving.filter_search_above or n + len(ex) > MILVUS_MAX_TOPK
+            for n, ex in zip(wanted, excluded, strict=True)
+        ]
+        hits: list[list[tuple[int, float]]] = [[] for _ in queries]
+        few = [i for i, m in enumerate(many) if not m and wanted[i]]
+        if few:
+            limit = max(wanted[i] + len(excluded[i]) for i in few)
+            found = self.index.search(
+                live.collection,
+                vectors[few],
+                limit=limit,
+                ef=max(cfg.milvus.search_ef, limit),
+                timeout=timeout,
+            )
+            for i, row in zip(few, found, strict=True):
+                hits[i] = row
+        for i in (i for i, m in enumerate(many) if m and wanted[i]):
+            ids = ",".join(str(u) for u in sorted(excluded[i]))
+            hits[i] = self.index.search(
+                live.collection,
+                vectors[i : i + 1],
+                limit=wanted[i],
+                ef=max(cfg.milvus.search_ef, wanted[i]),
+                timeout=timeout,
+                filter=f"{ID_FIELD} not in [{ids}]",
+            )[0]
+        return [
+            [(u, s) for u, s in row if u not in ex][:n]
+            for n, row, ex in zip(wanted, hits, excluded, strict=True)
+        ]
+
+    def _friends_of_friends(
+        self,
+        queries: Sequence[Query],
+        friends_of: Sequence[list[int]],
+        excluded: Sequence[set[int]],
+        timeout: float,
+    ) -> list[list[tuple[int, float]]]:
+        """Adamic-Adar candidates per query wanting them (``friendrec.fof``), from one read of
+        the expanded friends' full friend lists."""
+        cfg = self.settings.serving
+        wants = [q.source != "embedding" for q in queries]
+        if not any(wants):
+            return [[] for _ in queries]
+        if self.friend_sets is None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "friends-of-friends needs the full friend sets (serving.exclude_all_friends)",
+            )
+        expanded = [
+            expanded_friends(f, cfg.fof_max_friends) if want else []
+            for f, want in zip(friends_of, wants, strict=True)
+        ]
+        needed = sorted({w for ws in expanded for w in ws})
+        future = self._feast_pool.submit(self.friend_sets.friends, needed) if needed else None
+        lists = self._friends_result(future, timeout)
+        return [
+            adamic_adar(lists, ws, ex, self._depth(q)) if want else []
+            for q, ws, ex, want in zip(queries, expanded, excluded, wants, strict=True)
+        ]
+
+    def _depth(self, query: Query) -> int:
+        """Candidates needed from each source: k, or the blend's depth (at least k)."""
+        return (
+            max(query.k, self.settings.serving.blend_depth) if query.source == "blend" else query.k
+        )
+
+    def _rank(
+        self,
+        query: Query,
+        hits: list[tuple[int, float]],
+        fof: list[tuple[int, float]],
+        degree: int,
+    ) -> list[Candidate]:
+        if query.source == "embedding":
+            return [Candidate(u, s, "embedding", embedding_score=s) for u, s in hits[: query.k]]
+        if query.source == "fof":
+            return [Candidate(u, s, "fof", fof_score=s) for u, s in fof[: query.k]]
+        emb_score, fof_score = dict(hits), dict(fof)
+        merged = blend(hits, fof, self.blend_weights.weight(degree), self.blend_weights.k0, query.k)
+        return [
+            Candidate(
+                u,
+                score,
+                "blend" if source == "both" else source,
+                embedding_score=emb_score.get(u),
+                fof_score=fof_score.get(u),
+            )
+            for u, score, source in merged
+        ]
+
     # -- the path --------------------------------------------------------------------------------
     def recommend_one(
         self, query: Query, deadline: float | None = None
@@ -284,33 +456,44 @@ class Recommender:
             live = self.live()
             version = live.model_version
             spec = self.input_spec(version, budget(cfg.tfserving_timeout_s))
+        friends_read = self._read_friends(queries)
         with self.metrics.stage("feast", timings):
             query_inputs = self._read_features(queries, spec, budget(cfg.feast_timeout_s))
-        with self.metrics.stage("tfserving", timings):
-            timeout = budget(cfg.tfserving_timeout_s)
-            vectors, served = self._call_tfserving(
-                lambda: self.tfserving.predict(query_inputs.inputs, version, timeout), version
-            )
+        with self.metrics.stage("friends", timings):
+            all_friends = self._friends_result(friends_read, budget(cfg.feast_timeout_s))
+        vectors, served = np.zeros((len(queries), 0), np.float32), version
+        if any(q.source != "fof" for q in queries):  # friends-of-friends alone needs no vector
+            with self.metrics.stage("tfserving", timings):
+                timeout = budget(cfg.tfserving_timeout_s)
+                vectors, served = self._call_tfserving(
+                    lambda: self.tfserving.predict(
+                        query_inputs.inputs, version, timeout, output=QUERY_OUTPUT
+                    ),
+                    version,
+                )
         if served != version:  # TF Serving must honour the pinned version: never mix
             raise ServiceError(
                 grpc.StatusCode.INTERNAL,
                 f"TF Serving answered with version {served}, not {version}",
             )
         excluded = [
-            q.exclude | {q.user_id} | set(friends.tolist())
-            for q, friends in zip(queries, query_inputs.friend_ids, strict=True)
+            {q.user_id, *q.exclude, *sample.tolist(), *all_friends.get(q.user_id, ())}
+            for q, sample in zip(queries, query_inputs.friend_ids, strict=True)
         ]
-        limit = min(
-            MILVUS_MAX_TOPK, max(q.k + len(ex) for q, ex in zip(queries, excluded, strict=True))
-        )
+        # Full friend sets where the stream updater keeps them, else the features' friends.
+        friends_of = [
+            sorted({*all_friends.get(q.user_id, ()), *sample.tolist()} - {q.user_id, -1})
+            for q, sample in zip(queries, query_inputs.friend_ids, strict=True)
+        ]
+        with self.metrics.stage("fof", timings):
+            fof = self._friends_of_friends(
+                queries, friends_of, excluded, budget(cfg.feast_timeout_s)
+            )
         with self.metrics.stage("milvus", timings):
+            wanted = [0 if q.source == "fof" else self._depth(q) for q in queries]
             try:
-                hits = self.index.search(
-                    live.collection,
-                    vectors,
-                    limit=limit,
-                    ef=max(self.settings.milvus.search_ef, limit),
-                    timeout=budget(cfg.milvus_timeout_s),
+                hits = self._search(
+                    live, queries, vectors, excluded, budget(cfg.milvus_timeout_s), wanted
                 )
             except IndexUnavailableError as exc:
                 self.metrics.dependency_errors.labels("milvus").inc()
@@ -322,11 +505,10 @@ class Recommender:
         with self.metrics.stage("rank", timings):
             recommendations = []
             for i, query in enumerate(queries):
-                candidates = [(u, s) for u, s in hits[i] if u not in excluded[i]][: query.k]
                 recommendations.append(
                     Recommendation(
                         user_id=query.user_id,
-                        candidates=candidates,
+                        candidates=self._rank(query, hits[i], fof[i], len(friends_of[i])),
                         model_version=version,
                         known_user=bool(query_inputs.known[i]),
                         used_request_features=bool(query_inputs.used_request_features[i]),

@@ -24,7 +24,7 @@ from serving.auth import BearerTokenInterceptor
 from serving.metrics import ServingMetrics
 from serving.protos import recommender_pb2 as pb
 from serving.protos import recommender_pb2_grpc as pb_grpc
-from serving.recommender import Answer, Query, Recommender, ServiceError, validate
+from serving.recommender import Answer, Candidate, Query, Recommender, ServiceError, validate
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("friendrec.serving.access")
@@ -44,11 +44,31 @@ def _request_features(request: pb.RecommendRequest) -> Callable[[], RequestFeatu
     )
 
 
+def _source(request: pb.RecommendRequest) -> str | None:
+    """The requested source's name (None: the server's default); an unknown enum value (a newer
+    client) is passed on, and refused by name in ``validate``."""
+    if request.source == pb.SOURCE_UNSPECIFIED:
+        return None
+    if request.source in pb.Source.values():
+        return pb.Source.Name(request.source).lower()
+    return str(request.source)
+
+
+def _candidate(c: Candidate) -> pb.Candidate:
+    return pb.Candidate(
+        user_id=c.user_id,
+        score=c.score,
+        source=pb.Source.Value(c.source.upper()),
+        embedding_score=c.embedding_score,
+        fof_score=c.fof_score,
+    )
+
+
 def _response(answer: Answer, i: int) -> pb.RecommendResponse:
     rec = answer.recommendations[i]
     return pb.RecommendResponse(
         user_id=rec.user_id,
-        candidates=[pb.Candidate(user_id=u, score=s) for u, s in rec.candidates],
+        candidates=[_candidate(c) for c in rec.candidates],
         model_version=rec.model_version,
         known_user=rec.known_user,
         used_request_features=rec.used_request_features,
@@ -72,6 +92,7 @@ class FriendRecommenderServicer(pb_grpc.FriendRecommenderServicer):
                 request.exclude_user_ids,
                 _request_features(request),
                 contract=self.recommender.contract,
+                source=_source(request),
             )
             rec, timings = self.recommender.recommend_one(query, _deadline(context))
             answer = Answer([rec], rec.model_version, timings)
@@ -97,6 +118,7 @@ class FriendRecommenderServicer(pb_grpc.FriendRecommenderServicer):
                     _request_features(r),
                     where=f"requests[{i}]: ",
                     contract=self.recommender.contract,
+                    source=_source(r),
                 )
                 for i, r in enumerate(request.requests)
             ]
@@ -271,8 +293,10 @@ def start_service(
 
 
 def build_recommender(settings: Settings) -> Recommender:
-    """The production wiring: Feast from the settings, TF Serving at tfserving.address, Milvus."""
+    """The production wiring: Feast from the settings, TF Serving at tfserving.address, Milvus,
+    and the stream updater's full friend sets (seeded from the training graph when new)."""
     from friendrec.feast_store import open_store
+    from friendrec.friend_sets import open_state
     from serving.index import EmbeddingIndex, IndexUnavailableError
     from serving.tfserving.client import TFServingClient
 
@@ -292,4 +316,5 @@ def build_recommender(settings: Settings) -> Recommender:
         ),
         index,
         ServingMetrics(),
+        friend_sets=open_state(settings) if settings.serving.exclude_all_friends else None,
     )

@@ -7,9 +7,9 @@ value outside a vocabulary -> its feature's out-of-vocabulary id). An event the 
 (``invalid``), and the rest of its batch is applied.
 
 Per batch: profile updates are merged into the users' online profile rows and pushed; friendship
-events are applied to the full friend sets (``streaming.state``); every user an event touched gets
-its ``user_graph`` row recomputed from its full friend set with ``friend_aggregates`` (the batch
-job's definition) over one online read of all needed friends' profiles, and pushed. Then a
+events are applied to the full friend sets (``friendrec.friend_sets``); every user an event touched
+gets its ``user_graph`` row recomputed from its full friend set with ``friend_aggregates`` (the
+batch job's definition) over one online read of all needed friends' profiles, and pushed. Then a
 ``RefreshRequest`` goes out for every user whose tower inputs changed: each changed user, and every
 friend w whose first ``fanout`` sampled friends include a changed user (w's second GraphSAGE layer
 reads that user's features).
@@ -48,6 +48,7 @@ from friendrec.contract import (
 )
 from friendrec.feast_store import open_store
 from friendrec.friend_aggregates import friend_aggregates
+from friendrec.friend_sets import FriendSets, open_state
 from friendrec.paths import load_contract
 from streaming.feast_io import read_online
 from streaming.schemas import (
@@ -57,7 +58,6 @@ from streaming.schemas import (
     ProfileUpdate,
     RefreshRequest,
 )
-from streaming.state import FriendSets, open_state
 from streaming.topics import Topics
 from streaming.worker import Record
 

@@ -11,7 +11,9 @@ the batch is committed). SIGTERM/SIGINT finish the current batch, commit, close 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -111,6 +113,7 @@ class Worker:
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the group gave this member its partitions
+        self._heartbeat_at = 0.0
 
     def stop(self) -> None:
         """Finish the current batch, commit and return from ``run``."""
@@ -147,6 +150,7 @@ class Worker:
                 self._track_assignment(kafka_consumer)
                 if polled:
                     self._batch(kafka_consumer, kafka_producer, polled)
+                self._heartbeat()
                 if time.monotonic() >= next_lag:
                     self._report_lag(kafka_consumer)
                     next_lag = time.monotonic() + LAG_EVERY_S
@@ -162,6 +166,27 @@ class Worker:
                 self.stats.batches,
                 self.stats.dead_letters,
             )
+
+    def _heartbeat(self) -> None:
+        """After a whole loop (poll and batch) with partitions: a crash in the first batch, or a
+        worker stuck in one, never looks ready (at most one write a second)."""
+        path = self.settings.streaming.heartbeat_file
+        now = time.monotonic()
+        if path is None or not self.ready.is_set() or now - self._heartbeat_at < 1.0:
+            return
+        self._heartbeat_at = now
+        beat = {
+            "pid": os.getpid(),
+            "worker": self.name,
+            "time": time.time(),
+            "partitions": len(self.stats.assignment),
+            "processed": self.stats.processed,
+            "dead_letters": self.stats.dead_letters,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(beat))
+        tmp.replace(path)
 
     def _fill(self, kafka_consumer: KafkaConsumer, polled: dict, limit: int, linger: float) -> dict:
         """Keep polling for ``linger`` seconds after the first records, up to ``limit`` records:
@@ -315,6 +340,26 @@ class Worker:
                 metrics.LAG.labels(self.name, tp.topic, str(tp.partition)).set(lag)
         except KafkaError as exc:
             log.debug("%s: lag not available: %s", self.name, exc)
+
+
+def heartbeat_health(settings: Settings, pid: int | None = None) -> str:
+    """A worker's readiness from its heartbeat file: ``ready``, ``starting`` (no heartbeat from
+    this process yet) or ``stalled`` (none for ``heartbeat_stale_s``), with the figures."""
+    cfg = settings.streaming
+    if cfg.heartbeat_file is None:
+        return "unknown: no heartbeat_file configured"
+    try:
+        beat = json.loads(cfg.heartbeat_file.read_text())
+    except (OSError, ValueError):
+        return "starting: no heartbeat yet"
+    if pid is not None and beat.get("pid") != pid:
+        return "starting: no heartbeat from this process yet"
+    age = time.time() - float(beat["time"])
+    figures = (
+        f"{beat['partitions']} partitions, {beat['processed']} processed, "
+        f"{beat['dead_letters']} dead letters, heartbeat {age:.1f} s ago"
+    )
+    return f"{'stalled' if age > cfg.heartbeat_stale_s else 'ready'}: {figures}"
 
 
 def serve_metrics(settings: Settings) -> None:

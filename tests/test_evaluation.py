@@ -20,6 +20,7 @@ from training.evaluation import (
     heldout_popularity,
     paired_bootstrap,
     per_user_metrics,
+    recall_by_degree,
     recall_curve,
     retrieved_popularity,
     summarise,
@@ -147,6 +148,19 @@ def test_cold_start_slice_and_recall_curve():
     assert slices["all"]["recall@2"] == pytest.approx(3 / 4)
     assert slices["cold_start"]["recall@2"] == pytest.approx(2 / 3)
     assert slices["cold_start"]["users"] == 3
+
+
+def test_recall_by_training_degree_bucket():
+    # Degrees: user 0 has 3 (bucket 3-5), 1..3 have 1 (1-2), 4 and 5 have 0.
+    evalset = _hand_evalset(6, train=[(0, 1), (0, 2), (0, 3)], held=[(0, 4), (1, 5)])
+    topk = np.array([[5, 4], [4, 5], [0, 1], [2, 3]])  # recall@2: 1, 1, 1, 0
+    by_degree = recall_by_degree(per_user_metrics(topk, evalset, ks=(2,), ndcg_k=2), evalset,
+                                 metric="recall@2")  # fmt: skip
+    assert list(by_degree) == ["0", "1-2", "3-5", "6-20", ">20"]
+    assert by_degree["0"] == {"users": 2.0, "recall@2": pytest.approx(0.5)}  # users 4 and 5
+    assert by_degree["1-2"] == {"users": 1.0, "recall@2": pytest.approx(1.0)}
+    assert by_degree["3-5"] == {"users": 1.0, "recall@2": pytest.approx(1.0)}
+    assert by_degree["6-20"]["users"] == 0 and math.isnan(by_degree["6-20"]["recall@2"])
 
 
 # ------------------------------------------------------------------------------------ retrieval
@@ -306,11 +320,17 @@ def test_write_report(tmp_path: Path):
         {"a": "two-tower", "b": "random", "metric": "mrr", "slice": "all", "diff": diff,
          "lo": lo, "hi": hi}
     ]  # fmt: skip
-    paths = write_report(results, curves, comparisons, tmp_path / "report")
+    by_degree = {m: recall_by_degree(u, evalset, metric="recall@2") for m, u in per_user.items()}
+    paths = write_report(results, curves, comparisons, tmp_path / "report", by_degree)
 
-    assert set(paths) == {"json", "markdown", "plot"}
-    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert paths["plot"].stat().st_size > 1000
+    assert set(paths) == {"json", "markdown", "plot", "by_degree_plot"}
+    for plot in ("plot", "by_degree_plot"):
+        assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert paths[plot].stat().st_size > 1000
+    assert (
+        "| Method | 0 (2) | 1-2 (1) | 3-5 (1) | 6-20 (0) | >20 (0) |"
+        in paths["markdown"].read_text()
+    )
     markdown = paths["markdown"].read_text()
     for method in results:
         assert f"| {method} |" in markdown

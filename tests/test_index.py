@@ -92,7 +92,7 @@ def test_build_v1_file_mode_matches_training_and_searches(exported_models, tmp_p
     settings = with_milvus(exported_models.settings, str(tmp_path / "m.db"))
     ids, reference = exported_models.user_ids, exported_models.embeddings[1]
     report = build_index(settings, 1, show_progress=False)
-    assert (report.users, report.unknown_users, report.dim) == (len(ids), 0, 16)
+    assert (report.users, report.unknown_users, report.dim) == (len(ids), 0, 17)  # 16 + 1
     assert report.collection == f"{ALIAS}_v1" and report.previous is None
     with EmbeddingIndex.connect(settings) as index:
         live = index.live()
@@ -109,8 +109,10 @@ def test_build_v1_file_mode_matches_training_and_searches(exported_models, tmp_p
         matrix = np.stack([stored[int(u)] for u in ids])
         assert np.abs(matrix - reference).max() <= 1e-5
         assert recall_at(index, reference, ids, k=50, n=200) >= 0.95
-        top = index.search(ALIAS, reference[:1], limit=1)
-        assert top[0][0][0] == ids[0] and top[0][0][1] == pytest.approx(1.0, abs=1e-4)
+        query = exported_models.queries[1][:1]  # a search is made with the query vector
+        (hit,) = index.search(ALIAS, query, limit=1)[0]
+        best = int(np.argmax(reference @ query[0]))
+        assert hit == (ids[best], pytest.approx(float(reference[best] @ query[0]), abs=1e-4))
         [info] = index.versions()
         assert info.live and info.state == "ready" and info.rows == len(ids)
 
@@ -182,9 +184,9 @@ def test_prune_policy_keeps_live_rollback_and_newest(exported_models, tmp_path) 
         assert index.prune(include_incomplete=True) == [building]
         kept = {v.version: (v.live, v.rollback_target) for v in index.versions()}
         assert kept == {2: (False, False), 3: (False, True), 4: (True, False)}
-        # The upsert path of streaming refreshes: through the alias, normalised, same version.
+        # The upsert path of streaming refreshes: through the alias, stored as given.
         assert index.upsert(ALIAS, [7], np.full((1, 16), 3.0, np.float32), 4) == 1
-        assert np.allclose(index.get_vectors(ALIAS, [7])[7], np.full(16, 0.25))
+        assert np.allclose(index.get_vectors(ALIAS, [7])[7], np.full(16, 3.0))
         with pytest.raises(EmbeddingIndexError, match="different spaces"):
             index.upsert(ALIAS, [7], np.ones((1, 16), np.float32), 3)
         with pytest.raises(EmbeddingIndexError, match=r"\[1, 16\]"):

@@ -4,6 +4,7 @@ training progress, export round trip, and training/serving parity through Feast.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -318,3 +319,22 @@ def test_train_resumes_and_evaluate_writes_the_report(ctx, tmp_path):
     assert {c["a"] for c in report["comparisons"]} == {"ssmtl", "adamic_adar"}
     assert (tmp_path / "report" / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
     assert "adamic_adar" in (tmp_path / "report" / "metrics.md").read_text()
+
+
+def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, monkeypatch):
+    from friendrec.config import load_settings
+    from training.tune import tune, write_outputs
+
+    quick = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 3})
+    tctx = replace(ctx, settings=ctx.settings.model_copy(update={"training": quick}))
+    result = tune(tctx, budget_s=1.0, show_progress=False)  # past the budget after one trial
+    assert [t.settings["objective"] for t in result.trials] == ["baseline"]
+    assert result.best["popularity_bias"] and result.best_run == result.trials[0].run
+    assert set(result.blend["fof_weight"]) == {"0", "1-2", "3-5", "6-20", ">20"}
+    paths = write_outputs(result, tmp_path / "tuned.yaml")
+    assert "**chosen**" in paths["table"].read_text()
+    monkeypatch.setenv("FRIENDREC_CONFIG", str(paths["settings"]))
+    loaded = load_settings(workdir=tmp_path)
+    assert loaded.data.dataset == "twitch/ENGB" and loaded.training.popularity_bias
+    assert loaded.training.objective == "baseline"
+    assert loaded.serving.blend_fof_weight == result.blend["fof_weight"]

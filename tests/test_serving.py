@@ -19,13 +19,18 @@ from pydantic import SecretStr
 from tiny_models import ExportedModels
 
 from friendrec.config import Settings
+from friendrec.data.canonical import load_prepared
 from friendrec.feast_store import online_features, open_store
+from friendrec.fof import BlendWeights
+from friendrec.friend_sets import open_state
 from friendrec.local_services import MilvusLiteProcess, TFServingProcess, free_port
-from friendrec.paths import load_contract
+from friendrec.paths import DatasetPaths, load_contract
 from serving.client import RecommenderClient, recommend_request
 from serving.index_build import TFServingEmbedder, build_index
+from serving.protos import recommender_pb2
 from serving.service import SERVICE_NAME, RunningService, start_service
 from serving.tfserving.client import TFServingClient
+from training import evaluation as ev
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +68,7 @@ def stack(exported_models: ExportedModels, tmp_path_factory) -> Iterator[Stack]:
     settings = _with(exported_models.settings, "milvus", uri=milvus.uri)
     settings = _with(settings, "tfserving", port=free_port(), poll_seconds=0.2)
     settings = _with(settings, "serving", metrics_port=free_port(), alias_refresh_s=0.2)
+    settings = _with(settings, "streaming", state_path=work / "friend_state.db")
     tfserving = TFServingProcess(settings, settings.tfserving.port)
     tfserving.start()
     service = None
@@ -79,13 +85,20 @@ def stack(exported_models: ExportedModels, tmp_path_factory) -> Iterator[Stack]:
 
 def _exact_topk(stack: Stack, version: int, user: int, exclude: set[int], k: int) -> list[int]:
     emb = stack.models.embeddings[version]
-    scores = emb @ emb[stack.rows([user])[0]]
+    scores = emb @ stack.models.queries[version][stack.rows([user])[0]]
     order = np.argsort(-scores, kind="stable")
     ids = stack.models.user_ids[order]
     return [int(u) for u in ids if int(u) not in exclude][:k]
 
 
 def _friends(stack: Stack, users) -> dict[int, set[int]]:
+    """Every training friend (the graph the service's friend sets are seeded from)."""
+    src, dst = load_prepared(DatasetPaths.of(stack.settings, "twitch/ENGB")).edges("train")
+    return {int(u): {int(v) for v in np.concatenate([dst[src == u], src[dst == u]])} for u in users}
+
+
+def _friend_sample(stack: Stack, users) -> dict[int, set[int]]:
+    """The online store's capped friend sample."""
     store = open_store(stack.settings, "twitch/ENGB")
     c = load_contract(stack.settings, "twitch/ENGB")
     rows = online_features(store, list(users), contract=c)
@@ -95,7 +108,7 @@ def _friends(stack: Stack, users) -> dict[int, set[int]]:
 def _assert_scores_are_version(stack: Stack, response) -> None:
     """Scores equal the training code's inner products of one version: query and index agree."""
     emb = stack.models.embeddings[response.model_version]
-    query = emb[stack.rows([response.user_id])[0]]
+    query = stack.models.queries[response.model_version][stack.rows([response.user_id])[0]]
     ids = [c.user_id for c in response.candidates]
     want = emb[stack.rows(ids)] @ query
     got = np.array([c.score for c in response.candidates])
@@ -110,7 +123,7 @@ def test_results_match_exact_search_and_the_training_embedding(stack: Stack):
     with stack.client() as client:
         for i, user in enumerate(users):
             excludes = [int(u) for u in rng.choice(stack.models.user_ids, 5)] if i % 2 else []
-            response = client.recommend(recommend_request(user, 50, excludes))
+            response = client.recommend(recommend_request(user, 50, excludes, source="embedding"))
             assert response.model_version == 1 and response.known_user
             got = [c.user_id for c in response.candidates]
             banned = {user, *friends[user], *excludes}
@@ -119,6 +132,89 @@ def test_results_match_exact_search_and_the_training_embedding(stack: Stack):
             recalls.append(len(set(got) & set(exact)) / 50)
             _assert_scores_are_version(stack, response)
     assert np.mean(recalls) >= 0.95, np.mean(recalls)
+
+
+def test_every_friend_is_excluded_not_only_the_sample(stack: Stack):
+    """Users with more friends than the online store's sample (friend_cap): none of their friends
+    is recommended, on both search paths (over-fetch, and the Milvus filter above
+    ``filter_search_above``), and a friendship the stream updater adds is excluded at once."""
+    src, dst = load_prepared(DatasetPaths.of(stack.settings, "twitch/ENGB")).edges("train")
+    degree = np.bincount(np.concatenate([src, dst]))
+    order = np.argsort(-degree, kind="stable")
+    cap = stack.settings.features.friend_cap
+    big = int(order[0])  # ENGB's most connected user: searched with the filter
+    mid = int(order[np.searchsorted(-degree[order], -4 * cap, side="right") - 1])  # over-fetch
+    assert degree[big] > stack.settings.serving.filter_search_above >= degree[mid] > cap
+    friends = _friends(stack, [big, mid])
+    sample = _friend_sample(stack, [big, mid])
+    with stack.client() as client:
+        for user in (big, mid):
+            k = 200
+            # What excluding only the sample would have recommended: friends among them.
+            assert set(_exact_topk(stack, 1, user, {user, *sample[user]}, k)) & friends[user]
+            request = recommend_request(user, k, source="embedding")
+            got = [c.user_id for c in client.recommend(request).candidates]
+            assert len(got) == k and not set(got) & friends[user]
+            exact = _exact_topk(stack, 1, user, {user, *friends[user]}, k)
+            assert len(set(got) & set(exact)) / k >= 0.9
+            for source in ("fof", "blend"):
+                request = recommend_request(user, k, source=source)
+                got = [c.user_id for c in client.recommend(request).candidates]
+                assert got and not set(got) & friends[user]
+        # The stream updater's change is read at serving time, no new index needed.
+        top = client.recommend(recommend_request(mid, 5)).candidates[0].user_id
+        state = open_state(stack.settings, seed_if_empty=False)
+        try:
+            state.apply([("add", mid, top), ("add", top, mid)])
+            got = [c.user_id for c in client.recommend(recommend_request(mid, 5)).candidates]
+            assert top not in got
+        finally:
+            state.apply([("remove", mid, top), ("remove", top, mid)])
+            state.close()
+
+
+def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
+    """The service's friends-of-friends and blend lists equal the offline evaluation's
+    (``topk_fof``, ``topk_blend``) for sampled validation users: the same cap, ties, weights."""
+    data = load_prepared(DatasetPaths.of(stack.settings, "twitch/ENGB"))
+    evalset = ev.EvalSet.from_prepared(data, "val")
+    serving = stack.settings.serving
+    fof_top, fof_scores = ev.topk_fof(evalset, data.user_ids, k=100, cap=serving.fof_max_friends)
+    version = 1
+    emb_top = ev.topk_from_embeddings(
+        stack.models.embeddings[version], evalset, k=serving.blend_depth,
+        queries=stack.models.queries[version],
+    )  # fmt: skip
+    weights = BlendWeights(serving.blend_fof_weight, serving.blend_k0)
+    blend_top = ev.topk_blend(emb_top, fof_top, fof_scores, evalset, data.user_ids, weights, k=50)
+    rng = np.random.default_rng(5)
+    rows = rng.choice(evalset.num_queries, 60, replace=False)
+    same_blend = 0
+    with stack.client() as client:
+        for row in rows:
+            user = int(data.user_ids[evalset.queries[row]])
+            fof = client.recommend(recommend_request(user, 50, source="fof")).candidates
+            want = [int(data.user_ids[u]) for u in fof_top[row, :50] if u >= 0]
+            assert [c.user_id for c in fof] == want, user
+            np.testing.assert_allclose([c.fof_score for c in fof], fof_scores[row, : len(want)],
+                                       rtol=1e-6)  # fmt: skip
+            assert all(c.source == recommender_pb2.FOF for c in fof)
+            served = client.recommend(recommend_request(user, 50, source="blend")).candidates
+            embedded = client.recommend(
+                recommend_request(user, serving.blend_depth, source="embedding")
+            ).candidates
+            exact = [int(data.user_ids[u]) for u in emb_top[row] if u >= 0]
+            if [c.user_id for c in embedded] != exact:
+                continue  # the ANN search differs from exact search here: not comparable
+            same_blend += 1
+            assert [c.user_id for c in served] == [int(data.user_ids[u]) for u in blend_top[row]]
+            for c in served:  # each candidate names its source(s) and their own scores
+                assert (c.source == recommender_pb2.BLEND) == (
+                    c.HasField("embedding_score") and c.HasField("fof_score")
+                )
+    # HNSW's top 100 equals exact search's, all 100 in order, for about half of the users (the
+    # blend of the others is compared nowhere: its input differs, not its merge).
+    assert same_blend >= 20
 
 
 def test_batch_answers_like_single_requests(stack: Stack):
@@ -234,7 +330,8 @@ def test_alias_move_under_traffic_drops_nothing_and_never_mixes(stack: Stack):
             i = 0
             while not stop.is_set():
                 try:
-                    responses.append(client.recommend(recommend_request(users[i % len(users)], 20)))
+                    request = recommend_request(users[i % len(users)], 20, source="embedding")
+                    responses.append(client.recommend(request))
                 except grpc.RpcError as exc:
                     errors.append(exc)
                 i += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -49,6 +50,18 @@ def test_up_serves_recommendations_and_down_leaves_nothing(exported_models: Expo
             time.sleep(0.5)
         assert os.path.getsize(state["tfserving"]["log"]) > 0  # every process logs to a file
         assert os.path.getsize(state["service"]["log"]) > 0
+        # A worker is up once it holds partitions and finished a poll loop (its heartbeat);
+        # one that dies is reported down, not running.
+        state = stack.up(["feature-updater"])
+        (worker,) = [row for row in stack.status() if row["component"] == "feature-updater"]
+        assert worker["running"] and worker["health"].startswith("ready: "), worker
+        os.kill(state["feature-updater"]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(state["feature-updater"]["pid"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        (worker,) = [row for row in stack.status() if row["component"] == "feature-updater"]
+        assert not worker["running"] and worker["health"].startswith("down"), worker
     finally:
         stopped = stack.down()
     assert set(stopped) == {"milvus", "tfserving", "broker", "service"}

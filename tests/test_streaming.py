@@ -25,16 +25,16 @@ from tiny_models import ExportedModels, export_untrained_versions
 from friendrec import contract
 from friendrec.config import Settings, load_settings
 from friendrec.feast_store import online_features, open_store
+from friendrec.friend_sets import open_state
 from friendrec.local_services import MilvusLiteProcess, TansuProcess, TFServingProcess, free_port
 from friendrec.paths import load_contract
-from serving.index import EmbeddingIndex, normalise
+from serving.index import EmbeddingIndex
 from serving.index_build import LocalEmbedder, build_index, version_dir
 from streaming.feature_updater import FeatureUpdater
 from streaming.milvus_sink import MilvusSink
 from streaming.refresher import EmbeddingRefresher
 from streaming.replay import held_out_pairs, replay
 from streaming.schemas import DeadLetter, FriendshipEvent, ProfileUpdate, UserEmbedding
-from streaming.state import open_state
 from streaming.topics import Topics
 from streaming.worker import Worker
 
@@ -222,7 +222,7 @@ def model_embeddings(stack: Stack, users: list[int]) -> np.ndarray:
 
     spec = input_spec(read_model_card(stack.settings, 1, DATASET, stack.contract))
     inputs, _ = fetch_online_inputs(stack.store(), users, spec, stack.contract)
-    return normalise(LocalEmbedder(version_dir(stack.settings, 1))(inputs))
+    return LocalEmbedder(version_dir(stack.settings, 1))(inputs)
 
 
 def milvus_matches_model(stack: Stack, users: list[int]) -> bool:

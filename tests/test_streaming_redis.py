@@ -1,5 +1,5 @@
-"""The streaming chain with Redis as the Feast online store, and so as the friend-state store too
-(``streaming.state.open_state`` follows the online store): the same real services and workers as
+"""The streaming chain with Redis as the Feast online store, and so as the friend-set store too
+(``friendrec.friend_sets.open_state`` follows it): the same real services and workers as
 ``test_streaming`` (whose ``stack`` fixture is reused as is), pointed at a real redis-server
 through the environment (``FRIENDREC_FEATURES__*``), which every ``load_settings`` reads."""
 
@@ -24,10 +24,10 @@ from test_streaming import (
 from test_streaming import stack as streaming_stack  # noqa: F401  (the fixture, for redis_stack)
 
 from friendrec import contract
+from friendrec.friend_sets import open_state, state_path
+from friendrec.friend_sets_redis import RedisFriendState
 from friendrec.local_services import redis_server
 from friendrec.paths import DatasetPaths
-from streaming.state import open_state, state_path
-from streaming.state_redis import RedisFriendState
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,9 @@ classification and the benchmark's bucket percentiles."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import time
 from pathlib import Path
 
 import grpc
@@ -12,6 +14,7 @@ import pytest
 from contracts import tagged
 
 from friendrec.errors import IndexUnavailableError
+from friendrec.friend_sets import FriendState
 from streaming.schemas import (
     FriendshipEvent,
     GraphRecompute,
@@ -21,7 +24,6 @@ from streaming.schemas import (
     UserEmbedding,
     decode,
 )
-from streaming.state import FriendState
 from streaming.worker import Record, Worker, is_transient
 
 ALL = ("friendship.v1", "graph_recompute.v1", "profile.v1", "refresh.v1", "embedding.v1")
@@ -108,8 +110,8 @@ def state_factory(request, tmp_path: Path):
     if request.param == "sqlite":
         yield lambda: FriendState(tmp_path / "state.db")
         return
+    from friendrec.friend_sets_redis import RedisFriendState, connect
     from friendrec.local_services import redis_server
-    from streaming.state_redis import RedisFriendState, connect
 
     with redis_server() as address:
         yield lambda: RedisFriendState(connect(address), "test:state:engb")
@@ -135,7 +137,7 @@ def test_friend_state_application_is_idempotent(state_factory):
 
 
 def test_redis_connection_strings_are_feasts():
-    from streaming.state_redis import connect
+    from friendrec.friend_sets_redis import connect
 
     client = connect("redis.example:6380,password=s3cret,db=2")
     kwargs = client.connection_pool.connection_kwargs
@@ -207,8 +209,8 @@ def test_refresher_inputs_equal_the_serving_feature_path(engb_store):
 def test_the_state_follows_the_online_store(settings, redis_url):
     """sqlite beside a sqlite online store; Redis beside a Redis one (members on many hosts)."""
     from friendrec.data.canonical import prepare
-    from streaming.state import open_state
-    from streaming.state_redis import RedisFriendState
+    from friendrec.friend_sets import open_state
+    from friendrec.friend_sets_redis import RedisFriendState
 
     settings = settings.model_copy(
         update={"data": settings.data.model_copy(update={"dataset": "synthetic:200"})}
@@ -361,3 +363,23 @@ def test_the_worker_dead_letters_refused_profile_events_and_applies_the_rest(set
     letter = json.loads(value)
     assert topic == topics.dead_letters and letter["offset"] == 1
     assert "unknown feature(s) ['favourite_colour']" in letter["reason"]
+
+
+def test_heartbeat_health_tells_ready_from_starting_and_stalled(settings, tmp_path):
+    from streaming.worker import heartbeat_health
+
+    beat = tmp_path / "w.heartbeat"
+    s = settings.model_copy(
+        update={
+            "streaming": settings.streaming.model_copy(
+                update={"heartbeat_file": beat, "heartbeat_stale_s": 30.0}
+            )
+        }
+    )
+    assert heartbeat_health(s).startswith("starting")
+    fields = {"partitions": 2, "processed": 7, "dead_letters": 1}
+    beat.write_text(json.dumps({"pid": 11, "time": time.time() - 1, **fields}))
+    assert heartbeat_health(s, pid=11).startswith("ready: 2 partitions, 7 processed")
+    assert heartbeat_health(s, pid=12).startswith("starting")  # an earlier process's file
+    beat.write_text(json.dumps({"pid": 11, "time": time.time() - 31, **fields}))
+    assert heartbeat_health(s, pid=11).startswith("stalled")

@@ -166,6 +166,11 @@ def test_client_predict_input_spec_and_status(
         assert served == version
         expected = exported_models.embeddings[version][online.rows]
         assert np.abs(embedding - expected).max() <= TOLERANCE
+        # The query vectors: the same embedding, 1 where the index vector has its popularity term.
+        query, _ = client.predict(online.inputs, version=version, output="query_embedding")
+        want = exported_models.queries[version][online.rows]
+        assert np.abs(query - want).max() <= TOLERANCE
+        assert np.abs(query[:, -1] - embedding[:, -1]).min() > 0.01  # the forms do differ
     _, latest = client.predict(online.inputs)
     assert latest == 2
     features = exported_models.settings.features
@@ -190,7 +195,8 @@ def test_metadata_is_a_signature_def_map_like_tf_serving(server: Stubs):
     assert response.metadata["signature_def"].Unpack(signatures)
     signature = signatures.signature_def["serving_default"]
     assert signature.method_name == "tensorflow/serving/predict"
-    assert [d.size for d in signature.outputs["embedding"].tensor_shape.dim] == [-1, 16]
+    for output in ("embedding", "query_embedding"):  # 16 + the popularity term
+        assert [d.size for d in signature.outputs[output].tensor_shape.dim] == [-1, 17]
     shapes = signature_shapes(signature)
     assert shapes["friend_mask"] == [-1, 5]
     assert InputSpec.from_signature(shapes).fanout == 5
@@ -530,5 +536,5 @@ def test_a_batch_of_1024_users_fits_in_one_request(
     inputs, _ = fetch_online_inputs(store, users, client.input_spec(2), c)
     assert sum(v.nbytes for v in inputs.values()) > 4 * 1024 * 1024  # gRPC's default cap
     embedding, served = client.predict(inputs, version=2)
-    assert served == 2 and embedding.shape == (1024, 16)
+    assert served == 2 and embedding.shape == (1024, 17)  # 16 + the popularity term
     assert np.abs(embedding - exported_models.embeddings[2][:1024]).max() <= TOLERANCE

@@ -25,6 +25,13 @@ import scipy.sparse as sp
 
 from friendrec.data.canonical import SPLITS, PreparedDataset
 from friendrec.data.graph import Adjacency
+from friendrec.fof import (
+    DEGREE_BUCKETS,
+    SCORE_DECIMALS,
+    BlendWeights,
+    blend,
+    tie_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +164,14 @@ def _dense_topk(
     batch: int,
     scores_for: Callable[[np.ndarray], np.ndarray],
     tie_seed: int | None = None,
+    tie_order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact masked top-k over all users from dense per-batch scores (higher is better).
 
     A score of -inf means "not a candidate". Ties go to the lower user index, or, with tie_seed,
     follow a seeded random order of users: heuristics with many exact ties (Adamic-Adar) must not
-    be rewarded or punished for how the dataset happened to number its users.
+    be rewarded or punished for how the dataset happened to number its users. ``tie_order``: that
+    order given (a permutation of users, e.g. by ``friendrec.fof.tie_keys``).
     Returns (users [q, k] padded with -1, their float32 scores padded with -inf).
     """
     if k < 1:
@@ -171,7 +180,9 @@ def _dense_topk(
     top = np.full((q, k), NO_RECOMMENDATION, dtype=np.int64)
     top_score = np.full((q, k), -np.inf, dtype=np.float32)
     kk = min(k, n)
-    perm = None if tie_seed is None else np.random.default_rng(tie_seed).permutation(n)
+    perm = tie_order
+    if perm is None and tie_seed is not None:
+        perm = np.random.default_rng(tie_seed).permutation(n)
     for lo in range(0, q, batch):
         hi = min(lo + batch, q)
         # Negate so that argpartition's ascending order puts the best first; +inf = excluded.
@@ -181,6 +192,12 @@ def _dense_topk(
             cost = cost[:, perm]  # column j is now user perm[j]
         if kk < n:
             part = np.argpartition(cost, kk - 1, axis=1)[:, :kk]
+            if perm is not None:  # argpartition cuts a tie at random: keep its first in order
+                kth = np.take_along_axis(cost, part, axis=1).max(axis=1)
+                tied = (np.count_nonzero(cost <= kth[:, None], axis=1) > kk) & np.isfinite(kth)
+                for r in np.flatnonzero(tied):
+                    idx = np.flatnonzero(cost[r] <= kth[r])  # ascending = the tie order
+                    part[r] = idx[np.lexsort((idx, cost[r, idx]))][:kk]
         else:
             part = np.broadcast_to(np.arange(n), (hi - lo, n))
         part_cost = np.take_along_axis(cost, part, axis=1)
@@ -196,16 +213,24 @@ def _dense_topk(
 
 
 def topk_from_embeddings(
-    emb: np.ndarray, evalset: EvalSet, k: int = 100, batch: int = 1024
+    emb: np.ndarray,
+    evalset: EvalSet,
+    k: int = 100,
+    batch: int = 1024,
+    queries: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Exact inner-product top-k over all users (brute force: the reference for any ANN index)."""
+    """Exact inner-product top-k over all users (brute force: the reference for any ANN index).
+    ``emb``: the index vectors; ``queries``: the users' query vectors (default: the same)."""
     if emb.ndim != 2 or emb.shape[0] != evalset.num_users:
         raise ValueError(f"embeddings must be [{evalset.num_users}, d], got {emb.shape}")
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    if not np.isfinite(emb).all():
+    queries = emb if queries is None else np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.shape != emb.shape:
+        raise ValueError(f"query vectors must be {emb.shape}, got {queries.shape}")
+    if not (np.isfinite(emb).all() and np.isfinite(queries).all()):
         raise ValueError("embeddings contain NaN or inf")
     start = time.perf_counter()
-    out, _ = _dense_topk(evalset, k, batch, lambda rows: emb[rows] @ emb.T)
+    out, _ = _dense_topk(evalset, k, batch, lambda rows: queries[rows] @ emb.T)
     log.info(
         "embedding top-%d for %d queries in %.2fs",
         k,
@@ -269,6 +294,100 @@ def topk_adamic_adar(
 ) -> np.ndarray:
     """Friends-of-friends ranked by Adamic-Adar on the training graph ("people you may know")."""
     return adamic_adar_topk_with_scores(evalset, k, batch, tie_seed)[0]
+
+
+def topk_fof(
+    evalset: EvalSet,
+    user_ids: np.ndarray,
+    k: int = 100,
+    cap: int = 1000,
+    seed: int = 0,
+    batch: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The service's friends-of-friends source, offline (``friendrec.fof.adamic_adar``'s twin):
+    Adamic-Adar over at most ``cap`` expanded friends per user (``expanded_friends``' choice),
+    scores rounded alike, ties in tie-key order of ``user_ids`` (dense index -> user id)."""
+    keys = tie_keys(user_ids, seed)
+    adjacency = evalset.train.astype(np.float64).tolil()
+    for row in np.flatnonzero(evalset.train_degree > cap):  # few: cap the expanded friends
+        cols = np.asarray(adjacency.rows[row], dtype=np.int64)
+        keep = np.sort(cols[np.argsort(keys[cols], kind="stable")[:cap]])
+        adjacency.rows[row], adjacency.data[row] = keep.tolist(), [1.0] * len(keep)
+    degree = evalset.train_degree
+    weight = np.zeros(evalset.num_users, dtype=np.float64)
+    weight[degree >= 2] = 1.0 / np.log(degree[degree >= 2])  # full degrees, as the service
+    capped = sp.csr_array(sp.csr_array(adjacency) @ sp.diags_array(weight))
+    train = evalset.train.astype(np.float64)
+
+    def scores_for(rows: np.ndarray) -> np.ndarray:
+        dense = np.round((capped[rows] @ train).toarray(), SCORE_DECIMALS)
+        dense[dense <= 0] = -np.inf
+        return dense
+
+    return _dense_topk(evalset, k, batch, scores_for, tie_order=np.argsort(keys, kind="stable"))
+
+
+def topk_blend(
+    embedding_topk: np.ndarray,
+    fof_topk: np.ndarray,
+    fof_scores: np.ndarray,
+    evalset: EvalSet,
+    user_ids: np.ndarray,
+    weights: BlendWeights,
+    k: int = 100,
+    seed: int = 0,
+) -> np.ndarray:
+    """The service's blend, offline: ``friendrec.fof.blend`` of each query's two lists (dense
+    indices in, dense indices out), the weight by the query's training-degree bucket."""
+    out = np.full((evalset.num_queries, k), NO_RECOMMENDATION, dtype=np.int64)
+    index_of = {int(u): i for i, u in enumerate(user_ids.tolist())}
+    degree = evalset.train_degree[evalset.queries]
+    for i in range(evalset.num_queries):
+        emb = [(int(user_ids[u]), 0.0) for u in embedding_topk[i] if u >= 0]
+        fof = [
+            (int(user_ids[u]), float(s))
+            for u, s in zip(fof_topk[i], fof_scores[i], strict=True)
+            if u >= 0
+        ]
+        merged = blend(emb, fof, weights.weight(int(degree[i])), weights.k0, k, seed)
+        out[i, : len(merged)] = [index_of[u] for u, _, _ in merged]
+    return out
+
+
+def tune_blend(
+    embedding_topk: np.ndarray,
+    fof_topk: np.ndarray,
+    fof_scores: np.ndarray,
+    evalset: EvalSet,
+    user_ids: np.ndarray,
+    grid: Sequence[float] = tuple(i / 10 for i in range(11)),
+    k0s: Sequence[float] = (5.0, 20.0, 60.0),
+    metric: str = "recall@50",
+) -> tuple[BlendWeights, dict[str, Any]]:
+    """The blend's weights chosen on this (validation) eval set: per degree bucket the
+    friends-of-friends weight with the best mean ``metric`` of its users, for the best k0."""
+    buckets = degree_buckets(evalset)
+    best: tuple[float, BlendWeights, dict[str, Any]] | None = None
+    for k0 in k0s:
+        per_bucket: dict[str, tuple[float, float]] = {}
+        table: dict[str, dict[str, float]] = {}
+        for w in grid:
+            flat = BlendWeights({label: w for label, _, _ in DEGREE_BUCKETS}, k0)
+            top = topk_blend(embedding_topk, fof_topk, fof_scores, evalset, user_ids, flat, 50)
+            values = per_user_metrics(top, evalset, ks=(50,), ndcg_k=50)[metric]
+            for label, mask in buckets.items():
+                mean = float(values[mask].mean()) if mask.any() else 0.0
+                table.setdefault(label, {})[f"{w:.1f}"] = mean
+                if label not in per_bucket or mean > per_bucket[label][1]:
+                    per_bucket[label] = (w, mean)
+        weights = BlendWeights({b: per_bucket[b][0] for b in per_bucket}, k0)
+        total = sum(per_bucket[b][1] * int(m.sum()) for b, m in buckets.items()) / max(
+            evalset.num_queries, 1
+        )
+        if best is None or total > best[0]:
+            best = (total, weights, {"k0": k0, metric: total, "by_bucket": table})
+    assert best is not None
+    return best[1], best[2]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -346,6 +465,29 @@ def recall_curve(
         means = recall[mask].mean(axis=0) if mask.any() else np.full(max_k, np.nan)
         curves[name] = {k + 1: float(v) for k, v in enumerate(means)}
     return curves
+
+
+def degree_buckets(evalset: EvalSet) -> dict[str, np.ndarray]:
+    """Boolean masks over queries, one per ``DEGREE_BUCKETS`` entry (by training degree)."""
+    degree = evalset.train_degree[evalset.queries]
+    return {
+        label: (degree >= lo) & (degree <= (hi if hi is not None else np.iinfo(np.int64).max))
+        for label, lo, hi in DEGREE_BUCKETS
+    }
+
+
+def recall_by_degree(
+    per_user: Mapping[str, np.ndarray], evalset: EvalSet, metric: str = "recall@50"
+) -> dict[str, dict[str, float]]:
+    """Mean ``metric`` and the user count per training-degree bucket (NaN where empty): where
+    the cold-start story is told."""
+    return {
+        label: {
+            "users": float(np.count_nonzero(mask)),
+            metric: float(per_user[metric][mask].mean()) if mask.any() else math.nan,
+        }
+        for label, mask in degree_buckets(evalset).items()
+    }
 
 
 def summarise(
@@ -440,6 +582,7 @@ def _json_safe(value: Any) -> Any:
 def _markdown(
     results: Mapping[str, Mapping[str, Mapping[str, float]]],
     comparisons: Sequence[Mapping[str, Any]],
+    by_degree: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
 ) -> str:
     columns = _metric_columns(results)
     slices = [s for s in SLICES if any(s in r for r in results.values())]
@@ -455,6 +598,18 @@ def _markdown(
         for method, by_slice in results.items():
             row = by_slice.get(slice_name, {})
             lines.append(f"| {method} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        lines.append("")
+    if by_degree:
+        buckets = [label for label, _, _ in DEGREE_BUCKETS]
+        first = next(iter(by_degree.values()))
+        metric = next(m for m in next(iter(first.values())) if m != "users")
+        counts = " | ".join(f"{b} ({int(first[b]['users'])})" for b in buckets)
+        lines += [f"## {_label(metric)} by training degree (users)", ""]
+        lines.append(f"| Method | {counts} |")
+        lines.append("|---|" + "---:|" * len(buckets))
+        for method, row in by_degree.items():
+            cells = " | ".join(_fmt(row[b].get(metric)) for b in buckets)
+            lines.append(f"| {method} | {cells} |")
         lines.append("")
     if comparisons:
         lines += ["## Paired bootstrap (95% CI over users)", ""]
@@ -495,17 +650,46 @@ def _plot(curves: Mapping[str, Mapping[Any, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _plot_by_degree(by_degree: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -> None:
+    """Grouped bars: one group per training-degree bucket, one bar per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    buckets = [label for label, _, _ in DEGREE_BUCKETS]
+    first = next(iter(by_degree.values()))
+    metric = next(m for m in next(iter(first.values())) if m != "users")
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(by_degree)
+    for i, (method, row) in enumerate(by_degree.items()):
+        values = [row[b][metric] for b in buckets]
+        ax.bar(np.arange(len(buckets)) + i * width, values, width, label=method)
+    ax.set_xticks(
+        np.arange(len(buckets)) + 0.4 - width / 2,
+        [f"{b}\n({int(first[b]['users'])} users)" for b in buckets],
+    )
+    ax.set_xlabel("training degree of the query user")
+    ax.set_ylabel(_label(metric))
+    ax.set_title(f"{_label(metric)} by training degree")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+
+
 def write_report(
     results: Mapping[str, Mapping[str, Mapping[str, float]]],
     curves: Mapping[str, Mapping[Any, Any]],
     comparisons: Sequence[Mapping[str, Any]],
     out_dir: Path | str,
+    by_degree: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
 ) -> dict[str, Path]:
-    """Write metrics.json, metrics.md and recall_at_k.png; return their paths by kind.
+    """Write metrics.json, metrics.md, recall_at_k.png (and recall_by_degree.png with
+    ``by_degree``); return their paths by kind.
 
     results: method -> slice -> metric -> value; curves: method -> slice -> {K: recall}
     (recall_curve's output; a bare {K: recall} counts as the "all" slice); comparisons: dicts with
-    a, b, metric, slice, diff, lo, hi.
+    a, b, metric, slice, diff, lo, hi; by_degree: method -> ``recall_by_degree``'s output.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -518,9 +702,13 @@ def write_report(
         "results": results,
         "curves": {m: _curve_slices(c) for m, c in curves.items()},
         "comparisons": list(comparisons),
+        "by_degree": dict(by_degree or {}),
     }
     paths["json"].write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
-    paths["markdown"].write_text(_markdown(results, comparisons))
+    paths["markdown"].write_text(_markdown(results, comparisons, by_degree))
     _plot(curves, paths["plot"])
+    if by_degree:
+        paths["by_degree_plot"] = out / "recall_by_degree.png"
+        _plot_by_degree(by_degree, paths["by_degree_plot"])
     log.info("wrote evaluation report to %s", out)
     return paths

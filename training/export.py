@@ -26,7 +26,8 @@ from training.features import InputSpec
 from training.tower import UserTower
 
 SIGNATURE = "serving_default"
-OUTPUT = "embedding"
+OUTPUT = "embedding"  # the index vector (what Milvus stores)
+QUERY_OUTPUT = "query_embedding"  # the vector a search is made with (tower.py: the two forms)
 WARMUP_FILE = "tf_serving_warmup_requests"
 MODEL_CARD = "model_card.json"
 
@@ -66,7 +67,11 @@ class ServingModule(tf.Module):
 
         @tf.function(input_signature=[signature])
         def serve(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            return {OUTPUT: self.tower(inputs, training=False)}
+            unit = self.tower.embed(inputs, training=False)
+            return {
+                OUTPUT: self.tower.candidate_vectors(unit, inputs),
+                QUERY_OUTPUT: self.tower.query_vectors(unit),
+            }
 
         self.serve = serve
 
@@ -118,6 +123,9 @@ def export_tower(
             "version": version,
             "signature": SIGNATURE,
             "output": OUTPUT,
+            "query_output": QUERY_OUTPUT,
+            "dim": tower.output_dim,
+            "popularity_bias": tower.popularity_bias,
             "inputs": {
                 k: {"dtype": v.dtype.name, "shape": v.shape.as_list()}
                 for k, v in input_signature(tower.spec, tower.profile_width).items()

@@ -112,8 +112,8 @@ class SSMTLModel(tfrs.Model):
         c = self.embed_pair_side(candidate, query, training=training)
         log_q = batch["c_sampling_prob"] if cfg.log_q else None
         retrieval = self.task(
-            q,
-            c,
+            self.tower.query_vectors(q),
+            self.tower.candidate_vectors(c, candidate, exclude=query),
             candidate_sampling_probability=log_q,
             candidate_ids=batch["c_id"],
             compute_metrics=False,

@@ -72,12 +72,13 @@ class PairSampler:
 
 
 def embed_all(tower: tf.keras.Model, table: FeatureTable, fanout: int, batch: int = 2048):
-    """Embeddings of every user in the table, in inference mode (deterministic neighbours: the
-    first ``fanout`` of each user's stored friend sample, exactly as serving does)."""
+    """Index vectors of every user in the table, in inference mode (deterministic neighbours: the
+    first ``fanout`` of each user's stored friend sample, exactly as serving does); their query
+    vectors are ``tower.query_form`` of these."""
     out = []
     for start in range(0, len(table), batch):
         rows = np.arange(start, min(start + batch, len(table)))
         neighbours = sample_neighbours(table, rows, fanout, rng=None)
         inputs = tower_inputs(table, rows, neighbours)
         out.append(tower(inputs, training=False).numpy())
-    return np.concatenate(out) if out else np.zeros((0, tower.embedding_dim), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, tower.output_dim), np.float32)

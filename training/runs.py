@@ -107,19 +107,22 @@ def evaluate_runs(
     topks: dict[str, np.ndarray] = {}
     for name, run_dir in runs.items():
         tower, cfg = restore_tower(ctx, run_dir)
-        topks[name] = ev.topk_from_embeddings(embed_all(tower, ctx.table, cfg.fanout), evalset)
+        emb = embed_all(tower, ctx.table, cfg.fanout)
+        topks[name] = ev.topk_from_embeddings(emb, evalset, queries=tower.query_form(emb))
     topks.update(baseline_topks(evalset, ctx.settings.data.seed))
     per_user = {name: ev.per_user_metrics(topk, evalset, ks=KS) for name, topk in topks.items()}
     results = {name: ev.summarise_slices(metrics, evalset) for name, metrics in per_user.items()}
     curves = {name: ev.recall_curve(topk, evalset) for name, topk in topks.items()}
     comparisons = compare_to(per_user, evalset, baseline, n_boot)
-    paths = ev.write_report(results, curves, comparisons, out_dir)
+    by_degree = {name: ev.recall_by_degree(metrics, evalset) for name, metrics in per_user.items()}
+    paths = ev.write_report(results, curves, comparisons, out_dir, by_degree)
     log.info("evaluation written to %s", {k: str(v) for k, v in paths.items()})
     return {
         "split": split,
         "runs": {k: str(v) for k, v in runs.items()},
         "results": results,
         "comparisons": comparisons,
+        "by_degree": by_degree,
         "files": {k: str(v) for k, v in paths.items()},
     }
 

@@ -5,10 +5,17 @@ standardised profile and (optionally) a learned embedding of its user id. Becaus
 linear, the mean over a user's friends equals the encoding of the precomputed friends' mean bag and
 mean profile (``nbr_*`` features); the id part averages the ids of the stored friend sample. So
 layer 1 needs no extra lookups, and layer 2 aggregates ``fanout`` sampled friends' layer-1 states
-(mean; zero without friends). The output is L2-normalised, so inner product = cosine.
+(mean; zero without friends). The embedding is L2-normalised, so inner product = cosine.
 
 Users unknown at training time (new sign-ups) share one out-of-vocabulary id vector: they are served
 from their features and their friends, which is the cold-start path.
+
+Popularity term (``popularity_bias``): a unit-norm inner product cannot say "this user is popular",
+yet the log-Q-corrected softmax is fitted to ``log p(friend | user)``, which has a popularity
+part; without one the tower retrieves unpopular users while held-out friends are popular
+(docs/quality.md). So a candidate's score gets ``w * log(1 + degree)`` (one learned scalar ``w``):
+the index stores ``[e, w * log(1 + degree)]`` (``call``) and queries search with ``[e, 1]``
+(``query``), so inner product = cosine + popularity term, with one Milvus search.
 
 The raw profile scalars go through the dataset contract's transform first (``transform``: the
 arrays of ``Contract.transform_arrays()``, baked into the graph as constants, so an exported
@@ -71,6 +78,7 @@ class UserTower(tf.keras.Model):
         id_dropout: float = 0.0,
         *,
         transform: Mapping[str, np.ndarray],
+        popularity_bias: bool = False,
         **kwargs,
     ) -> None:
         """``transform``: the dataset contract's ``transform_arrays()`` (one entry per profile
@@ -107,6 +115,11 @@ class UserTower(tf.keras.Model):
             )
         self.layer1 = tf.keras.layers.Dense(hidden_dim, activation="relu", name="sage1")
         self.layer2 = tf.keras.layers.Dense(embedding_dim, name="sage2")
+        self.popularity_bias = popularity_bias
+        if popularity_bias:  # cosine units per unit of log(1 + degree); see the module docstring
+            self.popularity_weight = self.add_weight(
+                name="popularity_weight", shape=(), initializer="zeros", trainable=True
+            )
         # GraphMAE's [MASK]: replaces a masked user's own layer-0 encoding.
         self.mask_token = self.add_weight(
             name="mask_token", shape=(self.input_dim,), initializer="zeros", trainable=True
@@ -241,5 +254,44 @@ class UserTower(tf.keras.Model):
             self.encode_self(friend_node, training=training), self.encode_neighbourhood(friend_node)
         )
 
+    # -- the two vector forms ------------------------------------------------------------
+    @property
+    def output_dim(self) -> int:
+        """Width of the index and query vectors."""
+        return self.embedding_dim + int(self.popularity_bias)
+
+    def candidate_vectors(
+        self,
+        unit: tf.Tensor,
+        inputs: dict[str, tf.Tensor],
+        exclude: dict[str, tf.Tensor] | None = None,
+    ) -> tf.Tensor:
+        """What the index stores: the unit embedding, then the popularity term. With ``exclude``
+        (a training pair's other side) the degree does not count that friendship (leakage)."""
+        if not self.popularity_bias:
+            return unit
+        degree = tf.cast(inputs["self_degree"], tf.float32)
+        if exclude is not None:
+            degree = tf.maximum(degree - 1.0, 0.0)
+        return tf.concat([unit, (self.popularity_weight * tf.math.log1p(degree))[:, None]], -1)
+
+    def query_vectors(self, unit: tf.Tensor) -> tf.Tensor:
+        """What a search is made with: the unit embedding, then 1 (picks up the term)."""
+        if not self.popularity_bias:
+            return unit
+        return tf.concat([unit, tf.ones_like(unit[:, :1])], axis=-1)
+
+    def query_form(self, candidates: np.ndarray) -> np.ndarray:
+        """Users' query vectors from their index vectors (no second pass through the tower)."""
+        if not self.popularity_bias:
+            return candidates
+        out = np.array(candidates, dtype=np.float32, copy=True)
+        out[:, -1] = 1.0
+        return out
+
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        return self.embed(inputs, training=training)
+        """The index vector (see ``query`` for the query vector)."""
+        return self.candidate_vectors(self.embed(inputs, training=training), inputs)
+
+    def query(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        return self.query_vectors(self.embed(inputs, training=training))

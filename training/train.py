@@ -54,11 +54,12 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
 
 
 # Settings added after runs were cached: the value every earlier run had, and the loss weight
-# they act through. A setting at that value, or whose loss is off, is left out of a run's
-# identity, so earlier runs (and every run it cannot change) keep their folders.
-ADDED_SETTINGS: dict[str, tuple[object, str]] = {
+# they act through (None: every run). A setting at that value, or whose loss is off, is left out
+# of a run's identity, so earlier runs (and every run it cannot change) keep their folders.
+ADDED_SETTINGS: dict[str, tuple[object, str | None]] = {
     "cca_projector_dim": (0, "cca_weight"),
     "cca_id_drop": (None, "cca_weight"),
+    "popularity_bias": (False, None),
 }
 
 
@@ -77,7 +78,7 @@ def run_name(cfg: TrainingSettings) -> str:
     unset = {
         name
         for name, (earlier, weight) in ADDED_SETTINGS.items()
-        if getattr(cfg, name) == earlier or getattr(losses, weight) == 0
+        if getattr(cfg, name) == earlier or (weight is not None and getattr(losses, weight) == 0)
     }
     identity = cfg.model_dump_json(exclude={"epochs", "patience", *unset})
     digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
@@ -143,6 +144,7 @@ class TrainingContext:
             id_dropout=cfg.id_dropout,
             hidden_dim=cfg.hidden_dim,
             transform=self.contract.transform_arrays(),
+            popularity_bias=cfg.popularity_bias,
         )
 
 
@@ -165,7 +167,7 @@ def make_train_step(model: SSMTLModel, optimizer: tf.keras.optimizers.Optimizer)
 
 def validation_recall50(tower: UserTower, ctx: TrainingContext, evalset: EvalSet) -> float:
     emb = embed_all(tower, ctx.table, ctx.spec.fanout)
-    topk = topk_from_embeddings(emb, evalset, k=50)
+    topk = topk_from_embeddings(emb, evalset, k=50, queries=tower.query_form(emb))
     return float(per_user_metrics(topk, evalset, ks=(50,), ndcg_k=50)["recall@50"].mean())
 
 

@@ -98,3 +98,34 @@ def register(app: typer.Typer) -> None:
         ctx = TrainingContext.load(load_settings(), dataset)
         path = export_run(ctx, run, objective, version)
         typer.echo(str(path))
+
+    @app.command()
+    def tune(
+        dataset: str = DATASET,
+        budget_minutes: float = typer.Option(
+            60.0, "--budget-minutes", min=1, help="No trial starts past this (average trial)."
+        ),
+        epochs: int = typer.Option(None, help="Maximum epochs per trial (default: settings)."),
+        output: Path = typer.Option(
+            None, "--output", "-o", help="Settings YAML (default: <workdir>/tuned/<dataset>.yaml)."
+        ),
+    ) -> None:
+        """Choose the auxiliary-loss weights, temperature and width, then the friends-of-friends
+        blend, for this graph on validation edges: a bounded search within a time budget. Writes
+        a settings YAML (`friendrec --config FILE train`, `friendrec --config FILE up`) and the
+        table of every trial beside it (.md, .json)."""
+        from friendrec.config import load_settings
+        from friendrec.paths import DatasetPaths
+        from training.train import TrainingContext
+        from training.tune import tune as run_tune
+        from training.tune import write_outputs
+
+        settings = load_settings()
+        ctx = TrainingContext.load(settings, dataset)
+        target = (
+            output or settings.workdir / "tuned" / f"{DatasetPaths.of(settings, dataset).slug}.yaml"
+        )
+        result = run_tune(ctx, budget_minutes * 60, epochs)
+        paths = write_outputs(result, target)
+        typer.echo(paths["table"].read_text())
+        typer.echo(f"settings: {paths['settings']}")

@@ -62,6 +62,19 @@ def milvus_sink() -> None:
 
 
 @app.command()
+def health() -> None:
+    """A worker's readiness from its heartbeat file (`streaming.heartbeat_file`): prints ready,
+    starting or stalled with its figures; exits 0 only when ready (a container exec probe)."""
+    from friendrec.config import load_settings
+    from streaming.worker import heartbeat_health
+
+    status = heartbeat_health(load_settings())
+    typer.echo(status)
+    if not status.startswith("ready"):
+        raise typer.Exit(1)
+
+
+@app.command()
 def broker(
     port: int | None = typer.Option(
         None, "--port", help="Loopback port (default: the port of streaming.bootstrap_servers)."
@@ -95,7 +108,7 @@ def init_state() -> None:
     """(Re)seed the feature updater's friend sets from the prepared dataset's training
     friendships (the graph the batch features were built from)."""
     from friendrec.config import load_settings
-    from streaming.state import open_state, seed_state
+    from friendrec.friend_sets import open_state, seed_state
 
     settings = load_settings()
     state = open_state(settings, seed_if_empty=False)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n serving/protos/recommender.proto\x12\x14\x66riendrec.serving.v1\"\xa8\x01\n\x0cUserFeatures\x12@\n\x07profile\x18\x01 \x03(\x0b\x32/.friendrec.serving.v1.UserFeatures.ProfileEntry\x12\x12\n\nsparse_ids\x18\x02 \x03(\x03\x12\x12\n\nfriend_ids\x18\x03 \x03(\x03\x1a.\n\x0cProfileEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa0\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_user_ids\x18\x03 \x03(\x03\x12\x41\n\x10request_features\x18\x04 \x01(\x0b\x32\".friendrec.serving.v1.UserFeaturesH\x00\x88\x01\x01\x42\x13\n\x11_request_features\"+\n\tCandidate\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\"\xa3\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x33\n\ncandidates\x18\x02 \x03(\x0b\x32\x1f.friendrec.serving.v1.Candidate\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x12\n\nknown_user\x18\x04 \x01(\x08\x12\x1d\n\x15used_request_features\x18\x05 \x01(\x08\"Q\n\x15RecommendBatchRequest\x12\x38\n\x08requests\x18\x01 \x03(\x0b\x32&.friendrec.serving.v1.RecommendRequest\"k\n\x16RecommendBatchResponse\x12:\n\tresponses\x18\x01 \x03(\x0b\x32\'.friendrec.serving.v1.RecommendResponse\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x32\xde\x01\n\x11\x46riendRecommender\x12\\\n\tRecommend\x12&.friendrec.serving.v1.RecommendRequest\x1a\'.friendrec.serving.v1.RecommendResponse\x12k\n\x0eRecommendBatch\x12+.friendrec.serving.v1.RecommendBatchRequest\x1a,.friendrec.serving.v1.RecommendBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n serving/protos/recommender.proto\x12\x14\x66riendrec.serving.v1\"\xa8\x01\n\x0cUserFeatures\x12@\n\x07profile\x18\x01 \x03(\x0b\x32/.friendrec.serving.v1.UserFeatures.ProfileEntry\x12\x12\n\nsparse_ids\x18\x02 \x03(\x03\x12\x12\n\nfriend_ids\x18\x03 \x03(\x03\x1a.\n\x0cProfileEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xce\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_user_ids\x18\x03 \x03(\x03\x12\x41\n\x10request_features\x18\x04 \x01(\x0b\x32\".friendrec.serving.v1.UserFeaturesH\x00\x88\x01\x01\x12,\n\x06source\x18\x05 \x01(\x0e\x32\x1c.friendrec.serving.v1.SourceB\x13\n\x11_request_features\"\xb1\x01\n\tCandidate\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12,\n\x06source\x18\x03 \x01(\x0e\x32\x1c.friendrec.serving.v1.Source\x12\x1c\n\x0f\x65mbedding_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x16\n\tfof_score\x18\x05 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_embedding_scoreB\x0c\n\n_fof_score\"\xa3\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x33\n\ncandidates\x18\x02 \x03(\x0b\x32\x1f.friendrec.serving.v1.Candidate\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x12\n\nknown_user\x18\x04 \x01(\x08\x12\x1d\n\x15used_request_features\x18\x05 \x01(\x08\"Q\n\x15RecommendBatchRequest\x12\x38\n\x08requests\x18\x01 \x03(\x0b\x32&.friendrec.serving.v1.RecommendRequest\"k\n\x16RecommendBatchResponse\x12:\n\tresponses\x18\x01 \x03(\x0b\x32\'.friendrec.serving.v1.RecommendResponse\x12\x15\n\rmodel_version\x18\x02 \x01(\x03*C\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\r\n\tEMBEDDING\x10\x01\x12\x07\n\x03\x46OF\x10\x02\x12\t\n\x05\x42LEND\x10\x03\x32\xde\x01\n\x11\x46riendRecommender\x12\\\n\tRecommend\x12&.friendrec.serving.v1.RecommendRequest\x1a\'.friendrec.serving.v1.RecommendResponse\x12k\n\x0eRecommendBatch\x12+.friendrec.serving.v1.RecommendBatchRequest\x1a,.friendrec.serving.v1.RecommendBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USERFEATURES_PROFILEENTRY']._loaded_options = None
   _globals['_USERFEATURES_PROFILEENTRY']._serialized_options = b'8\001'
+  _globals['_SOURCE']._serialized_start=976
+  _globals['_SOURCE']._serialized_end=1043
   _globals['_USERFEATURES']._serialized_start=59
   _globals['_USERFEATURES']._serialized_end=227
   _globals['_USERFEATURES_PROFILEENTRY']._serialized_start=181
   _globals['_USERFEATURES_PROFILEENTRY']._serialized_end=227
   _globals['_RECOMMENDREQUEST']._serialized_start=230
-  _globals['_RECOMMENDREQUEST']._serialized_end=390
-  _globals['_CANDIDATE']._serialized_start=392
-  _globals['_CANDIDATE']._serialized_end=435
-  _globals['_RECOMMENDRESPONSE']._serialized_start=438
-  _globals['_RECOMMENDRESPONSE']._serialized_end=601
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=603
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=684
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=686
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=793
-  _globals['_FRIENDRECOMMENDER']._serialized_start=796
-  _globals['_FRIENDRECOMMENDER']._serialized_end=1018
+  _globals['_RECOMMENDREQUEST']._serialized_end=436
+  _globals['_CANDIDATE']._serialized_start=439
+  _globals['_CANDIDATE']._serialized_end=616
+  _globals['_RECOMMENDRESPONSE']._serialized_start=619
+  _globals['_RECOMMENDRESPONSE']._serialized_end=782
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=784
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=865
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=867
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=974
+  _globals['_FRIENDRECOMMENDER']._serialized_start=1046
+  _globals['_FRIENDRECOMMENDER']._serialized_end=1268
 # @@protoc_insertion_point(module_scope)

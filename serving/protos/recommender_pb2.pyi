@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SOURCE_UNSPECIFIED: _ClassVar[Source]
+    EMBEDDING: _ClassVar[Source]
+    FOF: _ClassVar[Source]
+    BLEND: _ClassVar[Source]
+SOURCE_UNSPECIFIED: Source
+EMBEDDING: Source
+FOF: Source
+BLEND: Source
 
 class UserFeatures(_message.Message):
     __slots__ = ("profile", "sparse_ids", "friend_ids")
@@ -24,24 +36,32 @@ class UserFeatures(_message.Message):
     def __init__(self, profile: _Optional[_Mapping[str, float]] = ..., sparse_ids: _Optional[_Iterable[int]] = ..., friend_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_user_ids", "request_features")
+    __slots__ = ("user_id", "k", "exclude_user_ids", "request_features", "source")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_USER_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     k: int
     exclude_user_ids: _containers.RepeatedScalarFieldContainer[int]
     request_features: UserFeatures
-    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., exclude_user_ids: _Optional[_Iterable[int]] = ..., request_features: _Optional[_Union[UserFeatures, _Mapping]] = ...) -> None: ...
+    source: Source
+    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., exclude_user_ids: _Optional[_Iterable[int]] = ..., request_features: _Optional[_Union[UserFeatures, _Mapping]] = ..., source: _Optional[_Union[Source, str]] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("user_id", "score")
+    __slots__ = ("user_id", "score", "source", "embedding_score", "fof_score")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SCORE_FIELD_NUMBER: _ClassVar[int]
+    FOF_SCORE_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     score: float
-    def __init__(self, user_id: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    source: Source
+    embedding_score: float
+    fof_score: float
+    def __init__(self, user_id: _Optional[int] = ..., score: _Optional[float] = ..., source: _Optional[_Union[Source, str]] = ..., embedding_score: _Optional[float] = ..., fof_score: _Optional[float] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("user_id", "candidates", "model_version", "known_user", "used_request_features")

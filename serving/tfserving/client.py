@@ -31,7 +31,8 @@ from training.features import InputSpec
 log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
-OUTPUT = "embedding"
+OUTPUT = "embedding"  # the index vector
+QUERY_OUTPUT = "query_embedding"  # the query vector (training/export.py)
 # A batch of 1024 users with fanout 10 is ~16 MB of int64 ids; gRPC's default cap is 4 MB.
 # The official server accepts up to INT32_MAX, so the client is the side that must be generous.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -97,17 +98,19 @@ class TFServingClient:
         inputs: Mapping[str, np.ndarray],
         version: int | None = None,
         timeout: float | None = None,
+        output: str = OUTPUT,
     ) -> tuple[np.ndarray, int]:
-        """The ``embedding`` output for a batch of tower inputs, and the version that computed it
-        (``version`` None: whatever the server serves as latest)."""
+        """One output (``embedding``: index vectors; ``query_embedding``: query vectors) for a
+        batch of tower inputs, and the version that computed it (``version`` None: whatever the
+        server serves as latest)."""
         request = predict_pb2.PredictRequest(model_spec=self._model_spec(version, SIGNATURE))
-        request.output_filter.append(OUTPUT)
+        request.output_filter.append(output)
         for name, value in inputs.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray(value)))
         response = self._predict.Predict(request, timeout=timeout or self.timeout_s)
-        if OUTPUT not in response.outputs:
-            raise KeyError(f"the response of {self.model_name} has no '{OUTPUT}' output")
-        embedding = tf.make_ndarray(response.outputs[OUTPUT]).astype(np.float32, copy=False)
+        if output not in response.outputs:
+            raise KeyError(f"the response of {self.model_name} has no '{output}' output")
+        embedding = tf.make_ndarray(response.outputs[output]).astype(np.float32, copy=False)
         return embedding, int(response.model_spec.version.value)
 
     def signature(

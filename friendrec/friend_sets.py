@@ -1,8 +1,9 @@
-"""The feature updater's friend sets: every user's FULL set of friends.
+"""Every user's FULL set of friends, kept by the feature updater and read by the retrieval service.
 
 The online store holds only a capped friend sample, but degree and the friends' aggregates need
-the whole set, so the updater keeps it here: a sqlite file (WAL, shared by the group members on
-one machine), or Redis when the online store is Redis (``streaming.state_redis``: members on
+the whole set, and the service must exclude every existing friend from recommendations, not only
+the sample, so the updater keeps it here: a sqlite file (WAL, shared by the group members on
+one machine), or Redis when the online store is Redis (``friendrec.friend_sets_redis``: members on
 several machines), seeded from the prepared dataset's training friendships, exactly the graph
 the batch feature job used. Adding an existing friend or removing a missing one is a no-op, so
 replaying a batch after a crash (at-least-once delivery) leaves the same state.
@@ -143,7 +144,7 @@ def open_state(settings: Settings, seed_if_empty: bool = True) -> FriendSets:
     its training friendships when new."""
     state: FriendSets
     if settings.features.online_store == "redis":
-        from streaming.state_redis import RedisFriendState, connect
+        from friendrec.friend_sets_redis import RedisFriendState, connect
 
         namespace = f"{settings.streaming.topic_prefix}:state:{DatasetPaths.of(settings).slug}"
         client = connect(settings.features.redis_connection_string)
