@@ -4,9 +4,13 @@ For each dataset: prepare it and its features if needed, train every objective f
 (hyper-parameters from the settings, tuned on validation edges only), then score the *test* edges.
 Per-user metrics are averaged over seeds before the paired bootstrap over users, so a confidence
 interval reflects both user sampling and seed noise averaged out. Adamic-Adar and random are
-computed once per dataset. The step-time ratio compares median training step times measured in
-the same process, the objectives taking turns on the same batches (ratios, because the machine is
-shared and noisy).
+computed once per dataset, and so is the service's friends-of-friends source (capped like the
+service); every trained model is also blended with it as the service blends, the weights chosen on
+validation edges. Recall@50 per training-degree bucket goes into the report too. With
+``--tune-minutes``, `friendrec tune` chooses a configuration per graph (validation edges), which is
+trained per seed and reported as ``tuned``. The step-time ratio compares median training step times
+measured in the same process, the objectives taking turns on the same batches (ratios, because the
+machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from training import evaluation as ev
 from training.pipeline import embed_all
 from training.runs import KS, baseline_topks, compare_to
 from training.train import TrainingContext, train
+from training.tune import tune
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("baseline", "ssmtl", "cca", "mae")
@@ -100,9 +105,15 @@ def evaluate_dataset(
     objectives: list[str],
     epochs: int | None,
     out_dir: Path,
+    tune_budget_s: float = 0.0,
 ) -> dict[str, Any]:
     ensure_features(settings, dataset)
     ctx = TrainingContext.load(settings, dataset)
+    variants: list[tuple[str, dict[str, Any]]] = [(o, {"objective": o}) for o in objectives]
+    tuned = None
+    if tune_budget_s > 0:  # `friendrec tune` on validation edges, then trained per seed
+        tuned = tune(ctx, tune_budget_s, epochs, show_progress=False)
+        variants.append(("tuned", dict(tuned.best)))
     evalset = ev.EvalSet.from_prepared(ctx.data, "test")
     # The service's friends-of-friends source, on validation (to choose the blend) and on test.
     valset = ev.EvalSet.from_prepared(ctx.data, "val")
@@ -118,11 +129,13 @@ def evaluate_dataset(
     popularity: dict[str, list[np.ndarray]] = {o: [] for o in objectives}
     curves: dict[str, dict[str, dict[int, float]]] = {}
     for seed in seeds:
-        for objective in objectives:
-            updates: dict[str, Any] = {"objective": objective, "seed": seed}
+        for objective, chosen_settings in variants:
+            updates: dict[str, Any] = {**chosen_settings, "seed": seed}
             if epochs:
                 updates["epochs"] = epochs
             cfg = settings.training.model_copy(update=updates)
+            for table in (per_seed, step_seconds, val_recall, popularity):
+                table.setdefault(objective, [])
             started = time.perf_counter()
             result, tower = train(ctx, cfg, show_progress=False)
             emb = embed_all(tower, ctx.table, cfg.fanout)
@@ -175,7 +188,8 @@ def evaluate_dataset(
         "comparisons": comparisons,
         "by_degree": by_degree,
         "blend_weights": blends,
-        "blend_gain": blend_gains(results, objectives),
+        "tuned": None if tuned is None else tuned.as_dict(),
+        "blend_gain": blend_gains(results, [v for v, _ in variants]),
         "seed_recall50": {
             o: [float(np.mean(run["recall@50"])) for run in runs] for o, runs in per_seed.items()
         },
@@ -270,6 +284,7 @@ def run_quality(
     objectives: list[str],
     epochs: int | None,
     output: Path,
+    tune_budget_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     # Its own workdir: runs made by hand (other timings, other settings) are never reused, and an
     # interrupted benchmark resumes its finished runs.
@@ -278,7 +293,9 @@ def run_quality(
     report = []
     for dataset in datasets:
         out_dir = output.parent / "quality"
-        report.append(evaluate_dataset(settings, dataset, seeds, objectives, epochs, out_dir))
+        report.append(
+            evaluate_dataset(settings, dataset, seeds, objectives, epochs, out_dir, tune_budget_s)
+        )
         output.parent.mkdir(parents=True, exist_ok=True)
         payload = _payload(settings, report, seeds, epochs)
         output.write_text(json.dumps(payload, indent=2, default=float))

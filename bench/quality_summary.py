@@ -199,6 +199,8 @@ def markdown(results: list[GraphResult]) -> str:
                     f"{'n/a' if ratio is None else f'{ratio:.2f}'} |"
                 )
     lines += _chosen_table(results)
+    lines += _blend_table(results)
+    lines += _degree_table(results)
     lines += _popularity_table(results)
     lines += ["", "Sources: " + ", ".join(sorted({f"`{r.source}`" for r in results}))]
     return "\n".join(lines) + "\n"
@@ -232,6 +234,69 @@ def _chosen_table(results: list[GraphResult]) -> list[str]:
             *verdict_marks(r, m)[:3],  # the step-time target is judged on SSMTL above
         ]
         lines.append(f"| {r.dataset} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _blend_table(results: list[GraphResult]) -> list[str]:
+    """Per graph and learned model: the friends-of-friends blend against its two sources."""
+    measured = [r for r in results if r.entry.get("blend_gain")]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "The service's blend of embedding retrieval and friends-of-friends (weights chosen per "
+        "model on validation edges), test Recall@50; gain over the better of its two sources:",
+        "",
+        "| graph | model | model R@50 all / cold | Adamic-Adar all / cold | blend all / cold |"
+        " blend gain, all | blend gain, cold-start |",
+        "|---|---|---|---|---|---:|---:|",
+    ]
+    for r in measured:
+        res = r.entry["results"]
+        aa = res["adamic_adar"]
+        for objective, gain in r.entry["blend_gain"].items():
+            model, blended = res[objective], res[f"blend ({objective})"]
+            cells = [
+                LABELS.get(objective, objective),
+                f"{model['all']['recall@50']:.4f} / {model['cold_start']['recall@50']:.4f}",
+                f"{aa['all']['recall@50']:.4f} / {aa['cold_start']['recall@50']:.4f}",
+                f"{blended['all']['recall@50']:.4f} / {blended['cold_start']['recall@50']:.4f}",
+                f"{gain['all']:+.1%}",
+                f"{gain['cold_start']:+.1%}",
+            ]
+            lines.append(f"| {r.dataset} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _degree_table(results: list[GraphResult]) -> list[str]:
+    """Test Recall@50 per training-degree bucket of the query user, per method."""
+    measured = [r for r in results if r.entry.get("by_degree")]
+    if not measured:
+        return []
+    buckets = list(next(iter(measured[0].entry["by_degree"].values())))
+    lines = [
+        "",
+        "Test Recall@50 by training degree of the query user (users per bucket in brackets):",
+        "",
+        "| graph | method | " + " | ".join(buckets) + " |",
+        "|---|---|" + "---:|" * len(buckets),
+    ]
+    for r in measured:
+        by_degree = r.entry["by_degree"]
+        first = next(iter(by_degree.values()))
+        lines.append(
+            f"| {r.dataset} | (users) | "
+            + " | ".join(f"({int(first[b]['users']):,})" for b in buckets)
+            + " |"
+        )
+        for method, row in by_degree.items():
+            if method == "random":
+                continue
+            values = [row[b]["recall@50"] for b in buckets]
+            cells = ["n/a" if v is None or v != v else f"{v:.4f}" for v in values]  # None, NaN
+            lines.append(
+                f"| {r.dataset} | {LABELS.get(method, method)} | " + " | ".join(cells) + " |"
+            )
     return lines
 
 

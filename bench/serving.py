@@ -6,7 +6,8 @@ and `friendrec tfserving` started as processes, the index built, then `friendrec
 a process and measured from this process over loopback gRPC:
 
 - single requests one at a time: p50/p99 end to end (client side) and per stage (the service's
-  ``server-timing`` trailer: alias, feast, tfserving, milvus, rank);
+  ``server-timing`` trailer: alias, feast, friends, fof, tfserving, milvus, rank), for the default
+  source (the blend) and for each source alone (embedding; friends of friends);
 - throughput at concurrency 8 (threads, each with a blocking stub);
 - ANN recall@50 of the Milvus index against exact inner-product search over the same vectors;
 - the floors: one Milvus search alone, and exact numpy top-50 over the same matrix;
@@ -56,7 +57,7 @@ from serving.index_build import build_index
 
 log = logging.getLogger(__name__)
 DATASETS = ("synthetic:100000", "github")
-STAGES = ("alias", "feast", "tfserving", "milvus", "rank", "total")
+STAGES = ("alias", "feast", "friends", "fof", "tfserving", "milvus", "rank", "total")
 TARGETS = {"p99_ms": 25.0, "ann_recall@50": 0.95}
 
 
@@ -138,13 +139,17 @@ def _server_timing(call: Any) -> dict[str, float]:
 
 
 def measure_single(
-    settings: Settings, users: np.ndarray, cfg: ServingBenchConfig, rng: np.random.Generator
+    settings: Settings,
+    users: np.ndarray,
+    cfg: ServingBenchConfig,
+    rng: np.random.Generator,
+    source: str = "blend",
 ) -> dict[str, Any]:
     client_ms: list[float] = []
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     with RecommenderClient(settings, timeout_s=10.0) as client:
         for i in range(cfg.warmup + cfg.requests):
-            request = recommend_request(int(rng.choice(users)), cfg.k)
+            request = recommend_request(int(rng.choice(users)), cfg.k, source=source)
             start = time.perf_counter()
             _, call = client.stub.Recommend.with_call(
                 request, timeout=10.0, metadata=client.metadata
@@ -301,7 +306,12 @@ def measure_service(
     try:
         service.start()
         log.info("%s: single requests", label)
-        single = measure_single(s, users, cfg, rng)
+        single = measure_single(s, users, cfg, rng)  # the default source: blend
+        by_source = {
+            source: measure_single(s, users, cfg, np.random.default_rng(0), source)["end_to_end"]
+            for source in ("embedding", "fof")
+        }
+        by_source["blend"] = single["end_to_end"]
         log.info("%s: concurrency %d for %.0f s", label, cfg.concurrency, cfg.duration_s)
         concurrent = measure_concurrent(s, users, cfg)
         log.info("%s: ANN recall and search floors", label)
@@ -309,7 +319,13 @@ def measure_service(
     finally:
         service.stop()
     heavy = measure_heavy_user(s, users, cfg)
-    return {"single": single, "concurrent": concurrent, "index": index_stats, "heavy_user": heavy}
+    return {
+        "single": single,
+        "by_source": by_source,
+        "concurrent": concurrent,
+        "index": index_stats,
+        "heavy_user": heavy,
+    }
 
 
 def copy_live_index(source: Settings, target: Settings, users: np.ndarray) -> dict[str, Any]:
@@ -405,8 +421,15 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rows = [
         ("users", [f"{r['users']:,}" for r in results]),
         ("index build, users/s", [_build_rate(r["index_build"]) for r in results]),
-        ("end to end p50 / p99 (ms)", [pair(r["single"]["end_to_end"]) for r in results]),
+        ("end to end p50 / p99 (ms), blend", [pair(r["single"]["end_to_end"]) for r in results]),
     ]
+    for source in ("embedding", "fof"):
+        rows.append(
+            (
+                f"  source {source} alone p50 / p99 (ms)",
+                [pair(r["by_source"][source]) if "by_source" in r else "-" for r in results],
+            )
+        )
     for stage in STAGES:
         rows.append(
             (

@@ -56,6 +56,7 @@ from friendrec.paths import DatasetPaths
 log = logging.getLogger(__name__)
 WORKERS = ("feature-updater", "embedding-refresher", "milvus-sink")
 TARGETS = {"friendships_per_s": 1000.0, "freshness_p99_s": 2.0}
+AFTER_STREAM_S = 15.0  # the search probe's "after the stream" window
 
 
 @dataclass(frozen=True)
@@ -360,7 +361,7 @@ def run(settings: Settings, cfg: StreamingBenchConfig, output: Path) -> dict[str
                 "batches": int(count - batch0[w.name][1]),
                 "busy_s": round(total - batch0[w.name][0], 2),
             }
-        time.sleep(max(10.0, s.streaming.sink_flush_interval_s + 2))
+        time.sleep(AFTER_STREAM_S)  # past the sink's default flush interval (10 s)
         result["search_latency"] = {
             "sink_flush_rows": s.streaming.sink_flush_rows,
             "sink_flush_interval_s": s.streaming.sink_flush_interval_s,

@@ -105,9 +105,9 @@ class TrainingSettings(BaseModel):
     temperature: float = Field(0.05, gt=0)
     log_q: bool = True
     popularity_bias: bool = Field(
-        False,
+        True,
         description="Score candidates by cosine + w * log(1 + degree), w learned: the index "
-        "stores one more dimension (training/tower.py).",
+        "stores one more dimension (training/tower.py; docs/quality.md for why).",
     )
     cca_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
     cca_lambda: float = Field(5e-3, ge=0)

@@ -249,7 +249,7 @@ def _recommendations_table(
 ) -> Table:
     table = Table(title=title)
     table.add_column("user")
-    table.add_column("top 5 candidates (score)")
+    table.add_column("top 5 candidates (blend score: embedding + friends of friends)")
     if before is not None and pairs is not None:
         table.add_column("new friends")
         table.add_column("changed")

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from friendrec.config import Settings
 from friendrec.friend_aggregates import RequestFeatures
+from friendrec.friend_sets import FriendSets
 from serving.auth import BearerTokenInterceptor
 from serving.metrics import ServingMetrics
 from serving.protos import recommender_pb2 as pb
@@ -296,7 +297,6 @@ def build_recommender(settings: Settings) -> Recommender:
     """The production wiring: Feast from the settings, TF Serving at tfserving.address, Milvus,
     and the stream updater's full friend sets (seeded from the training graph when new)."""
     from friendrec.feast_store import open_store
-    from friendrec.friend_sets import open_state
     from serving.index import EmbeddingIndex, IndexUnavailableError
     from serving.tfserving.client import TFServingClient
 
@@ -316,5 +316,19 @@ def build_recommender(settings: Settings) -> Recommender:
         ),
         index,
         ServingMetrics(),
-        friend_sets=open_state(settings) if settings.serving.exclude_all_friends else None,
+        friend_sets=_friend_sets(settings) if settings.serving.exclude_all_friends else None,
     )
+
+
+def _friend_sets(settings: Settings) -> FriendSets:
+    """The stream updater's friend sets, seeded from the training graph when new and the prepared
+    data is here (a service on its own host may lack it: the updater seeds them then)."""
+    from friendrec.errors import NotPreparedError
+    from friendrec.friend_sets import open_state
+
+    try:
+        return open_state(settings)
+    except (NotPreparedError, FileNotFoundError) as exc:
+        log.warning("friend sets not seeded (%s): the stream updater seeds them; until then "
+                    "only the online store's friend samples are excluded", exc)  # fmt: skip
+        return open_state(settings, seed_if_empty=False)

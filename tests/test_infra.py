@@ -565,3 +565,25 @@ def test_container_healthcheck_script(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "unhealthy" in proc.stderr
+
+
+def test_stream_workers_are_probed_by_their_heartbeat(compose: dict) -> None:
+    """Every stream worker, in compose and in Kubernetes, writes a heartbeat file and is probed
+    with `friendrec stream health` (readiness and liveness)."""
+    check_cli_command(["stream", "health"])
+    workers = ("feature-updater", "embedding-refresher", "milvus-sink")
+    for name in workers:
+        service = compose["services"][name]
+        assert service["healthcheck"]["test"] == ["CMD", "friendrec", "stream", "health"], name
+        assert "FRIENDREC_STREAMING__HEARTBEAT_FILE" in service["environment"], name
+    probed = set()
+    for where, container in k8s_containers():
+        if container["name"] not in workers:
+            continue
+        assert container["args"] == ["stream", container["name"]], where
+        env = {e["name"] for e in container.get("env", [])}
+        assert "FRIENDREC_STREAMING__HEARTBEAT_FILE" in env, where
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["exec"]["command"] == ["friendrec", "stream", "health"], where
+        probed.add(container["name"])
+    assert probed == set(workers)

@@ -145,3 +145,23 @@ def test_auxiliary_weights_are_chosen_on_validation_and_judged_on_test(tmp_path:
     )
     assert "| g/H | 2 | 0.3000" not in text
     assert "| g/I | 2 | 0.3000 / 0.3100 / 0.3200 / n/a | retrieval + CCA-SSG |" in text
+
+
+def test_blend_and_per_degree_tables_where_recorded(tmp_path: Path):
+    recorded = _entry("g/E", 0.21, 0.10)
+    recorded["results"]["blend (baseline)"] = _slices(0.30, 0.12)
+    recorded["blend_gain"] = {"baseline": {"all": 0.30 / 0.25 - 1, "cold_start": 0.12 / 0.10 - 1}}
+    bucket = {"users": 10.0, "recall@50": 0.5}
+    recorded["by_degree"] = {
+        "baseline": {"0": {"users": 3.0, "recall@50": float("nan")}, ">20": bucket},
+        "random": {"0": {"users": 3.0, "recall@50": 0.0}, ">20": bucket},
+    }
+    source = _write(tmp_path / "e.json", [0], "2026-01-01", recorded, _entry("g/F", 0.2, 0.1))
+    text = markdown(load_results([source]))
+    assert (
+        "| g/E | baseline (retrieval only) | 0.2000 / 0.1000 | 0.2500 / 0.0500 | "
+        "0.3000 / 0.1200 | +20.0% | +20.0% |"
+    ) in text
+    assert "| g/E | (users) | (3) | (10) |" in text
+    assert "| g/E | baseline (retrieval only) | n/a | 0.5000 |" in text  # NaN: no such users
+    assert "| g/E | random |" not in text and "| g/F | (users)" not in text

@@ -270,6 +270,14 @@ class _OtherSchemaIndex:
         return self.live()
 
 
+def test_an_unknown_source_is_invalid_argument(stack: Stack):
+    request = recommender_pb2.RecommendRequest(user_id=1, k=5, source=7)  # a newer client's
+    with stack.client() as client, pytest.raises(grpc.RpcError) as err:
+        client.recommend(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "source must be one of" in err.value.details()
+
+
 def test_a_live_model_of_another_schema_is_failed_precondition(exported_models: ExportedModels):
     """The service refuses a live version whose schema hash is not the dataset contract's, and
     says which two hashes differ."""

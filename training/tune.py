@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from friendrec.config import TrainingSettings
 from training import evaluation as ev
+from training.model import LossConfig
 from training.pipeline import embed_all
 from training.train import TrainingContext, train
 
@@ -81,8 +82,15 @@ def _objective(cca: float, mae: float) -> str:
 
 
 def _stage1() -> Iterator[dict[str, Any]]:
+    """The weight grid as settings; an objective's own default weights are left to it, so the
+    trial is the same run (and run folder) as ``train --objective`` with defaults."""
     for cca, mae in WEIGHTS:
-        yield {"objective": _objective(cca, mae), "cca_weight": cca, "mae_weight": mae}
+        objective = _objective(cca, mae)
+        default = LossConfig.for_objective(objective)  # type: ignore[arg-type]
+        if (default.cca_weight, default.mae_weight) == (cca, mae):
+            yield {"objective": objective}
+        else:
+            yield {"objective": objective, "cca_weight": cca, "mae_weight": mae}
 
 
 def tune(

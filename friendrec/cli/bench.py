@@ -104,14 +104,22 @@ def quality(
         "baseline,ssmtl,cca,mae", "--objectives", help="Objectives to train and compare."
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Max epochs (default: settings)."),
+    tune_minutes: float = typer.Option(
+        0.0,
+        "--tune-minutes",
+        min=0,
+        help="Also run `friendrec tune` per graph within this budget (validation edges) and "
+        "report the tuned model beside the fixed defaults (0: off).",
+    ),
     output: Path = typer.Option(
         Path("bench/results/quality.json"), "--output", "-o", help="JSON result."
     ),
 ) -> None:
     """Baseline vs SSMTL and its ablations on every graph: test Recall@50/100 for all and
-    cold-start users with paired-bootstrap CIs, Adamic-Adar and random rows, and the training
-    step-time ratio. Long: minutes per run; hyper-parameters come from the settings (tuned on
-    validation edges only)."""
+    cold-start users with paired-bootstrap CIs, Adamic-Adar, the service's friends-of-friends
+    source, each model's blend with it (weights chosen on validation edges), random, Recall@50
+    per training-degree bucket, and the training step-time ratio. Long: minutes per run;
+    hyper-parameters come from the settings (tuned on validation edges only)."""
     from bench.quality import OBJECTIVES, run_quality
     from friendrec.config import load_settings
 
@@ -120,7 +128,7 @@ def quality(
     if unknown or "baseline" not in chosen:
         raise typer.BadParameter(f"objectives must include baseline and be among {OBJECTIVES}")
     names = None if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
-    run_quality(load_settings(), names, _counts(seeds), chosen, epochs, output)
+    run_quality(load_settings(), names, _counts(seeds), chosen, epochs, output, tune_minutes * 60)
 
 
 @app.command()
@@ -208,6 +216,24 @@ def streaming(
         members=members,
     )
     run(load_settings(), cfg, output)
+
+
+@app.command()
+def popularity(
+    dataset: str = typer.Option("twitch/ENGB", "--dataset", help="Graph to measure."),
+    seed: int = typer.Option(0, "--seed", help="Training seed."),
+    epochs: int = typer.Option(8, "--epochs", help="Max epochs of the two single-task runs."),
+    output: Path = typer.Option(
+        Path("bench/results/popularity.json"), "--output", "-o", help="JSON result."
+    ),
+) -> None:
+    """How much popularity the ranking needs, on validation edges: a model without the
+    popularity term with a fixed term added after training (a grid), and the learned term with
+    its query scale varied, beside Adamic-Adar. Reuses `bench quality`'s runs."""
+    from bench.popularity import run
+    from friendrec.config import load_settings
+
+    run(load_settings(), dataset, seed, epochs, output)
 
 
 @app.command()

@@ -59,6 +59,11 @@ def register(app: typer.Typer) -> None:
             "string ids (its id_map); candidates then show their external ids too.",
         ),
         k: int = typer.Option(10, "-k", help="Number of candidates."),
+        source: str = typer.Option(
+            None,
+            "--source",
+            help="embedding | fof (friends of friends) | blend (default: serving.default_source).",
+        ),
         exclude: list[int] = typer.Option([], "--exclude", help="User ids not to return."),
         profile: list[str] = typer.Option(
             [], "--profile", help="Request feature NAME=VALUE for a user Feast does not know."
@@ -81,8 +86,11 @@ def register(app: typer.Typer) -> None:
         from friendrec.errors import FriendrecError
         from friendrec.paths import DatasetPaths
         from serving.client import RecommenderClient, recommend_request
+        from serving.protos import recommender_pb2 as pb
 
         settings = load_settings()
+        if source is not None and source not in ("embedding", "fof", "blend"):
+            raise typer.BadParameter("--source must be embedding, fof or blend")
         id_map = IdMap.load(DatasetPaths.of(settings))
         if (user is None) == (external_user is None):
             raise typer.BadParameter("give exactly one of --user and --external-user")
@@ -98,6 +106,7 @@ def register(app: typer.Typer) -> None:
             _parse_profile(profile) if with_features else None,
             sparse_id if with_features else None,
             friend if with_features else None,
+            source=source or settings.serving.default_source,
         )
         with RecommenderClient(settings, address, timeout) as client:
             try:
@@ -123,9 +132,13 @@ def register(app: typer.Typer) -> None:
         table.add_column("rank", justify="right")
         table.add_column("user_id", justify="right")
         table.add_column("score", justify="right")
+        table.add_column("source")
         if id_map is not None:
             table.add_column("external_id")
         for rank, candidate in enumerate(response.candidates, start=1):
             extra = [str(id_map.external_of(candidate.user_id))] if id_map is not None else []
-            table.add_row(str(rank), str(candidate.user_id), f"{candidate.score:.4f}", *extra)
+            found_by = pb.Source.Name(candidate.source).lower().replace("blend", "both")
+            table.add_row(
+                str(rank), str(candidate.user_id), f"{candidate.score:.4f}", found_by, *extra
+            )
         Console().print(table)
