@@ -170,10 +170,10 @@ class ServingSettings(BaseModel):
         100, gt=0, description="Candidates taken from each source before blending (>= k used)."
     )
     blend_k0: float = Field(
-        5.0, gt=0, description="Rank offset of the reciprocal-rank blend (friendrec/fof.py)."
+        20.0, gt=0, description="Rank offset of the reciprocal-rank blend (friendrec/fof.py)."
     )
     blend_fof_weight: dict[str, float] = Field(
-        default_factory=lambda: {"0": 0.0, "1-2": 0.4, "3-5": 0.5, "6-20": 0.6, ">20": 0.6},
+        default_factory=lambda: {"0": 0.0, "1-2": 0.4, "3-5": 0.5, "6-20": 0.5, ">20": 0.6},
         description="Friends-of-friends weight in the blend per training-degree bucket "
         "(0, 1-2, 3-5, 6-20, >20); the default was chosen on twitch/ENGB validation edges.",
     )

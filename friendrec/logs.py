@@ -46,3 +46,9 @@ def setup_logging(level: str = "INFO", fmt: str = "rich") -> None:
     )
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def progress_disabled(show_progress: bool) -> bool | None:
+    """tqdm's ``disable``: None draws bars only on a terminal (a log file or a pipe gets none),
+    True never."""
+    return None if show_progress else True

@@ -32,6 +32,7 @@ from friendrec.errors import (
     IncompatibleModelError,
     NotPreparedError,
 )
+from friendrec.logs import progress_disabled
 from friendrec.paths import DatasetPaths
 from serving.index import EmbeddingIndex
 from serving.tfserving.client import TFServingClient
@@ -210,7 +211,7 @@ def build_index(
                 total=len(user_ids),
                 desc=f"index v{model_version}",
                 unit="user",
-                disable=not show_progress,
+                disable=progress_disabled(show_progress),
             )
             with bar:
                 for lo in range(0, len(user_ids), batch):

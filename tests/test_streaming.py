@@ -279,27 +279,29 @@ def test_new_friendship_refreshes_embedding_to_what_the_model_computes(stack: St
     wait_for("fresh embeddings in Milvus", lambda: milvus_matches_model(stack, users))
     with stack.index() as index:
         new = index.get_vectors(index.alias, [u])[u]
-        top = index.search(index.alias, new, 1)[0][0]
+        top = index.search(index.alias, new, 1, filter=f"user_id in [{u}]")[0][0]
     assert np.abs(new - old).max() > 1e-4  # it really changed
-    assert top[0] == u and top[1] == pytest.approx(1.0, abs=1e-4)  # and is searchable
+    assert top[0] == u and top[1] == pytest.approx(float(new @ new), abs=1e-4)  # searchable
     # Freshness (event time -> upserted) and events were measured on the way.
     assert REGISTRY.get_sample_value("friendrec_stream_freshness_seconds_count") >= 2
     events = {"worker": "feature-updater", "topic": Topics.of(stack.settings).friendships}
     assert REGISTRY.get_sample_value("friendrec_stream_events_total", events) >= 2
 
     # Recommend reflects it: v is now a friend (excluded), and the scores are inner products of
-    # u's refreshed embedding with the stored ones.
+    # u's refreshed query vector (its index vector with 1 for the popularity term) with the
+    # stored ones.
     service = start_service(stack.settings, port=0, probe_seconds=0.2)
     try:
         with RecommenderClient(stack.settings, f"127.0.0.1:{service.port}") as client:
-            response = client.recommend(recommend_request(u, 20))
+            response = client.recommend(recommend_request(u, 20, source="embedding"))
     finally:
         service.stop(grace=None)
     ids = [c.user_id for c in response.candidates]
     assert v not in ids and len(ids) == 20
     with stack.index() as index:
         stored = index.get_vectors(index.alias, ids)
-    want = np.array([stored[i] @ new for i in ids])
+    query = np.concatenate([new[:-1], [1.0]]).astype(np.float32)
+    want = np.array([stored[i] @ query for i in ids])
     np.testing.assert_allclose([c.score for c in response.candidates], want, atol=1e-4)
     # The sink sealed what it upserted (sink_flush_rows=4 here): searches never scan a growing
     # segment for long.

@@ -20,6 +20,7 @@ from friendrec.contract import Contract
 from friendrec.data.canonical import PreparedDataset, load_prepared
 from friendrec.errors import NotPreparedError
 from friendrec.feast_store import open_store
+from friendrec.logs import progress_disabled
 from friendrec.paths import DatasetPaths
 from training.evaluation import EvalSet, per_user_metrics, topk_from_embeddings
 from training.features import FeatureTable, InputSpec
@@ -214,7 +215,11 @@ def train(
         epoch = int(epoch_var.numpy()) + 1
         for tracker in model.loss_trackers.values():
             tracker.reset_state()
-        bar = tqdm(total=steps, desc=f"{cfg.objective} epoch {epoch}", disable=not show_progress)
+        bar = tqdm(
+            total=steps,
+            desc=f"{cfg.objective} epoch {epoch}",
+            disable=progress_disabled(show_progress),
+        )
         epoch_started = time.perf_counter()
         for i, batch in enumerate(sampler.dataset()):
             if i >= steps:

@@ -27,6 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from friendrec.config import TrainingSettings
+from friendrec.logs import progress_disabled
 from training import evaluation as ev
 from training.model import LossConfig
 from training.pipeline import embed_all
@@ -107,7 +108,9 @@ def tune(
     trials: list[Trial] = []
     tried: set[str] = set()
     progress = tqdm(
-        total=len(WEIGHTS) + len(NEIGHBOURS), desc="tune trials", disable=not show_progress
+        total=len(WEIGHTS) + len(NEIGHBOURS),
+        desc="tune trials",
+        disable=progress_disabled(show_progress),
     )
 
     def run_trial(updates: dict[str, Any]) -> bool:

@@ -39,6 +39,7 @@ from friendrec.data.canonical import (
     write_atomic,
 )
 from friendrec.data.graph import Adjacency, list_array_to_csr, sparse_list_array
+from friendrec.logs import progress_disabled
 from friendrec.paths import DatasetPaths
 from friendrec.sampling import edge_priority, splitmix64
 
@@ -198,7 +199,7 @@ def compute_graph_features(
         list(itertools.pairwise(bounds)),
         desc="friends' sparse bags",
         unit="block",
-        disable=not show_progress,
+        disable=progress_disabled(show_progress),
     ):
         bag = (a[lo:hi] @ x).tocsr()
         bag.sum_duplicates()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from colorama import AnsiToWin32
 from feast import FeatureStore, FeatureView
 
 from feature_repo.definitions import build_definitions
@@ -113,8 +114,10 @@ def materialize(
         if start >= end:
             windows[name] = None
             continue
-        # Feast reports progress with print(): keep stdout for our JSON result.
-        with contextlib.redirect_stdout(sys.stderr):
+        # Feast reports progress with print(): keep stdout for our JSON result, and its colour
+        # codes for a terminal (a log file gets plain text).
+        progress = AnsiToWin32(sys.stderr, strip=not sys.stderr.isatty()).stream
+        with contextlib.redirect_stdout(progress):  # type: ignore[type-var]
             store.materialize(start_date=start, end_date=end, feature_views=[name])
         windows[name] = (start.isoformat(), end.isoformat())
     report = MaterializeReport(
