@@ -277,20 +277,24 @@ class Recommender:
             self.settings.data.seed,
             contract=self.contract,
         )
+        return self._store_result(future, timeout, "feast", "feature store")
+
+    def _store_result(self, future: Future[T], timeout: float, label: str, what: str) -> T:
+        """A store read's result: DEADLINE_EXCEEDED past ``timeout``, UNAVAILABLE when the store
+        (sqlite or Redis) cannot be reached; counted per dependency ``label``."""
         try:
             return future.result(timeout=timeout)
         except FutureTimeout:
             future.cancel()
-            self.metrics.dependency_errors.labels("feast").inc()
+            self.metrics.dependency_errors.labels(label).inc()
             raise ServiceError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "feature store did not answer in time"
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} did not answer in time"
             ) from None
         except Exception as exc:
-            self.metrics.dependency_errors.labels("feast").inc()
+            self.metrics.dependency_errors.labels(label).inc()
             if _feast_unavailable(exc):
-                raise ServiceError(
-                    grpc.StatusCode.UNAVAILABLE, f"feature store unavailable: {exc}"
-                ) from None
+                message = f"{what} unavailable: {exc}"
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, message) from None
             raise
 
     def _read_friends(self, queries: Sequence[Query]) -> Future[dict[int, list[int]]] | None:
@@ -304,21 +308,7 @@ class Recommender:
     ) -> dict[int, list[int]]:
         if future is None:
             return {}
-        try:
-            return future.result(timeout=timeout)
-        except FutureTimeout:
-            future.cancel()
-            self.metrics.dependency_errors.labels("friend_sets").inc()
-            raise ServiceError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "friend sets did not answer in time"
-            ) from None
-        except Exception as exc:
-            self.metrics.dependency_errors.labels("friend_sets").inc()
-            if _feast_unavailable(exc):
-                raise ServiceError(
-                    grpc.StatusCode.UNAVAILABLE, f"friend sets unavailable: {exc}"
-                ) from None
-            raise
+        return self._store_result(future, timeout, "friend_sets", "friend sets")
 
     def _search(
         self,
