@@ -183,10 +183,13 @@ class Worker:
             "processed": self.stats.processed,
             "dead_letters": self.stats.dead_letters,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(beat))
-        tmp.replace(path)
+        try:  # a heartbeat that cannot be written must not stop the processing (probes notice)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(beat))
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("%s: heartbeat %s not written: %s", self.name, path, exc)
 
     def _fill(self, kafka_consumer: KafkaConsumer, polled: dict, limit: int, linger: float) -> dict:
         """Keep polling for ``linger`` seconds after the first records, up to ``limit`` records:
