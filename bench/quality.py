@@ -37,7 +37,7 @@ from training import evaluation as ev
 from training.pipeline import embed_all
 from training.runs import KS, baseline_topks, compare_to
 from training.train import TrainingContext, train
-from training.tune import tune
+from training.tune import blend_on_validation, tune
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("baseline", "ssmtl", "cca", "mae")
@@ -203,19 +203,6 @@ def evaluate_dataset(
         "step_seconds": interleaved,
         "step_ratio_vs_baseline": {o: t / interleaved["baseline"] for o, t in interleaved.items()},
     }
-
-
-def blend_on_validation(
-    ctx: TrainingContext,
-    tower: Any,
-    emb: np.ndarray,
-    valset: ev.EvalSet,
-    fof_val: tuple[np.ndarray, np.ndarray],
-) -> tuple[Any, dict[str, Any]]:
-    """The blend's weights for this model, chosen on validation edges only."""
-    val_top = ev.topk_from_embeddings(emb, valset, queries=tower.query_form(emb))
-    weights, info = ev.tune_blend(val_top, *fof_val, valset, ctx.data.user_ids)
-    return weights, {"fof_weight": dict(weights.fof_weight), "k0": weights.k0, **info}
 
 
 def blend_gains(results: dict[str, Any], objectives: list[str]) -> dict[str, dict[str, float]]:

@@ -79,12 +79,15 @@ def adamic_adar(
         for v in their:
             if v not in exclude:
                 scores[v] = scores.get(v, 0.0) + weight
+    return _top(scores, k, SCORE_DECIMALS, seed)
+
+
+def _top(scores: dict[int, float], k: int, decimals: int, seed: int) -> list[tuple[int, float]]:
+    """The ``k`` best (user, score), scores rounded to ``decimals``, ties in tie-key order."""
     if not scores:
         return []
     ids = np.fromiter(scores, dtype=np.int64, count=len(scores))
-    values = np.round(
-        np.fromiter(scores.values(), dtype=np.float64, count=len(scores)), SCORE_DECIMALS
-    )
+    values = np.round(np.fromiter(scores.values(), dtype=np.float64, count=len(scores)), decimals)
     order = np.lexsort((tie_keys(ids, seed), -values))[:k]
     return [(int(ids[i]), float(values[i])) for i in order]
 
@@ -121,9 +124,4 @@ def blend(
         for rank, (user, _) in enumerate(ranked, start=1):
             scores[user] = scores.get(user, 0.0) + weight / (k0 + rank)
             source[user] = "both" if user in source and source[user] != name else name
-    if not scores:
-        return []
-    ids = np.fromiter(scores, dtype=np.int64, count=len(scores))
-    values = np.round(np.fromiter(scores.values(), dtype=np.float64, count=len(scores)), 12)
-    order = np.lexsort((tie_keys(ids, seed), -values))[:k]
-    return [(int(ids[i]), float(values[i]), source[int(ids[i])]) for i in order]
+    return [(user, score, source[user]) for user, score in _top(scores, k, 12, seed)]

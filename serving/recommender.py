@@ -313,7 +313,6 @@ class Recommender:
     def _search(
         self,
         live: LiveIndex,
-        queries: Sequence[Query],
         vectors: np.ndarray,
         excluded: Sequence[set[int]],
         timeout: float,
@@ -327,7 +326,7 @@ class Recommender:
             len(ex) > cfg.serving.filter_search_above or n + len(ex) > MILVUS_MAX_TOPK
             for n, ex in zip(wanted, excluded, strict=True)
         ]
-        hits: list[list[tuple[int, float]]] = [[] for _ in queries]
+        hits: list[list[tuple[int, float]]] = [[] for _ in wanted]
         few = [i for i, m in enumerate(many) if not m and wanted[i]]
         if few:
             limit = max(wanted[i] + len(excluded[i]) for i in few)
@@ -466,14 +465,14 @@ class Recommender:
                 grpc.StatusCode.INTERNAL,
                 f"TF Serving answered with version {served}, not {version}",
             )
-        excluded = [
-            {q.user_id, *q.exclude, *sample.tolist(), *all_friends.get(q.user_id, ())}
-            for q, sample in zip(queries, query_inputs.friend_ids, strict=True)
-        ]
-        # Full friend sets where the stream updater keeps them, else the features' friends.
+        # Full friend sets where the stream updater keeps them, and the features' friends.
         friends_of = [
             sorted({*all_friends.get(q.user_id, ()), *sample.tolist()} - {q.user_id, -1})
             for q, sample in zip(queries, query_inputs.friend_ids, strict=True)
+        ]
+        excluded = [
+            {q.user_id, *q.exclude, *friends}
+            for q, friends in zip(queries, friends_of, strict=True)
         ]
         with self.metrics.stage("fof", timings):
             fof = self._friends_of_friends(
@@ -482,9 +481,7 @@ class Recommender:
         with self.metrics.stage("milvus", timings):
             wanted = [0 if q.source == "fof" else self._depth(q) for q in queries]
             try:
-                hits = self._search(
-                    live, queries, vectors, excluded, budget(cfg.milvus_timeout_s), wanted
-                )
+                hits = self._search(live, vectors, excluded, budget(cfg.milvus_timeout_s), wanted)
             except IndexUnavailableError as exc:
                 self.metrics.dependency_errors.labels("milvus").inc()
                 with self._live_lock:

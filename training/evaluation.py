@@ -249,13 +249,15 @@ def topk_random(evalset: EvalSet, k: int = 100, seed: int = 0, batch: int = 1024
     return top
 
 
-def _adamic_adar_weighted(evalset: EvalSet) -> sp.csr_array:
-    """A @ diag(1 / log deg): degree-1 neighbours get weight 0 (they only link a user to itself)."""
+def _adamic_adar_weighted(evalset: EvalSet, adjacency: sp.sparray | None = None) -> sp.csr_array:
+    """A @ diag(1 / log deg): degree-1 neighbours get weight 0 (they only link a user to itself).
+    ``adjacency``: the rows to weight (default: the training graph); degrees are always full."""
     degree = evalset.train_degree
     weight = np.zeros(evalset.num_users, dtype=np.float64)
     multi = degree >= 2
     weight[multi] = 1.0 / np.log(degree[multi])
-    weighted = sp.csr_array(evalset.train.astype(np.float64) @ sp.diags_array(weight))
+    rows = evalset.train if adjacency is None else adjacency
+    weighted = sp.csr_array(sp.csr_array(rows).astype(np.float64) @ sp.diags_array(weight))
     weighted.eliminate_zeros()
     return weighted
 
@@ -313,10 +315,7 @@ def topk_fof(
         cols = np.asarray(adjacency.rows[row], dtype=np.int64)
         keep = np.sort(cols[np.argsort(keys[cols], kind="stable")[:cap]])
         adjacency.rows[row], adjacency.data[row] = keep.tolist(), [1.0] * len(keep)
-    degree = evalset.train_degree
-    weight = np.zeros(evalset.num_users, dtype=np.float64)
-    weight[degree >= 2] = 1.0 / np.log(degree[degree >= 2])  # full degrees, as the service
-    capped = sp.csr_array(sp.csr_array(adjacency) @ sp.diags_array(weight))
+    capped = _adamic_adar_weighted(evalset, adjacency)  # full degrees, as the service
     train = evalset.train.astype(np.float64)
 
     def scores_for(rows: np.ndarray) -> np.ndarray:

@@ -23,14 +23,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
 from friendrec.config import TrainingSettings
+from friendrec.fof import BlendWeights
 from friendrec.logs import progress_disabled
 from training import evaluation as ev
 from training.model import LossConfig
 from training.pipeline import embed_all
+from training.tower import UserTower
 from training.train import TrainingContext, train
 
 log = logging.getLogger(__name__)
@@ -168,12 +171,24 @@ def _choose_blend(ctx: TrainingContext, cfg: TrainingSettings) -> dict[str, Any]
     """The friends-of-friends blend of the chosen model, on validation edges."""
     _, tower = train(ctx, cfg, show_progress=False)  # finished: restores the best weights
     valset = ev.EvalSet.from_prepared(ctx.data, "val")
-    emb = embed_all(tower, ctx.table, cfg.fanout)
+    serving = ctx.settings.serving
+    fof = ev.topk_fof(valset, ctx.data.user_ids, k=serving.blend_depth, cap=serving.fof_max_friends)
+    return blend_on_validation(ctx, tower, embed_all(tower, ctx.table, cfg.fanout), valset, fof)[1]
+
+
+def blend_on_validation(
+    ctx: TrainingContext,
+    tower: UserTower,
+    emb: np.ndarray,
+    valset: ev.EvalSet,
+    fof_val: tuple[np.ndarray, np.ndarray],
+) -> tuple[BlendWeights, dict[str, Any]]:
+    """A model's blend weights, chosen on validation edges only (``emb``: its index vectors;
+    ``fof_val``: ``topk_fof`` of the same eval set), and what was chosen, for reports."""
     depth = ctx.settings.serving.blend_depth
     top = ev.topk_from_embeddings(emb, valset, k=depth, queries=tower.query_form(emb))
-    fof = ev.topk_fof(valset, ctx.data.user_ids, k=depth, cap=ctx.settings.serving.fof_max_friends)
-    weights, info = ev.tune_blend(top, *fof, valset, ctx.data.user_ids)
-    return {
+    weights, info = ev.tune_blend(top, *fof_val, valset, ctx.data.user_ids)
+    return weights, {
         "fof_weight": dict(weights.fof_weight),
         "k0": weights.k0,
         "val_recall50": info["recall@50"],
