@@ -346,6 +346,34 @@ class StreamingSettings(BaseModel):
     )
 
 
+class EngineSettings(BaseModel):
+    """Where the batch jobs run: in this process (``local``) or on a Ray cluster (``ray``).
+
+    The local path stays the default for one machine; ``ray`` runs the graph-feature job, the
+    materialization and the index build as Ray tasks (docs/scaling.md says why Ray).
+    """
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="Default engine of the batch jobs (a command's --engine wins)."
+    )
+    ray_address: str | None = Field(
+        None,
+        description="A running Ray cluster (e.g. ray://head:10001 or head:6379); None: the "
+        "command starts a local Ray for its own run and stops it after.",
+    )
+    num_cpus: int | None = Field(
+        None, gt=0, description="CPUs of a local Ray the command starts (None: all)."
+    )
+    object_store_mb: int = Field(
+        2048, gt=0, description="Object-store memory of a local Ray the command starts (MiB)."
+    )
+    partitions: int | None = Field(
+        None,
+        gt=0,
+        description="User-id partitions of a job (None: 2 per CPU of the cluster).",
+    )
+
+
 class Settings(BaseSettings):
     """The root configuration object (see module docstring for precedence)."""
 
@@ -374,6 +402,7 @@ class Settings(BaseSettings):
     tfserving: TFServingSettings = TFServingSettings()
     milvus: MilvusSettings = MilvusSettings()
     streaming: StreamingSettings = StreamingSettings()
+    engine: EngineSettings = EngineSettings()
 
     @property
     def model_base_path(self) -> Path:

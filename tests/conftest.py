@@ -55,3 +55,21 @@ def redis_url() -> Iterator[str]:
     """A real redis-server on a free loopback port, stopped (and its data gone) afterwards."""
     with redis_server() as address:
         yield address
+
+
+@pytest.fixture(scope="session")
+def ray_engine() -> Iterator[None]:
+    """One local Ray (2 CPUs, a small object store) shared by every engine test of the session:
+    ``friendrec.engine.ray_session`` joins it instead of starting its own."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=512 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
