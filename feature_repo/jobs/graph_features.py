@@ -39,6 +39,7 @@ from friendrec.data.canonical import (
     write_atomic,
 )
 from friendrec.data.graph import Adjacency, list_array_to_csr, sparse_list_array
+from friendrec.engine import resolve_engine
 from friendrec.logs import progress_disabled
 from friendrec.paths import DatasetPaths
 from friendrec.sampling import edge_priority, splitmix64
@@ -146,84 +147,165 @@ def _segment_sum(offsets: np.ndarray, values: np.ndarray) -> np.ndarray:
     return csum[offsets[1:]] - csum[offsets[:-1]]
 
 
-def compute_graph_features(
-    data: PreparedDataset, as_of: int, settings: Settings, show_progress: bool = True
-) -> GraphFeatures:
-    """Graph features of every user from the *training* friendships created at or before as_of.
+@dataclass(frozen=True)
+class GraphJobInputs:
+    """What every user partition reads besides its own friend lists: the per-user profile side
+    (transformed profile, capped and normalised sparse bags; O(users)) and the job's settings.
+    On Ray it is put in the object store once and read zero-copy by every task."""
 
-    Held-out (val/test) friendships are never read here: that is the leakage guarantee.
-    """
-    cfg = settings.features
-    n = len(data.user_ids)
-    src, dst = data.edges("train", as_of=as_of)
-    adj = Adjacency.from_edges(n, data.index_of(src), data.index_of(dst))
-    degree = adj.degree
-    rows = np.repeat(np.arange(n), degree)
+    user_ids: np.ndarray
+    profile_t: np.ndarray  # float32 [n, P]
+    bags: sp.csr_matrix  # float32 [n, vocab]: each user's sparse bag, rows summing to 1
+    seed: int
+    friend_cap: int
+    nbr_sparse_cap: int
+
+    @classmethod
+    def of(cls, data: PreparedDataset, settings: Settings) -> GraphJobInputs:
+        cfg = settings.features
+        sp_offsets, sp_values = cap_sparse(data.sparse_offsets, data.sparse_values, cfg.sparse_cap)
+        x_len = np.diff(sp_offsets)
+        bags = sp.csr_matrix(
+            (
+                np.repeat(1.0 / np.maximum(x_len, 1), x_len).astype(np.float32),
+                sp_values,
+                sp_offsets,
+            ),
+            shape=(len(data.user_ids), data.meta.vocab_size),
+        )
+        return cls(
+            user_ids=data.user_ids,
+            profile_t=np.asarray(data.contract.transform_profile(data.profile), np.float32),
+            bags=bags,
+            seed=settings.data.seed,
+            friend_cap=cfg.friend_cap,
+            nbr_sparse_cap=cfg.nbr_sparse_cap,
+        )
+
+
+@dataclass
+class PartitionFeatures:
+    """Graph features of a contiguous range of users (lists as per-row counts + values)."""
+
+    degree: np.ndarray
+    friend_counts: np.ndarray
+    friend_values: np.ndarray
+    nbr_profile_mean: np.ndarray
+    nbr_counts: np.ndarray
+    nbr_ids: np.ndarray
+    nbr_weights: np.ndarray
+
+
+def partition_features(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    first_row: int,
+    inputs: GraphJobInputs,
+    show_progress: bool = False,
+) -> PartitionFeatures:
+    """The job's kernel: features of users ``first_row .. first_row + len(indptr) - 2`` from
+    their friend lists (a CSR slice: ``indptr`` starts at 0, ``indices`` are row numbers into
+    ``inputs``). Every value depends only on the user's own friends and their profile side, so
+    any split of the users gives the same rows; both engines run exactly this."""
+    rows_n = len(indptr) - 1
+    degree = np.diff(indptr)
+    rows = np.repeat(np.arange(rows_n), degree)
 
     # Deterministic capped friend sample: smallest hash priority first (friendrec.sampling).
-    friend_user_ids = data.user_ids[adj.indices]
-    priority = edge_priority(settings.data.seed, data.user_ids[rows], friend_user_ids)
+    owner_ids = inputs.user_ids[first_row + rows]
+    friend_user_ids = inputs.user_ids[indices]
+    priority = edge_priority(inputs.seed, owner_ids, friend_user_ids)
     order = np.lexsort((priority, rows))
-    rank = np.arange(len(order)) - np.repeat(adj.indptr[:-1], degree)
-    keep = order[rank < cfg.friend_cap]
-    friend_counts = np.minimum(degree, cfg.friend_cap)
-    friend_offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(friend_counts, out=friend_offsets[1:])
-    friend_values = friend_user_ids[keep]
+    rank = np.arange(len(order)) - np.repeat(indptr[:-1], degree)
+    friend_values = friend_user_ids[order[rank < inputs.friend_cap]]
 
     # Mean transformed profile of friends.
-    a = sp.csr_matrix(
-        (np.ones(len(adj.indices), dtype=np.float32), adj.indices, adj.indptr), shape=(n, n)
-    )
+    n = len(inputs.user_ids)
+    a = sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(rows_n, n))
     inv_degree = np.where(degree > 0, 1.0 / np.maximum(degree, 1), 0.0).astype(np.float32)
-    profile_t = data.contract.transform_profile(data.profile)
-    nbr_profile_mean = (a @ profile_t) * inv_degree[:, None]
+    nbr_profile_mean = (a @ inputs.profile_t) * inv_degree[:, None]
 
     # Friends' mean sparse bag, top nbr_sparse_cap ids per user, computed in blocks of users.
     # Each friend contributes its own sparse bag normalised to sum 1 (the tower's mean bag), so
     # the weights are exactly the mean of the friends' bags.
-    sp_offsets, sp_values = cap_sparse(data.sparse_offsets, data.sparse_values, cfg.sparse_cap)
-    x_len = np.diff(sp_offsets)
-    x = sp.csr_matrix(
-        (
-            np.repeat(1.0 / np.maximum(x_len, 1), x_len).astype(np.float32),
-            sp_values,
-            sp_offsets,
-        ),
-        shape=(n, data.meta.vocab_size),
-    )
-    work = np.bincount(rows, weights=x_len[adj.indices], minlength=n)  # products per user
+    x_len = np.diff(inputs.bags.indptr)
+    work = np.bincount(rows, weights=x_len[indices], minlength=rows_n)  # products per user
     bounds = _blocks(work, _BLOCK_NNZ)
-    nbr_ids_parts, nbr_w_parts, nbr_counts = [], [], np.zeros(n, dtype=np.int64)
+    nbr_ids_parts, nbr_w_parts = [], []
+    nbr_counts = np.zeros(rows_n, dtype=np.int64)
     for lo, hi in tqdm(
         list(itertools.pairwise(bounds)),
         desc="friends' sparse bags",
         unit="block",
         disable=progress_disabled(show_progress),
     ):
-        bag = (a[lo:hi] @ x).tocsr()
+        bag = (a[lo:hi] @ inputs.bags).tocsr()
         bag.sum_duplicates()
         block_rows = np.repeat(np.arange(hi - lo), np.diff(bag.indptr))
         # Heaviest first, ties by smaller id: deterministic.
         order = np.lexsort((bag.indices, -bag.data, block_rows))
         row_rank = np.arange(len(order)) - np.repeat(bag.indptr[:-1], np.diff(bag.indptr))
-        top = order[row_rank < cfg.nbr_sparse_cap]
+        top = order[row_rank < inputs.nbr_sparse_cap]
         nbr_ids_parts.append(bag.indices[top].astype(np.int64))
         nbr_w_parts.append((bag.data[top] * inv_degree[lo:hi][block_rows[top]]).astype(np.float32))
-        nbr_counts[lo:hi] = np.minimum(np.diff(bag.indptr), cfg.nbr_sparse_cap)
-    nbr_offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(nbr_counts, out=nbr_offsets[1:])
-    return GraphFeatures(
-        user_ids=data.user_ids,
+        nbr_counts[lo:hi] = np.minimum(np.diff(bag.indptr), inputs.nbr_sparse_cap)
+    return PartitionFeatures(
         degree=degree.astype(np.int64),
-        friend_offsets=friend_offsets,
+        friend_counts=np.minimum(degree, inputs.friend_cap).astype(np.int64),
         friend_values=friend_values.astype(np.int64),
-        nbr_offsets=nbr_offsets,
+        nbr_profile_mean=np.asarray(nbr_profile_mean, dtype=np.float32),
+        nbr_counts=nbr_counts,
         nbr_ids=np.concatenate(nbr_ids_parts) if nbr_ids_parts else np.zeros(0, np.int64),
         nbr_weights=np.concatenate(nbr_w_parts) if nbr_w_parts else np.zeros(0, np.float32),
-        nbr_profile_mean=np.asarray(nbr_profile_mean, dtype=np.float32),
-        contract=data.contract,
     )
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
+def assemble(parts: list[PartitionFeatures], user_ids: np.ndarray, contract: Contract):
+    """Concatenate the partitions of consecutive user ranges into one ``GraphFeatures``."""
+    width = len(contract.profile_scalars)
+
+    def cat(name: str, dtype: type) -> np.ndarray:
+        arrays = [getattr(p, name) for p in parts]
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+    means = [p.nbr_profile_mean for p in parts]
+    return GraphFeatures(
+        user_ids=user_ids,
+        degree=cat("degree", np.int64),
+        friend_offsets=_offsets(cat("friend_counts", np.int64)),
+        friend_values=cat("friend_values", np.int64),
+        nbr_offsets=_offsets(cat("nbr_counts", np.int64)),
+        nbr_ids=cat("nbr_ids", np.int64),
+        nbr_weights=cat("nbr_weights", np.float32),
+        nbr_profile_mean=np.concatenate(means) if means else np.zeros((0, width), np.float32),
+        contract=contract,
+    )
+
+
+def training_adjacency(data: PreparedDataset, as_of: int) -> Adjacency:
+    """Both directions of the *training* friendships created at or before ``as_of``.
+
+    Held-out (val/test) friendships are never read here: that is the leakage guarantee.
+    """
+    src, dst = data.edges("train", as_of=as_of)
+    return Adjacency.from_edges(len(data.user_ids), data.index_of(src), data.index_of(dst))
+
+
+def compute_graph_features(
+    data: PreparedDataset, as_of: int, settings: Settings, show_progress: bool = True
+) -> GraphFeatures:
+    """Graph features of every user from the training friendships as of ``as_of``, in this
+    process (the ``local`` engine: one partition)."""
+    adj = training_adjacency(data, as_of)
+    inputs = GraphJobInputs.of(data, settings)
+    part = partition_features(adj.indptr, adj.indices, 0, inputs, show_progress)
+    return assemble([part], data.user_ids, data.contract)
 
 
 def _blocks(work: np.ndarray, budget: float) -> list[int]:
@@ -313,6 +395,7 @@ def build_features(
     dataset: str | None = None,
     as_of: int | None = None,
     show_progress: bool = True,
+    engine: str | None = None,
 ) -> BuildReport:
     """Write the profile source and append a graph-feature snapshot (delta) as of ``as_of``.
 
@@ -324,7 +407,12 @@ def build_features(
     data = load_prepared(paths)
     as_of = data.meta.train_cutoff_ts if as_of is None else int(as_of)
     write_atomic(profile_table(data, settings), paths.profile_source)
-    features = compute_graph_features(data, as_of, settings, show_progress)
+    if resolve_engine(settings, engine) == "ray":
+        from feature_repo.jobs.graph_features_ray import compute_graph_features_ray
+
+        features = compute_graph_features_ray(data, as_of, settings, show_progress)
+    else:
+        features = compute_graph_features(data, as_of, settings, show_progress)
 
     existing = pq.read_table(paths.graph_source) if paths.graph_source.exists() else None
     if existing is not None:

@@ -12,6 +12,12 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 DATASET = typer.Option(None, "--dataset", "-d", help="Dataset (default: data.dataset).")
+ENGINE = typer.Option(
+    None,
+    "--engine",
+    help="local (this process) or ray (engine.ray_address, or a local Ray started for the "
+    "command). Default: engine.kind.",
+)
 
 
 def _parse_time(value: str | None) -> int | None:
@@ -30,13 +36,14 @@ def build(
         "--as-of",
         help="Snapshot time (unix seconds or ISO 8601). Default: the training cutoff.",
     ),
+    engine: str = ENGINE,
 ) -> None:
     """Compute per-user graph features from the training graph as of a time and append them
     (changed users only) to the Feast offline source; also (re)write the profile source."""
     from feature_repo.jobs.graph_features import build_features
     from friendrec.config import load_settings
 
-    report = build_features(load_settings(), dataset, _parse_time(as_of))
+    report = build_features(load_settings(), dataset, _parse_time(as_of), engine=engine)
     typer.echo(json.dumps(report.as_dict(), indent=2))
 
 
@@ -56,13 +63,14 @@ def materialize(
     incremental: bool = typer.Option(
         False, "--incremental", help="Only rows newer than the last materialization."
     ),
+    engine: str = ENGINE,
 ) -> None:
     """Load the latest offline rows into the online store (sqlite, or Redis by configuration).
     Idempotent: re-running changes nothing."""
     from feature_repo.jobs.materialize import materialize as run
     from friendrec.config import load_settings
 
-    report = run(load_settings(), dataset, incremental=incremental)
+    report = run(load_settings(), dataset, incremental=incremental, engine=engine)
     typer.echo(json.dumps(report.as_dict(), indent=2))
 
 
