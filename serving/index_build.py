@@ -13,10 +13,11 @@ the same version is dropped and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class BuildReport:
     previous: str | None  # the live collection before this build
     pruned: list[str]
     timings: dict[str, float] = field(default_factory=dict)  # features / embed / insert / finish
+    engine: str = "local"
 
     @property
     def users_per_s(self) -> float:
@@ -110,7 +112,52 @@ class BuildReport:
             "previous": self.previous,
             "pruned": self.pruned,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "engine": self.engine,
         }
+
+
+@dataclass
+class EmbeddedBatch:
+    """One batch of users with their index vectors, as a producer (local or Ray) hands it over.
+
+    ``features_s`` and ``embed_s`` are the producer's own seconds (summed over workers on Ray)."""
+
+    user_ids: np.ndarray
+    vectors: np.ndarray
+    unknown: int  # users the online store did not know (embedded from contract defaults)
+    features_s: float = 0.0
+    embed_s: float = 0.0
+
+
+def embed_users(
+    store: Any, ids: np.ndarray, embedder: Embedder, spec: Any, contract: Contract
+) -> EmbeddedBatch:
+    """Read one batch's online features and embed it: the unit of work of both engines."""
+    from training.features import fetch_online_inputs
+
+    t0 = time.perf_counter()
+    inputs, known = fetch_online_inputs(store, ids.tolist(), spec, contract)
+    t1 = time.perf_counter()
+    vectors = np.asarray(embedder(inputs), dtype=np.float32)
+    return EmbeddedBatch(
+        user_ids=ids,
+        vectors=vectors,
+        unknown=int((~np.asarray(known, dtype=bool)).sum()),
+        features_s=t1 - t0,
+        embed_s=time.perf_counter() - t1,
+    )
+
+
+def embed_batches_local(
+    settings: Settings, user_ids: np.ndarray, embedder: Embedder, spec: Any, contract: Contract
+) -> Iterator[EmbeddedBatch]:
+    """The users in ``milvus.build_batch`` batches, embedded in this process."""
+    from friendrec.feast_store import open_store
+
+    store = open_store(settings)
+    batch = settings.milvus.build_batch
+    for lo in range(0, len(user_ids), batch):
+        yield embed_users(store, user_ids[lo : lo + batch], embedder, spec, contract)
 
 
 def version_dir(settings: Settings, model_version: int) -> Path:
@@ -162,13 +209,19 @@ def build_index(
     model_version: int,
     embedder: Embedder | None = None,
     show_progress: bool = True,
+    engine: str | None = None,
 ) -> BuildReport:
     """Embed every user of the active dataset with ``model_version`` into its own collection,
-    then index, load, promote (the alias moves) and prune. See the module docstring."""
+    then index, load, promote (the alias moves) and prune. See the module docstring.
+
+    ``engine='ray'`` embeds on Ray (one SavedModel per worker); the driver inserts the batches
+    as they come, and the alias moves only after ``finish`` has counted every user."""
     from friendrec.data.canonical import load_prepared
+    from friendrec.engine import resolve_engine
     from friendrec.feast_store import open_store
     from friendrec.online_users import online_user_ids
-    from training.features import fetch_online_inputs
+
+    engine = resolve_engine(settings, engine)
 
     started = time.perf_counter()
     data = load_prepared(DatasetPaths.of(settings))
@@ -186,7 +239,6 @@ def build_index(
     card = read_model_card(settings, model_version, dataset, data.contract)
     spec = input_spec(card)
     timings = dict.fromkeys(("features", "embed", "insert", "finish"), 0.0)
-    batch = settings.milvus.build_batch
 
     with EmbeddingIndex.connect(settings) as index:
         target = index.collection_name(model_version)
@@ -199,9 +251,20 @@ def build_index(
         if index.exists(target):
             log.warning("%s exists but is not live: dropping and rebuilding it", target)
             index.drop(target)
-        if embedder is None:
-            embedder = LocalEmbedder(version_dir(settings, model_version))
-        store = open_store(settings)
+        if engine == "ray":
+            from serving.index_build_ray import embed_batches_ray
+
+            if embedder is not None:
+                raise ValueError("a custom embedder runs in this process: use engine='local'")
+            batches = embed_batches_ray(settings, user_ids, model_version, spec, data.contract)
+        else:
+            batches = embed_batches_local(
+                settings,
+                user_ids,
+                embedder or LocalEmbedder(version_dir(settings, model_version)),
+                spec,
+                data.contract,
+            )
 
         collection: str | None = None
         unknown = 0
@@ -213,29 +276,24 @@ def build_index(
                 unit="user",
                 disable=progress_disabled(show_progress),
             )
-            with bar:
-                for lo in range(0, len(user_ids), batch):
-                    ids = user_ids[lo : lo + batch]
-                    t0 = time.perf_counter()
-                    inputs, known = fetch_online_inputs(store, ids.tolist(), spec, data.contract)
-                    t1 = time.perf_counter()
-                    vectors = np.asarray(embedder(inputs), dtype=np.float32)
-                    t2 = time.perf_counter()
+            with bar, contextlib.closing(batches):
+                for embedded in batches:
+                    ids, vectors = embedded.user_ids, embedded.vectors
                     if vectors.ndim != 2 or len(vectors) != len(ids):
                         raise IncompatibleModelError(
                             f"the embedder returned shape {vectors.shape} for {len(ids)} users"
                         )
+                    t0 = time.perf_counter()
                     if collection is None:
                         dim = int(vectors.shape[1])
                         collection = index.create_version(
                             model_version, dim, dataset, schema_hash=data.contract.schema_hash
                         )
                     index.insert(collection, ids, vectors, model_version)
-                    t3 = time.perf_counter()
-                    timings["features"] += t1 - t0
-                    timings["embed"] += t2 - t1
-                    timings["insert"] += t3 - t2
-                    unknown += int((~np.asarray(known, dtype=bool)).sum())
+                    timings["features"] += embedded.features_s
+                    timings["embed"] += embedded.embed_s
+                    timings["insert"] += time.perf_counter() - t0
+                    unknown += embedded.unknown
                     bar.update(len(ids))
             t0 = time.perf_counter()
             index.finish(collection, len(user_ids))
@@ -270,6 +328,7 @@ def build_index(
         previous=before.collection if before else None,
         pruned=pruned,
         timings=timings,
+        engine=engine,
     )
     log.info(
         "indexed %d users of model version %d into %s in %.1fs (%.0f users/s); alias %s -> %s",

@@ -331,3 +331,31 @@ def test_cli_list_and_rollback(exported_models, tmp_path, monkeypatch) -> None:
     assert json.loads(back.stdout)["collection"] == f"{ALIAS}_v1"
     again = runner.invoke(app, ["--log-level", "WARNING", "index", "rollback"])
     assert isinstance(again.exception, EmbeddingIndexError)
+
+
+def test_ray_build_embeds_over_workers_like_training(exported_models, tmp_path, ray_engine):
+    """The distributed build (one SavedModel per Ray worker, several batches) indexes what the
+    training code computes, and a version whose model cannot load leaves the alias alone."""
+    settings = with_milvus(exported_models.settings, str(tmp_path / "m.db"), build_batch=1000)
+    settings = settings.model_copy(
+        update={"engine": settings.engine.model_copy(update={"partitions": 4})}
+    )
+    ids, reference = exported_models.user_ids, exported_models.embeddings[1]
+    report = build_index(settings, 1, show_progress=False, engine="ray")
+    assert (report.engine, report.users, report.unknown_users) == ("ray", len(ids), 0)
+    assert report.timings["embed"] > 0 and report.timings["features"] > 0
+    with EmbeddingIndex.connect(settings) as index:
+        assert index.count(f"{ALIAS}_v1") == len(ids)
+        stored = index.get_vectors(f"{ALIAS}_v1", ids)
+        matrix = np.stack([stored[int(u)] for u in ids])
+        assert np.abs(matrix - reference).max() <= 1e-5
+
+    base = private_base(exported_models, tmp_path, {1: 1, 2: 2})
+    (base / exported_models.settings.serving.model_name / "2" / "saved_model.pb").write_bytes(b"x")
+    broken = with_base_path(settings, base)
+    with pytest.raises(Exception, match=r"(?i)saved.?model|pb|protobuf|parse|decode"):
+        build_index(broken, 2, show_progress=False, engine="ray")
+    with EmbeddingIndex.connect(settings) as index:
+        live = index.live()
+        assert live is not None and live.collection == f"{ALIAS}_v1"
+        assert not index.exists(f"{ALIAS}_v2")

@@ -45,6 +45,12 @@ def build(
         help="Ask TF Serving (tfserving.address, Predict pinned to the version) for the "
         "embeddings instead of running the exported SavedModel in-process (the default).",
     ),
+    engine: str = typer.Option(
+        None,
+        "--engine",
+        help="local (this process) or ray (the SavedModel loaded once per Ray worker; "
+        "engine.ray_address, or a local Ray for the command). Default: engine.kind.",
+    ),
 ) -> None:
     """Embed every user of the active dataset (Feast online features -> the exported model, in
     batches of milvus.build_batch) into a new collection, build its index, load it, move the
@@ -54,12 +60,16 @@ def build(
     from serving.tfserving.client import TFServingClient
 
     settings = index_settings()
+    if via_tfserving and engine == "ray":
+        raise typer.BadParameter("--tfserving embeds through one client: use --engine local")
     if not via_tfserving:
-        report = build_index(settings, model_version)
+        report = build_index(settings, model_version, engine=engine)
     else:
         address, name = settings.tfserving.address, settings.serving.model_name
         with TFServingClient(address, name, timeout_s=60.0) as client:
-            report = build_index(settings, model_version, TFServingEmbedder(client, model_version))
+            report = build_index(
+                settings, model_version, TFServingEmbedder(client, model_version), engine="local"
+            )
     typer.echo(json.dumps(report.as_dict(), indent=2))
 
 
