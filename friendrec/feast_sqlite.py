@@ -22,11 +22,15 @@ stock read stays in use for the store's vector, text-search and versioned-table 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Literal
 
+import pyarrow as pa
 from feast.feature_view import FeatureView
 from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.online_stores.helpers import extract_text_and_num
 from feast.infra.online_stores.sqlite import (
     SqliteOnlineStore,
     SqliteOnlineStoreConfig,
@@ -93,3 +97,64 @@ class FriendrecSqliteOnlineStore(SqliteOnlineStore):
             else:
                 result.append((None, None))
         return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Bulk writes (the Ray engine's sqlite path, friendrec/feast_ray.py)
+
+# The columns Feast's ``online_write_batch`` fills without vector or value_num columns; created_ts
+# is always NULL for our views (no created timestamp column).
+ROW_COLUMNS = ("entity_key", "feature_name", "value", "value_text", "event_ts")
+
+
+def bulk_writable(config: RepoConfig) -> bool:
+    """Whether ``upsert_rows`` writes what Feast would: not with the store's vector or
+    OpenAI-compatible (value_num) columns, which it does not fill."""
+    store = config.online_store
+    return not (
+        getattr(store, "vector_enabled", False)
+        or getattr(store, "enable_openai_compatible_store", False)
+    )
+
+
+def value_texts(values: Sequence[ValueProto]) -> list[str | None]:
+    """The ``value_text`` column Feast stores next to each value."""
+    return [extract_text_and_num(v, False)[0] for v in values]
+
+
+def upsert_sql(config: RepoConfig, table: FeatureView) -> str:
+    """Feast's upsert statement (``SqliteOnlineStore.online_write_batch``) for ``ROW_COLUMNS``."""
+    name = _quote_id(
+        _table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
+    )
+    columns = [*ROW_COLUMNS, "created_ts"]
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[2:])
+    return (
+        f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT(entity_key, feature_name) DO UPDATE SET {updates};"
+    )
+
+
+def upsert_rows(
+    store: SqliteOnlineStore, config: RepoConfig, table: FeatureView, batches: Iterable[pa.Table]
+) -> int:
+    """Write rows already in Feast's layout (``ROW_COLUMNS``, values serialized, ``event_ts`` as
+    Feast's adapter stores it) with Feast's statement, one ``executemany`` per batch and one
+    transaction in all (as Feast's single-batch write). Returns the entities written.
+
+    Feast's own write runs one ``execute`` per entity and feature, serializing as it goes: about
+    half of a materialization (docs/benchmarks.md). Here the values arrive serialized (by Ray
+    tasks, in parallel) and sqlite gets them in one call per batch.
+    """
+    if not bulk_writable(config):
+        raise ValueError("upsert_rows does not fill vector or value_num columns")
+    conn = store._get_conn(config)
+    sql = upsert_sql(config, table)
+    features = len(table.features)
+    rows = 0
+    with conn:
+        for batch in batches:
+            columns = [batch.column(c).to_pylist() for c in ROW_COLUMNS]
+            conn.executemany(sql, zip(*columns, itertools.repeat(None)))
+            rows += batch.num_rows
+    return rows // max(1, features)

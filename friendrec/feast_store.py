@@ -22,17 +22,24 @@ from feast.type_map import feast_value_type_to_python_type
 
 from friendrec.config import FEATURE_REPO_DIR, Settings
 from friendrec.contract import JOIN_KEY, Contract
+from friendrec.engine import resolve_engine
 from friendrec.paths import DatasetPaths
 
 TEMPLATE = FEATURE_REPO_DIR / "feature_store.yaml"
+# friendrec.feast_ray's engine, named here so that opening a store does not import Ray.
+RAY_ENGINE_TYPE = "friendrec.feast_ray.FriendrecRayComputeEngine"
 
 
 def feast_project(settings: Settings, paths: DatasetPaths) -> str:
     return f"{settings.features.feast_project_prefix}_{paths.slug}"
 
 
-def render_config(settings: Settings, paths: DatasetPaths) -> dict[str, Any]:
-    """``feature_repo/feature_store.yaml`` filled in for one dataset and the chosen online store."""
+def render_config(
+    settings: Settings, paths: DatasetPaths, engine: str | None = None
+) -> dict[str, Any]:
+    """``feature_repo/feature_store.yaml`` filled in for one dataset, the chosen online store and
+    the batch engine (``engine``, default ``engine.kind``): ``ray`` adds Feast's Ray compute
+    engine as friendrec runs it (``friendrec/feast_ray.py``); ``local`` leaves Feast's default."""
     text = string.Template(TEMPLATE.read_text()).substitute(
         project=feast_project(settings, paths),
         registry=str(paths.feast_registry),
@@ -44,6 +51,13 @@ def render_config(settings: Settings, paths: DatasetPaths) -> dict[str, Any]:
             "type": "redis",
             "connection_string": settings.features.redis_connection_string,
         }
+    if resolve_engine(settings, engine) == "ray":
+        batch: dict[str, Any] = {"type": RAY_ENGINE_TYPE}
+        if settings.engine.ray_address:
+            batch["ray_address"] = settings.engine.ray_address
+        if settings.engine.partitions:
+            batch["partitions"] = settings.engine.partitions
+        raw["batch_engine"] = batch
     return raw
 
 
@@ -56,11 +70,14 @@ def write_repo_dir(settings: Settings, paths: DatasetPaths) -> Path:
     return paths.feast_dir
 
 
-def open_store(settings: Settings, dataset: str | None = None) -> FeatureStore:
-    """The Feast store of a dataset (registry and online store per the settings)."""
+def open_store(
+    settings: Settings, dataset: str | None = None, *, engine: str | None = None
+) -> FeatureStore:
+    """The Feast store of a dataset (registry, online store and batch engine per the settings;
+    ``engine`` overrides ``engine.kind``)."""
     paths = DatasetPaths.of(settings, dataset)
     paths.feast_dir.mkdir(parents=True, exist_ok=True)
-    config = RepoConfig(repo_path=paths.feast_dir, **render_config(settings, paths))
+    config = RepoConfig(repo_path=paths.feast_dir, **render_config(settings, paths, engine))
     return FeatureStore(config=config)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,3 +64,35 @@ def assert_reads_match_the_sdk(store, users: list[int], c: contract.Contract) ->
                 want = c.default_value(name) if want is None else want
                 assert row[name] == want, (asked[i], name, row[name], want)
         assert [r["known"] for r in ours[-2:]] == [True, False]
+
+
+def sqlite_online_rows(settings: Settings, dataset: str) -> dict[str, list[tuple]]:
+    """Every row of the dataset's sqlite online tables as stored (event_ts as its stored integer),
+    sorted: for comparing what two materializations wrote, byte for byte."""
+    import sqlite3
+
+    path = DatasetPaths.of(settings, dataset).feast_online_sqlite
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {
+            name: sorted(
+                conn.execute(
+                    "SELECT entity_key, feature_name, value, value_text, vector_value, "
+                    f'typeof(event_ts), CAST(event_ts AS INTEGER), created_ts FROM "{name}"'
+                )
+            )
+            for name in tables
+        }
+
+
+def redis_online_hashes(redis_url: str) -> dict[bytes, dict[bytes, bytes]]:
+    """Every hash in the Redis at ``host:port`` (Feast's keys, fields and values, timestamps
+    included)."""
+    import redis
+
+    host, port = redis_url.split(":")
+    client = redis.Redis(host=host, port=int(port))
+    try:
+        return {key: client.hgetall(key) for key in client.scan_iter(count=10_000)}
+    finally:
+        client.close()

@@ -6,6 +6,11 @@ sources (+1 s), not the wall clock. The graph snapshots are stamped with the tim
 earlier run. A full run re-materializes ``[epoch, end)`` (idempotent: the same latest row per user
 is written again); ``--incremental`` continues from the end recorded in the registry, so only rows
 appended since then travel.
+
+The engine (``--engine``, default ``engine.kind``) only changes who moves the rows: ``local`` is
+Feast's in-process engine; ``ray`` is Feast's Ray compute engine as ``friendrec/feast_ray.py``
+runs it (parallel conversion on the cluster, a bulk write into sqlite, parallel writers into
+Redis). Windows, registry intervals and the report are the same either way.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +32,7 @@ from feast import FeatureStore, FeatureView
 from feature_repo.definitions import build_definitions
 from friendrec import contract
 from friendrec.config import Settings
+from friendrec.engine import ray_session, resolve_engine
 from friendrec.errors import ContractMismatchError, NotPreparedError
 from friendrec.feast_store import open_store, write_repo_dir
 from friendrec.paths import DatasetPaths
@@ -72,28 +79,67 @@ def data_end(source: Path) -> datetime:
     return newest.astimezone(UTC) + timedelta(seconds=1)
 
 
+def window_rows(source: Path, start: datetime, end: datetime) -> int:
+    """Entities with a row in ``[start, end]`` (Feast's inclusive window): the rows a run writes
+    online, one per entity and view."""
+    ts = pc.field(contract.EVENT_TIMESTAMP)
+    table = pq.read_table(source, columns=[contract.JOIN_KEY], filters=(ts >= start) & (ts <= end))
+    return pc.count_distinct(table[contract.JOIN_KEY]).as_py()
+
+
 @dataclass
 class MaterializeReport:
     dataset: str
     mode: str
     views: dict[str, tuple[str, str] | None]  # view -> (start, end) or None when up to date
     online_store: str
+    engine: str = "local"
+    rows: dict[str, int] = field(default_factory=dict)  # view -> entities written online
+    seconds: dict[str, float] = field(default_factory=dict)  # view -> wall time of its run
+
+    @property
+    def users_per_s(self) -> float | None:
+        """Users moved per second of both views' runs (docs/benchmarks.md's "total rows/s")."""
+        total = sum(self.seconds.values())
+        users = max(self.rows.values(), default=0)
+        return users / total if total > 0 and users else None
 
     def as_dict(self) -> dict[str, object]:
+        per_s = self.users_per_s
         return {
             "dataset": self.dataset,
             "mode": self.mode,
+            "engine": self.engine,
             "online_store": self.online_store,
             "windows": {v: (list(w) if w else "up to date") for v, w in self.views.items()},
+            "rows": self.rows,
+            "seconds": {v: round(s, 3) for v, s in self.seconds.items()},
+            "users_per_s": None if per_s is None else round(per_s, 1),
         }
 
 
 def materialize(
-    settings: Settings, dataset: str | None = None, incremental: bool = False
+    settings: Settings,
+    dataset: str | None = None,
+    incremental: bool = False,
+    engine: str | None = None,
 ) -> MaterializeReport:
-    """Materialize both views into the online store; see the module docstring for windows."""
+    """Materialize both views into the online store; see the module docstring for windows.
+
+    ``engine``: ``local`` or ``ray`` (None: ``engine.kind``). ``ray`` joins the configured
+    cluster or starts a local Ray for the run (``friendrec.engine.ray_session``).
+    """
+    chosen = resolve_engine(settings, engine)
+    session = ray_session(settings) if chosen == "ray" else contextlib.nullcontext()
+    with session:
+        return _materialize(settings, dataset, incremental, chosen)
+
+
+def _materialize(
+    settings: Settings, dataset: str | None, incremental: bool, engine: str
+) -> MaterializeReport:
     paths = DatasetPaths.of(settings, dataset)
-    store = open_store(settings, paths.name)
+    store = open_store(settings, paths.name, engine=engine)
     try:
         views = {v.name: v for v in store.list_feature_views()}
     except Exception as exc:  # a missing registry surfaces as various Feast errors
@@ -106,6 +152,8 @@ def materialize(
     check_registered_schema(views.values(), contract.load(paths.data_dir).schema_hash)
     sources = {contract.PROFILE_VIEW: paths.profile_source, contract.GRAPH_VIEW: paths.graph_source}
     windows: dict[str, tuple[str, str] | None] = {}
+    rows: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     for name, view in views.items():
         end = data_end(sources[name])
         start = EPOCH
@@ -117,14 +165,20 @@ def materialize(
         # Feast reports progress with print(): keep stdout for our JSON result, and its colour
         # codes for a terminal (a log file gets plain text).
         progress = AnsiToWin32(sys.stderr, strip=not sys.stderr.isatty()).stream
+        began = time.perf_counter()
         with contextlib.redirect_stdout(progress):  # type: ignore[type-var]
             store.materialize(start_date=start, end_date=end, feature_views=[name])
+        seconds[name] = time.perf_counter() - began
+        rows[name] = window_rows(sources[name], start, end)
         windows[name] = (start.isoformat(), end.isoformat())
     report = MaterializeReport(
         paths.name,
         "incremental" if incremental else "full",
         windows,
         settings.features.online_store,
+        engine,
+        rows,
+        seconds,
     )
     log.info("materialized: %s", report.as_dict())
     return report
