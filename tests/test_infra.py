@@ -61,24 +61,35 @@ def k8s_docs() -> list[tuple[Path, dict]]:
     return [(path, doc) for path in k8s_files() for doc in load_all(path)]
 
 
-def pod_spec(doc: dict) -> dict | None:
+def pod_specs(doc: dict) -> list[dict]:
+    """Every pod template of a workload (a RayCluster has its head's and each worker group's)."""
     kind = doc["kind"]
     if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-        return doc["spec"]["template"]["spec"]
+        return [doc["spec"]["template"]["spec"]]
     if kind == "CronJob":
-        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    return None
+        return [doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+    if kind == "RayCluster":
+        groups = [doc["spec"]["headGroupSpec"], *doc["spec"]["workerGroupSpecs"]]
+        return [group["template"]["spec"] for group in groups]
+    return []
+
+
+def pod_spec(doc: dict) -> dict:
+    (spec,) = pod_specs(doc)
+    return spec
 
 
 def k8s_containers() -> Iterator[tuple[str, dict]]:
     for path, doc in k8s_docs():
-        spec = pod_spec(doc)
-        if spec is None:
-            continue
-        for container in [*spec.get("initContainers", []), *spec["containers"]]:
-            name = doc["metadata"].get("name") or doc["metadata"]["generateName"]
-            where = f"{path.relative_to(REPO)}: {doc['kind']} {name}, container {container['name']}"
-            yield where, container
+        for spec in pod_specs(doc):
+            yield from _containers(path, doc, spec)
+
+
+def _containers(path: Path, doc: dict, spec: dict) -> Iterator[tuple[str, dict]]:
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        name = doc["metadata"].get("name") or doc["metadata"]["generateName"]
+        where = f"{path.relative_to(REPO)}: {doc['kind']} {name}, container {container['name']}"
+        yield where, container
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +200,8 @@ def all_friendrec_commands(compose: dict) -> list[tuple[str, list[str]]]:
         ):
             found.append((f"compose service {name}", cmd))
     for where, container in k8s_containers():
-        if not container["image"].startswith("friendrec/"):
-            continue
+        if not container["image"].startswith("friendrec/") or ": RayCluster " in where:
+            continue  # (KubeRay writes a RayCluster pod's command: `ray start ...`)
         target = container["image"].split("/", 1)[1].split(":")[0]
         for cmd in container_commands(
             container.get("command"), container.get("args"), targets[target]["entrypoint"]
@@ -340,21 +351,23 @@ def test_k8s_references_resolve() -> None:
         if doc["kind"] == "HorizontalPodAutoscaler":
             ref = doc["spec"]["scaleTargetRef"]
             assert (ref["kind"], ref["name"]) in defined
-        spec = pod_spec(doc)
-        if spec is None:
-            continue
-        for volume in spec.get("volumes", []):
-            if "configMap" in volume:
-                assert ("ConfigMap", volume["configMap"]["name"]) in defined
-            if "persistentVolumeClaim" in volume:
-                claim = volume["persistentVolumeClaim"]["claimName"]
-                assert ("PersistentVolumeClaim", claim) in defined
-        mounts = {v["name"] for v in spec.get("volumes", [])}
-        for container in [*spec.get("initContainers", []), *spec["containers"]]:
-            for mount in container.get("volumeMounts", []):
-                assert mount["name"] in mounts, (doc["metadata"], mount)
-            for ref in container.get("envFrom", []):
-                assert ("Secret", ref["secretRef"]["name"]) in defined
+        for spec in pod_specs(doc):
+            _check_pod_references(spec, defined, doc)
+
+
+def _check_pod_references(spec: dict, defined: set, doc: dict) -> None:
+    for volume in spec.get("volumes", []):
+        if "configMap" in volume:
+            assert ("ConfigMap", volume["configMap"]["name"]) in defined
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            assert ("PersistentVolumeClaim", claim) in defined
+    mounts = {v["name"] for v in spec.get("volumes", [])}
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        for mount in container.get("volumeMounts", []):
+            assert mount["name"] in mounts, (doc["metadata"], mount)
+        for ref in container.get("envFrom", []):
+            assert ("Secret", ref["secretRef"]["name"]) in defined
 
 
 def test_config_copies_match_the_repository_files() -> None:
@@ -587,3 +600,21 @@ def test_stream_workers_are_probed_by_their_heartbeat(compose: dict) -> None:
             assert container[probe]["exec"]["command"] == ["friendrec", "stream", "health"], where
         probed.add(container["name"])
     assert probed == set(workers)
+
+
+def test_ray_cluster_matches_the_engine_settings(compose: dict) -> None:
+    """The jobs' engine.ray_address names the head Service of the RayCluster and the compose
+    head, and the cluster runs the Ray version the jobs were tested with."""
+    from friendrec.config import Settings
+
+    settings = Settings.model_validate(yaml.safe_load(PRODUCTION.read_text()))
+    assert settings.engine.kind == "ray"
+    host, _, port = (settings.engine.ray_address or "").partition(":")
+    [cluster] = [doc for _, doc in k8s_docs() if doc["kind"] == "RayCluster"]
+    assert cluster["spec"]["headGroupSpec"]["headService"]["metadata"]["name"] == host
+    pinned = re.search(r"^ray\[[^\]]*\]==(\S+)", (REPO / "requirements.txt").read_text(), re.M)
+    assert pinned and cluster["spec"]["rayVersion"] == pinned.group(1)
+    head = compose["services"][host]
+    assert f"--port={port}" in " ".join(head["command"]) and "jobs" in head["profiles"]
+    for name in ("features-job", "materialize-job", "index-job"):
+        assert host in compose["services"][name]["depends_on"], name

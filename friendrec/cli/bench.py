@@ -254,6 +254,40 @@ def prepare(
     run(load_settings(), _sizes(users), output)
 
 
+@app.command()
+def scale(
+    sizes: str = typer.Option(
+        "1000000,5000000", "--sizes", help="Synthetic graph sizes (users), comma-separated."
+    ),
+    engines: str = typer.Option("local,ray", "--engines", help="Engines to compare."),
+    train_steps: int = typer.Option(200, "--train-steps", min=1, help="Cap of the one epoch."),
+    train_workers: int = typer.Option(
+        2, "--train-workers", min=1, help="Training processes in the distributed column."
+    ),
+    output: Path = typer.Option(
+        Path("bench/results/scale.json"), "--output", "-o", help="JSON result."
+    ),
+) -> None:
+    """The batch pipeline on synthetic graphs (~20 friendships per user), local engine against
+    Ray, each stage in its own process: prepare, features build, materialize, train one capped
+    epoch, export, index build, then the service's p50/p99. Time and peak memory per stage,
+    seconds per million users, and a linear model fitted to the sizes. Long: ~30-60 min per
+    million users on 2 cores."""
+    from bench.scale import ScaleBenchConfig, run
+    from friendrec.config import load_settings
+
+    names = tuple(e.strip() for e in engines.split(",") if e.strip())
+    if not set(names) <= {"local", "ray"} or not names:
+        raise typer.BadParameter(f"engines are 'local' and/or 'ray', got {engines!r}")
+    cfg = ScaleBenchConfig(
+        sizes=tuple(_sizes(sizes)),
+        train_steps=train_steps,
+        train_workers=train_workers,
+        engines=names,
+    )
+    run(load_settings(), cfg, output)
+
+
 @app.command("quality-summary")
 def quality_summary(
     results: list[Path] = typer.Argument(

@@ -1,0 +1,291 @@
+"""`friendrec bench scale`: the batch pipeline on synthetic graphs of growing size, local engine
+against the distributed one, stage by stage.
+
+Why it exists: docs/scaling.md used to extrapolate from single stages measured at one size. Here
+every stage runs as its own `friendrec` process (as an operator would run it), timed, with the
+peak resident memory of its whole process tree (Ray's workers included), at two or more sizes,
+so that the cost per million users and a linear model fitted to the measured sizes replace the
+guesses. Both engines get their own workdir and the same prepared graph.
+
+Stages: prepare (once per size), features build, features materialize (sqlite), train (one
+epoch capped at ``--train-steps``; ``--workers 2`` for the distributed column), export, index
+build (milvus-lite server), then the retrieval service's latency on the local engine's index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from friendrec.config import Settings
+from friendrec.local_services import (
+    MilvusLiteProcess,
+    TFServingProcess,
+    child_environment,
+    free_port,
+)
+from friendrec.paths import DatasetPaths
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")
+STAGES = ("prepare", "features_build", "materialize", "train", "export", "index_build")
+
+
+@dataclass(frozen=True)
+class ScaleBenchConfig:
+    sizes: tuple[int, ...] = (1_000_000, 5_000_000)
+    train_steps: int = 200
+    val_max_users: int = 2_000
+    train_workers: int = 2  # the distributed column's training processes
+    requests: int = 300
+    engines: tuple[str, ...] = ENGINES
+
+
+@dataclass
+class StageResult:
+    seconds: float
+    peak_mb: float
+    ok: bool
+    log: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 2),
+            "peak_mb": round(self.peak_mb, 1),
+            "ok": self.ok,
+            "log": self.log,
+        }
+
+
+def run_stage(settings: Settings, name: str, args: list[str], log_dir: Path) -> StageResult:
+    """``friendrec <args>`` in a child process: wall time and the peak memory of its process
+    tree, as the sum of each process's PSS (shared pages, such as Ray's object store mapped by
+    every worker, counted once in total), sampled every 0.5 s (short spikes can be missed)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    env = child_environment(settings, log_dir / f"{name}.settings.yaml")
+    started = time.perf_counter()
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "friendrec", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        peak = 0.0
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(_pss(p) for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+    seconds = time.perf_counter() - started
+    ok = proc.returncode == 0
+    (log.info if ok else log.error)(
+        "%s: %s in %.1fs, peak %.0f MB (%s)",
+        name,
+        "done" if ok else f"FAILED (exit {proc.returncode})",
+        seconds,
+        peak / 2**20,
+        log_path,
+    )
+    return StageResult(seconds, peak / 2**20, ok, str(log_path))
+
+
+def _pss(process: psutil.Process) -> float:
+    try:
+        return float(process.memory_full_info().pss)
+    except psutil.Error:
+        return 0.0
+
+
+def engine_settings(settings: Settings, root: Path, size: int, engine: str) -> Settings:
+    dataset = f"synthetic:{size}"
+    training = settings.training.model_copy(update={"objective": "baseline"})
+    return settings.model_copy(
+        update={
+            "workdir": root / str(size) / engine,
+            "data": settings.data.model_copy(update={"dataset": dataset}),
+            "engine": settings.engine.model_copy(update={"kind": engine}),
+            "training": training,
+            "serving": settings.serving.model_copy(
+                update={"model_base_path": None, "port": free_port(), "metrics_port": 0}
+            ),
+            "tfserving": settings.tfserving.model_copy(update={"port": free_port()}),
+        }
+    )
+
+
+def bench_engine(
+    s: Settings, size: int, engine: str, cfg: ScaleBenchConfig, prepared: Path | None
+) -> tuple[dict[str, StageResult], Path]:
+    """Every stage for one engine; a failed stage stops the ones that depend on it."""
+    dataset = s.data.dataset
+    logs = s.workdir / "logs"
+    results: dict[str, StageResult] = {}
+    data_dir = DatasetPaths.of(s, dataset).data_dir
+    if prepared is None:
+        shutil.rmtree(s.workdir, ignore_errors=True)
+        results["prepare"] = run_stage(s, "prepare", ["data", "prepare", "-d", dataset], logs)
+        if not results["prepare"].ok:
+            return results, data_dir
+    else:  # the same prepared graph for every engine
+        shutil.rmtree(s.workdir, ignore_errors=True)
+        shutil.copytree(prepared, data_dir)
+    steps: list[tuple[str, list[str]]] = [
+        ("features_build", ["features", "build", "-d", dataset, "--engine", engine]),
+        ("apply", ["features", "apply", "-d", dataset]),
+        ("materialize", ["features", "materialize", "-d", dataset, "--engine", engine]),
+        (
+            "train",
+            [
+                "train",
+                "-d",
+                dataset,
+                "-o",
+                "baseline",
+                "--epochs",
+                "1",
+                "--max-steps",
+                str(cfg.train_steps),
+                "--workers",
+                "1" if engine == "local" else str(cfg.train_workers),
+            ],
+        ),
+        ("export", ["export", "-d", dataset, "-o", "baseline", "--version", "1"]),
+    ]
+    for name, args in steps:
+        results[name] = run_stage(s, name, args, logs)
+        if not results[name].ok:
+            return results, data_dir
+    lite = MilvusLiteProcess(s.workdir / "milvus_server", free_port())
+    lite.start()
+    try:
+        s_lite = s.model_copy(update={"milvus": s.milvus.model_copy(update={"uri": lite.uri})})
+        results["index_build"] = run_stage(
+            s_lite,
+            "index_build",
+            ["index", "build", "--model-version", "1", "--engine", engine],
+            logs,
+        )
+        if engine == "local" and results["index_build"].ok:
+            results["serving"] = measure_serving(s_lite, size, cfg)  # type: ignore[assignment]
+    finally:
+        lite.stop()
+    return results, data_dir
+
+
+def measure_serving(s: Settings, size: int, cfg: ScaleBenchConfig) -> dict[str, Any]:
+    """End-to-end Recommend latency over the freshly built index (single requests)."""
+    from bench.serving import ServingBenchConfig, measure_single, service_process
+
+    users = np.random.default_rng(0).choice(size, size=min(size, 10_000), replace=False)
+    tfserving = TFServingProcess(s, s.tfserving.port, log_dir=s.workdir)
+    tfserving.start()
+    service = service_process(s)
+    try:
+        service.start()
+        sb = ServingBenchConfig(requests=cfg.requests, warmup=30)
+        return measure_single(s, users, sb, np.random.default_rng(1), source="embedding")
+    finally:
+        service.stop()
+        tfserving.stop()
+
+
+def fit_linear(sizes: list[int], seconds: list[float]) -> dict[str, float] | None:
+    """Least-squares t = a + b * users over the measured sizes (a *model*, labelled so)."""
+    if len(sizes) < 2:
+        return None
+    b, a = np.polyfit(np.asarray(sizes, float), np.asarray(seconds, float), 1)
+    return {"fixed_s": float(a), "s_per_million": float(b * 1e6)}
+
+
+def run(settings: Settings, cfg: ScaleBenchConfig, output: Path) -> dict[str, Any]:
+    root = settings.workdir / "bench" / "scale"
+    report: dict[str, Any] = {"config": cfg.__dict__, "sizes": {}}
+    for size in cfg.sizes:
+        per_engine: dict[str, Any] = {}
+        prepared: Path | None = None
+        for engine in cfg.engines:
+            s = engine_settings(settings, root, size, engine)
+            log.info("scale %d users: %s engine", size, engine)
+            stages, data_dir = bench_engine(s, size, engine, cfg, prepared)
+            if prepared is None and stages.get("prepare") and stages["prepare"].ok:
+                prepared = data_dir
+            per_engine[engine] = {
+                k: (v.as_dict() if isinstance(v, StageResult) else v) for k, v in stages.items()
+            }
+        report["sizes"][str(size)] = per_engine
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2))  # partial results survive a long run
+    report["models"] = fitted_models(report, cfg)
+    output.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    return report
+
+
+def fitted_models(report: dict[str, Any], cfg: ScaleBenchConfig) -> dict[str, Any]:
+    models: dict[str, Any] = {}
+    for engine in cfg.engines:
+        for stage in STAGES:
+            points = [
+                (int(size), r[engine][stage]["seconds"])
+                for size, r in report["sizes"].items()
+                if engine in r and r[engine].get(stage, {}).get("ok")
+            ]
+            if stage == "prepare" and engine != cfg.engines[0]:
+                continue
+            model = fit_linear([p[0] for p in points], [p[1] for p in points])
+            if model:
+                models[f"{engine}/{stage}"] = model
+    return models
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    for size, engines in report["sizes"].items():
+        table = Table(title=f"bench scale: {int(size):,} users (seconds; peak MB)")
+        table.add_column("stage")
+        for engine in engines:
+            table.add_column(engine, justify="right")
+        table.add_column("ray / local", justify="right")
+        table.add_column("local s per 1M users", justify="right")
+        for stage in STAGES:
+            cells, secs = [], {}
+            for engine, stages in engines.items():
+                r = stages.get(stage)
+                if r is None:
+                    cells.append("-")
+                    continue
+                secs[engine] = r["seconds"]
+                cells.append(f"{r['seconds']:.1f}; {r['peak_mb']:.0f}" if r["ok"] else "failed")
+            ratio = (
+                f"{secs['ray'] / secs['local']:.2f}x" if {"ray", "local"} <= secs.keys() else "-"
+            )
+            per_m = f"{secs['local'] * 1e6 / int(size):.1f}" if "local" in secs else "-"
+            table.add_row(stage, *cells, ratio, per_m)
+        serving = engines.get("local", {}).get("serving")
+        if serving:
+            e2e = serving["end_to_end"]
+            table.caption = f"Recommend p50 {e2e['p50_ms']:.1f} ms, p99 {e2e['p99_ms']:.1f} ms"
+        Console(stderr=True).print(table)
+    if report.get("models"):
+        Console(stderr=True).print(
+            "model fitted to the measured sizes (t = fixed + per-million x users/1M):",
+            json.dumps(report["models"], indent=1),
+        )
