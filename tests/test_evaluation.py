@@ -390,3 +390,18 @@ def test_engb_adamic_adar_beats_random(engb):
     assert rand_m["all"]["recall@50"] < 0.02
     assert aa_m["all"]["recall@50"] > 10 * rand_m["all"]["recall@50"]
     assert aa_m["cold_start"]["recall@50"] > rand_m["cold_start"]["recall@50"]
+
+
+def test_eval_set_sample_keeps_each_query_with_its_own_friends():
+    rng = np.random.default_rng(3)
+    src, dst = rng.integers(0, 300, 900), rng.integers(0, 300, 900)
+    held_src, held_dst = rng.integers(0, 300, 200), rng.integers(0, 300, 200)
+    full = EvalSet.from_edges(300, src, dst, held_src, held_dst, split="val")
+    part = full.sample(40, seed=1)
+    assert part.num_queries == 40 and full.num_queries > 40
+    assert np.isin(part.queries, full.queries).all()
+    rows = np.searchsorted(full.queries, part.queries)
+    assert (part.heldout != full.heldout[rows]).nnz == 0
+    np.testing.assert_array_equal(part.cold_start, full.cold_start[rows])
+    assert full.sample(40, seed=1).queries.tolist() == part.queries.tolist()  # seeded
+    assert full.sample(None) is full and full.sample(10_000) is full

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,21 @@ class EvalSet:
             held_src=data.index_of(held_src),
             held_dst=data.index_of(held_dst),
             split=split,
+        )
+
+    def sample(self, max_queries: int | None, seed: int = 0) -> EvalSet:
+        """At most ``max_queries`` query users, a seeded uniform sample (all of them when
+        None or fewer): early stopping on a million-user graph needs a recall estimate, not
+        every validation user scored against every user."""
+        if max_queries is None or self.num_queries <= max_queries:
+            return self
+        rng = np.random.default_rng([seed, max_queries])
+        keep = np.sort(rng.choice(self.num_queries, size=max_queries, replace=False))
+        return replace(
+            self,
+            queries=self.queries[keep],
+            heldout=sp.csr_array(self.heldout[keep]),
+            cold_start=self.cold_start[keep],
         )
 
     @classmethod
