@@ -46,7 +46,6 @@ STAGES = ("prepare", "features_build", "materialize", "train", "export", "index_
 class ScaleBenchConfig:
     sizes: tuple[int, ...] = (1_000_000, 5_000_000)
     train_steps: int = 200
-    val_max_users: int = 2_000
     train_workers: int = 2  # the distributed column's training processes
     requests: int = 300
     engines: tuple[str, ...] = ENGINES
@@ -114,7 +113,9 @@ def _pss(process: psutil.Process) -> float:
 
 def engine_settings(settings: Settings, root: Path, size: int, engine: str) -> Settings:
     dataset = f"synthetic:{size}"
-    training = settings.training.model_copy(update={"objective": "baseline"})
+    training = settings.training.model_copy(
+        update={"objective": "baseline", "val_max_users": 2_000}
+    )
     return settings.model_copy(
         update={
             "workdir": root / str(size) / engine,

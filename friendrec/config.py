@@ -127,6 +127,21 @@ class TrainingSettings(BaseModel):
     mae_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
     mae_fraction: float = Field(0.5, gt=0, le=1)
     mae_gamma: float = Field(2.0, ge=1)
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel worker processes (MultiWorkerMirroredStrategy on loopback): "
+        "global batch = workers x batch_size, in-batch negatives from it (docs/model.md).",
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="Relaunches of a worker group after a worker dies (workers > 1)."
+    )
+    val_max_users: int | None = Field(
+        None,
+        gt=0,
+        description="Early stopping scores at most this many validation users (a seeded "
+        "sample; None: all). For graphs far past a million users.",
+    )
 
 
 class ServingSettings(BaseModel):

@@ -338,3 +338,39 @@ def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, m
     assert loaded.data.dataset == "twitch/ENGB" and loaded.training.popularity_bias
     assert loaded.training.objective == "baseline"
     assert loaded.serving.blend_fof_weight == result.blend["fof_weight"]
+
+
+def _per_user_neighbours(table, rows, fanout, rng, exclude=None):
+    """The per-user loop ``sample_neighbours`` replaced (the reference for its random stream)."""
+    out = np.full((len(rows), fanout), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        if row < 0:
+            continue
+        friends = table.friend_matrix[row]
+        friends = friends[friends != -1]
+        if exclude is not None:
+            friends = friends[friends != exclude[i]]
+        if len(friends) > fanout:
+            friends = rng.choice(friends, fanout, replace=False) if rng else friends[:fanout]
+        neighbour_rows = table.rows_of(friends) if len(friends) else friends
+        out[i, : len(neighbour_rows)] = neighbour_rows
+    return out
+
+
+@pytest.mark.parametrize("fanout", [1, 5, 10, 40])
+def test_vectorised_neighbour_sampling_keeps_the_random_stream(ctx, fanout):
+    """Same neighbours and the same generator state afterwards as the per-user loop: a seed's
+    training batches (and so its cached runs) are unchanged by the vectorisation."""
+    r = np.random.default_rng(fanout)
+    rows = r.integers(-1, len(ctx.table), 300)
+    first = ctx.table.friend_matrix[np.maximum(rows, 0), 0]
+    exclude = np.where(r.random(300) < 0.5, first, ctx.table.user_ids[r.integers(0, 7000, 300)])
+    for ex in (None, exclude):
+        for seed in (None, 7):
+            a_rng = None if seed is None else np.random.default_rng(seed)
+            b_rng = None if seed is None else np.random.default_rng(seed)
+            got = sample_neighbours(ctx.table, rows, fanout, a_rng, exclude=ex)
+            want = _per_user_neighbours(ctx.table, rows, fanout, b_rng, exclude=ex)
+            np.testing.assert_array_equal(got, want)
+            if seed is not None:
+                assert a_rng.random() == b_rng.random()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,12 @@ class FeatureTable:
     def __len__(self) -> int:
         return len(self.user_ids)
 
+    @cached_property
+    def friend_rows(self) -> np.ndarray:
+        """``friend_matrix`` as row indices (-1: padding or a friend without a row), computed
+        once: batch assembly looks friends up for every sampled user."""
+        return self.rows_of(self.friend_matrix)
+
     def rows_of(self, user_ids: np.ndarray) -> np.ndarray:
         """User ids -> row indices; -1 for users not in the table."""
         pos = np.searchsorted(self.user_ids, user_ids)
@@ -201,19 +208,30 @@ def sample_neighbours(
     ``exclude[i]`` (a user id) is removed from row i's candidates: the leakage guard that keeps a
     training positive out of its anchor's neighbourhood. With ``rng`` None the first ``fanout``
     sampled friends are taken (deterministic: serving, evaluation, export).
+
+    Vectorised over the batch except for one ``rng.choice`` per user with more than ``fanout``
+    candidates, made in row order on the same candidate count as a per-row loop would: the random
+    stream (and so every training batch of a seed) is unchanged by the vectorisation.
     """
+    rows = np.asarray(rows)
     out = np.full((len(rows), fanout), -1, dtype=np.int64)
-    for i, row in enumerate(rows):
-        if row < 0:
-            continue
-        friends = table.friend_matrix[row]
-        friends = friends[friends != PAD_ID]
-        if exclude is not None:
-            friends = friends[friends != exclude[i]]
-        if len(friends) > fanout:
-            friends = rng.choice(friends, fanout, replace=False) if rng else friends[:fanout]
-        neighbour_rows = table.rows_of(friends) if len(friends) else friends
-        out[i, : len(neighbour_rows)] = neighbour_rows
+    if not len(rows):
+        return out
+    safe = np.maximum(rows, 0)
+    friends = table.friend_matrix[safe]
+    keep = (friends != PAD_ID) & (rows >= 0)[:, None]
+    if exclude is not None:
+        keep &= friends != np.asarray(exclude)[:, None]
+    # Each row's candidates moved to the front, in their stored order.
+    order = np.argsort(~keep, axis=1, kind="stable")
+    candidates = np.take_along_axis(table.friend_rows[safe], order, axis=1)
+    counts = keep.sum(axis=1)
+    width = min(fanout, candidates.shape[1])
+    first = candidates[:, :width]
+    out[:, :width] = np.where(np.arange(width) < counts[:, None], first, -1)
+    if rng is not None:
+        for i in np.flatnonzero(counts > fanout):
+            out[i] = candidates[i, rng.choice(counts[i], fanout, replace=False)]
     return out
 
 

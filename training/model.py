@@ -57,6 +57,41 @@ def split_inputs(batch: dict[str, tf.Tensor], prefix: str) -> dict[str, tf.Tenso
     return {k[len(prefix) :]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
+def _batch_mean(per_example: tf.Tensor) -> tf.Tensor:
+    """Keras' SUM_OVER_BATCH_SIZE reduction (sum / number of elements), spelled out."""
+    return tf.math.divide_no_nan(
+        tf.reduce_sum(per_example), tf.cast(tf.size(per_example), per_example.dtype)
+    )
+
+
+def global_candidates(
+    replica: tf.distribute.ReplicaContext,
+    candidates: tf.Tensor,
+    sampling_prob: tf.Tensor | None,
+    candidate_ids: tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor]:
+    """Every replica's candidates (all-gathered), rolled so this replica's own come first.
+
+    The in-batch softmax then scores each local query against the *global* batch of candidates,
+    and TFRS's labels (the diagonal of the first ``local batch`` columns) still point at each
+    query's own positive; the softmax does not depend on the order of the other columns.
+    Gradients flow back through the all-gather (its gradient is an all-reduce of the upstream
+    gradient, sliced to this replica's rows). All replicas must have the same local batch size
+    (``PairSampler`` shards give them that).
+    """
+    offset = tf.cast(replica.replica_id_in_sync_group, tf.int32) * tf.shape(candidates)[0]
+    gathered = replica.all_gather(candidates, axis=0)
+    extras = {"ids": candidate_ids}
+    if sampling_prob is not None:
+        extras["prob"] = sampling_prob
+    extras = replica.all_gather(tf.nest.map_structure(tf.stop_gradient, extras), axis=0)
+
+    def roll(x: tf.Tensor) -> tf.Tensor:
+        return tf.roll(x, shift=-offset, axis=0)
+
+    return roll(gathered), roll(extras["prob"]) if "prob" in extras else None, roll(extras["ids"])
+
+
 class SSMTLModel(tfrs.Model):
     """Training-time wrapper: serving uses ``self.tower`` alone."""
 
@@ -65,11 +100,17 @@ class SSMTLModel(tfrs.Model):
         self.tower = tower
         self.loss_config = losses
         # Mean over the batch, as in PAPER.md (TFRS defaults to a sum, which would rescale the
-        # auxiliary weights with the batch size).
+        # auxiliary weights with the batch size). Keras refuses SUM_OVER_BATCH_SIZE inside a
+        # tf.distribute strategy, so a model built in one takes per-example losses and the same
+        # mean itself (``_batch_mean``).
+        self.distributed = tf.distribute.has_strategy()
+        reduction = (
+            tf.keras.losses.Reduction.NONE
+            if self.distributed
+            else tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE
+        )
         self.task = tfrs.tasks.Retrieval(
-            loss=tf.keras.losses.CategoricalCrossentropy(
-                from_logits=True, reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE
-            ),
+            loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True, reduction=reduction),
             temperature=losses.temperature,
             remove_accidental_hits=True,
         )
@@ -111,13 +152,22 @@ class SSMTLModel(tfrs.Model):
         q = self.embed_pair_side(query, candidate, training=training, friend_states=q_friends)
         c = self.embed_pair_side(candidate, query, training=training)
         log_q = batch["c_sampling_prob"] if cfg.log_q else None
+        candidates = self.tower.candidate_vectors(c, candidate, exclude=query)
+        candidate_ids = batch["c_id"]
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            candidates, log_q, candidate_ids = global_candidates(
+                replica, candidates, log_q, candidate_ids
+            )
         retrieval = self.task(
             self.tower.query_vectors(q),
-            self.tower.candidate_vectors(c, candidate, exclude=query),
+            candidates,
             candidate_sampling_probability=log_q,
-            candidate_ids=batch["c_id"],
+            candidate_ids=candidate_ids,
             compute_metrics=False,
         )
+        if self.distributed:
+            retrieval = _batch_mean(retrieval)
         total = retrieval
         self.loss_trackers["retrieval"].update_state(retrieval)
         if cfg.cca_weight > 0:

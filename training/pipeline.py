@@ -19,11 +19,28 @@ from training.features import FeatureTable, sample_neighbours, tower_inputs
 
 
 class PairSampler:
-    """Shuffled batches of directed training friendships with their tower inputs."""
+    """Shuffled batches of directed training friendships with their tower inputs.
+
+    ``shard`` / ``num_shards`` (data-parallel training): every shard draws the same seeded
+    permutation of the pairs and takes its own ``batch_size`` slice of each global batch of
+    ``num_shards * batch_size`` pairs, so together the shards see exactly the pairs of one
+    global batch. The permutation then needs a stream of its own, shared by all shards
+    (``order_rng``), apart from each shard's neighbour sampling (``rng``). With one shard both
+    are the same generator: the random stream of single-process training is unchanged.
+    """
 
     def __init__(
-        self, data: PreparedDataset, table: FeatureTable, fanout: int, batch_size: int, seed: int
+        self,
+        data: PreparedDataset,
+        table: FeatureTable,
+        fanout: int,
+        batch_size: int,
+        seed: int,
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> None:
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard {shard} is not in [0, {num_shards})")
         src, dst = data.edges("train")
         a, b = table.rows_of(src), table.rows_of(dst)
         if (a < 0).any() or (b < 0).any():
@@ -33,14 +50,26 @@ class PairSampler:
         self.table = table
         self.fanout = fanout
         self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.shard, self.num_shards = shard, num_shards
+        self.restart(None)
         # How often each user is an in-batch candidate: proportional to its training degree.
         counts = np.bincount(self.c_rows, minlength=len(table)).astype(np.float64)
         self.sampling_prob = (counts / counts.sum()).astype(np.float32)
 
+    def restart(self, epoch: int | None) -> None:
+        """(Re)seed the streams: ``None`` at the start of a run, else for resuming after
+        ``epoch`` finished epochs (a resumed run cannot replay the stream it was cut off in)."""
+        key = self.seed if epoch is None else [self.seed, epoch]
+        self.rng = np.random.default_rng(key)
+        self.order_rng: np.random.Generator | None = None  # None: ``rng``
+        if self.num_shards > 1:
+            self.order_rng = self.rng
+            self.rng = np.random.default_rng([*np.atleast_1d(key), self.num_shards, self.shard])
+
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.q_rows) // self.batch_size
+        return len(self.q_rows) // (self.batch_size * self.num_shards)
 
     def side(self, rows: np.ndarray, other_rows: np.ndarray) -> dict[str, np.ndarray]:
         neighbours = sample_neighbours(
@@ -56,9 +85,10 @@ class PairSampler:
         return out
 
     def epoch(self) -> Iterator[dict[str, np.ndarray]]:
-        order = self.rng.permutation(len(self.q_rows))
+        order = (self.order_rng or self.rng).permutation(len(self.q_rows))
         for step in range(self.steps_per_epoch):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            start = (step * self.num_shards + self.shard) * self.batch_size
+            idx = order[start : start + self.batch_size]
             yield self.batch(self.q_rows[idx], self.c_rows[idx])
 
     def dataset(self) -> tf.data.Dataset:

@@ -3,9 +3,12 @@ Recall@50 (validation edges only; test edges are for `friendrec evaluate`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -61,6 +64,9 @@ ADDED_SETTINGS: dict[str, tuple[object, str | None]] = {
     "cca_projector_dim": (0, "cca_weight"),
     "cca_id_drop": (None, "cca_weight"),
     "popularity_bias": (False, None),
+    # The global batch (workers x batch_size) and its in-batch negatives change the model.
+    "workers": (1, None),
+    "val_max_users": (None, None),
 }
 
 
@@ -73,15 +79,16 @@ def read_run_config(run_dir: Path) -> TrainingSettings:
 
 
 def run_name(cfg: TrainingSettings) -> str:
-    """The run folder: the model's identity, not its stopping rule, so that asking for more
-    epochs (or more patience) continues the same run."""
+    """The run folder: the model's identity, not its stopping rule (or how often a data-parallel
+    group may be relaunched), so that asking for more epochs (or more patience) continues the
+    same run."""
     losses = loss_config(cfg)
     unset = {
         name
         for name, (earlier, weight) in ADDED_SETTINGS.items()
         if getattr(cfg, name) == earlier or (weight is not None and getattr(losses, weight) == 0)
     }
-    identity = cfg.model_dump_json(exclude={"epochs", "patience", *unset})
+    identity = cfg.model_dump_json(exclude={"epochs", "patience", "max_restarts", *unset})
     digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
     return f"{cfg.objective}-seed{cfg.seed}-{digest}"
 
@@ -149,8 +156,49 @@ class TrainingContext:
         )
 
 
-def make_train_step(model: SSMTLModel, optimizer: tf.keras.optimizers.Optimizer):
-    """One compiled optimisation step (heads a run does not use get no gradient: skipped)."""
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place in a data-parallel group (``training/distributed.py`` starts one
+    process per worker under ``tf.distribute.MultiWorkerMirroredStrategy``)."""
+
+    strategy: tf.distribute.Strategy
+    index: int  # the task index; 0 is the chief
+    size: int  # workers in the group
+
+    @property
+    def is_chief(self) -> bool:
+        return self.index == 0
+
+    def __post_init__(self) -> None:
+        strategy = self.strategy
+
+        @tf.function
+        def all_sum(value: tf.Tensor) -> tf.Tensor:
+            per_replica = strategy.run(tf.identity, args=(value,))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        object.__setattr__(self, "_all_sum", all_sum)
+
+    def broadcast(self, value: float) -> float:
+        """The chief's ``value`` on every worker (a sum all-reduce in which the others add 0),
+        so that decisions taken on it (early stopping, best epoch) are the same everywhere."""
+        mine = value if self.is_chief else 0.0
+        return float(self._all_sum(tf.constant(mine, tf.float64)))
+
+
+def make_train_step(
+    model: SSMTLModel,
+    optimizer: tf.keras.optimizers.Optimizer,
+    strategy: tf.distribute.Strategy | None = None,
+):
+    """One compiled optimisation step (heads a run does not use get no gradient: skipped).
+
+    Under a ``strategy`` each replica's loss is divided by the number of replicas before its
+    gradient is taken: the optimizer sums the replicas' gradients (all-reduce), so the update is
+    the gradient of the mean loss over the global batch. The step returns that mean.
+    """
+    if strategy is not None:
+        return _make_replicated_step(model, optimizer, strategy)
 
     @tf.function(reduce_retracing=True)
     def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
@@ -166,6 +214,30 @@ def make_train_step(model: SSMTLModel, optimizer: tf.keras.optimizers.Optimizer)
     return train_step
 
 
+def _make_replicated_step(
+    model: SSMTLModel, optimizer: tf.keras.optimizers.Optimizer, strategy: tf.distribute.Strategy
+):
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(batch, training=True)
+            scaled = loss / replicas
+        variables = model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        optimizer.apply_gradients(
+            [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        )
+        return loss
+
+    @tf.function(reduce_retracing=True)
+    def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+        per_replica = strategy.run(replica_step, args=(batch,))
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+    return train_step
+
+
 def validation_recall50(tower: UserTower, ctx: TrainingContext, evalset: EvalSet) -> float:
     emb = embed_all(tower, ctx.table, ctx.spec.fanout)
     topk = topk_from_embeddings(emb, evalset, k=50, queries=tower.query_form(emb))
@@ -173,19 +245,64 @@ def validation_recall50(tower: UserTower, ctx: TrainingContext, evalset: EvalSet
 
 
 def train(
-    ctx: TrainingContext, cfg: TrainingSettings | None = None, show_progress: bool = True
+    ctx: TrainingContext,
+    cfg: TrainingSettings | None = None,
+    show_progress: bool = True,
+    cluster: Cluster | None = None,
 ) -> tuple[TrainResult, UserTower]:
-    """Train one model; resumes from the run folder's checkpoint when one exists."""
-    cfg = cfg or ctx.settings.training
-    model_dir = ctx.settings.workdir / "models" / ctx.paths.slug / run_name(cfg)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    """Train one model; resumes from the run folder's checkpoint when one exists.
 
-    tower = ctx.build_tower(cfg)
-    model = SSMTLModel(tower, loss_config(cfg), seed=cfg.seed)
-    optimizer = tf.keras.optimizers.Adam(cfg.learning_rate)
-    sampler = PairSampler(ctx.data, ctx.table, cfg.fanout, cfg.batch_size, seed=cfg.seed)
-    evalset = EvalSet.from_prepared(ctx.data, "val")
+    With a ``cluster`` this process is one worker of a data-parallel group: it trains on its
+    shard of every global batch, and only the chief writes the run folder (the others save their
+    checkpoints to a private temporary folder: saving may run collective ops, so every worker
+    must take part). Without one, training is exactly the single-process loop.
+    """
+    cfg = cfg or ctx.settings.training
+    if cluster is not None and cluster.size != cfg.workers:
+        raise ValueError(f"a group of {cluster.size} workers for settings of {cfg.workers}")
+    chief = cluster is None or cluster.is_chief
+    model_dir = ctx.settings.workdir / "models" / ctx.paths.slug / run_name(cfg)
+    write_dir = model_dir
+    if chief:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    else:
+        write_dir = Path(tempfile.mkdtemp(prefix=f"friendrec-worker{cluster.index}-"))
+    try:
+        return _train(ctx, cfg, show_progress, cluster, model_dir, write_dir)
+    finally:
+        if write_dir != model_dir:
+            shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _train(
+    ctx: TrainingContext,
+    cfg: TrainingSettings,
+    show_progress: bool,
+    cluster: Cluster | None,
+    model_dir: Path,
+    write_dir: Path,
+) -> tuple[TrainResult, UserTower]:
+    chief = cluster is None or cluster.is_chief
+    shard, shards = (cluster.index, cluster.size) if cluster else (0, 1)
+    with cluster.strategy.scope() if cluster else contextlib.nullcontext():
+        tower = ctx.build_tower(cfg)
+        model = SSMTLModel(tower, loss_config(cfg), seed=cfg.seed + 7919 * shard)
+        optimizer = tf.keras.optimizers.Adam(cfg.learning_rate)
+    sampler = PairSampler(
+        ctx.data,
+        ctx.table,
+        cfg.fanout,
+        cfg.batch_size,
+        seed=cfg.seed,
+        shard=shard,
+        num_shards=shards,
+    )
+    evalset = (
+        EvalSet.from_prepared(ctx.data, "val").sample(cfg.val_max_users, cfg.seed)
+        if chief
+        else None
+    )
 
     epoch_var = tf.Variable(0, dtype=tf.int64)
     best_var = tf.Variable(-1.0, dtype=tf.float64)
@@ -193,17 +310,23 @@ def train(
     checkpoint = tf.train.Checkpoint(
         model=model, optimizer=optimizer, epoch=epoch_var, best=best_var, best_epoch=best_epoch_var
     )
-    latest = tf.train.CheckpointManager(checkpoint, model_dir / "ckpt", max_to_keep=1)
+    latest = tf.train.CheckpointManager(checkpoint, write_dir / "ckpt", max_to_keep=1)
     best_weights = tf.train.Checkpoint(tower=tower)
     history_path = model_dir / "history.json"
     history: list[dict[str, float]] = []
-    if latest.latest_checkpoint:
-        checkpoint.restore(latest.latest_checkpoint)
+    # Every worker resumes from the chief's checkpoint (non-chief workers write theirs elsewhere).
+    resume_from = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
+    if resume_from:
+        checkpoint.restore(resume_from)
+        done = int(epoch_var.numpy())
         history = json.loads(history_path.read_text()) if history_path.exists() else []
-        sampler.rng = np.random.default_rng([cfg.seed, int(epoch_var.numpy())])
-        log.info("resumed %s at epoch %d", model_dir.name, int(epoch_var.numpy()))
+        # The history is written before the checkpoint: a run cut off between the two has rows
+        # of an epoch it will train again.
+        history = [h for h in history if h["epoch"] <= done]
+        sampler.restart(done)
+        log.info("resumed %s at epoch %d", model_dir.name, done)
 
-    train_step = make_train_step(model, optimizer)
+    train_step = make_train_step(model, optimizer, cluster.strategy if cluster else None)
 
     steps = sampler.steps_per_epoch
     if cfg.max_steps_per_epoch:
@@ -218,7 +341,7 @@ def train(
         bar = tqdm(
             total=steps,
             desc=f"{cfg.objective} epoch {epoch}",
-            disable=progress_disabled(show_progress),
+            disable=progress_disabled(show_progress and chief),
         )
         epoch_started = time.perf_counter()
         for i, batch in enumerate(sampler.dataset()):
@@ -229,14 +352,20 @@ def train(
             if i >= 2:  # skip tracing
                 step_times.append(time.perf_counter() - started)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{float(loss):.3f}",
-                **{k: f"{float(m.result()):.3f}" for k, m in model.loss_trackers.items()},
-            )
+            if cluster is None:
+                bar.set_postfix(
+                    loss=f"{float(loss):.3f}",
+                    **{k: f"{float(m.result()):.3f}" for k, m in model.loss_trackers.items()},
+                )
+            else:  # a tracker's result is a collective: read them once an epoch, everywhere
+                bar.set_postfix(loss=f"{float(loss):.3f}")
         bar.close()
         train_seconds += time.perf_counter() - epoch_started
-        examples += min(i + 1, steps) * cfg.batch_size
-        recall = validation_recall50(tower, ctx, evalset)
+        examples += min(i + 1, steps) * cfg.batch_size * shards
+        if cluster is None:
+            recall = validation_recall50(tower, ctx, evalset)
+        else:
+            recall = cluster.broadcast(validation_recall50(tower, ctx, evalset) if chief else 0.0)
         row = {"epoch": epoch, "val_recall@50": recall}
         row.update({k: float(m.result()) for k, m in model.loss_trackers.items()})
         history.append(row)
@@ -245,12 +374,13 @@ def train(
         if recall > float(best_var.numpy()):
             best_var.assign(recall)
             best_epoch_var.assign(epoch)
-            best_weights.write(str(model_dir / "best" / "tower"))
+            best_weights.write(str(write_dir / "best" / "tower"))
             stale = 0
         else:
             stale += 1
+        if chief:
+            history_path.write_text(json.dumps(history, indent=2))
         latest.save()
-        history_path.write_text(json.dumps(history, indent=2))
 
     best_weights.read(str(model_dir / "best" / "tower")).expect_partial()
     step_seconds = float(np.median(step_times)) if step_times else float("nan")
@@ -269,6 +399,8 @@ def train(
         step_seconds=step_seconds,
         history=history,
     )
+    if not chief:
+        return result, tower
     (model_dir / "result.json").write_text(json.dumps(result.as_dict(), indent=2))
     log.info(
         "trained %s: best val Recall@50 %.4f at epoch %d, %.0f examples/s",

@@ -11,7 +11,11 @@ DATASET = typer.Option(None, "--dataset", "-d", help="Dataset (default: data.dat
 
 
 def _training_settings(
-    objective: str | None, epochs: int | None, max_steps: int | None, seed: int | None
+    objective: str | None,
+    epochs: int | None,
+    max_steps: int | None,
+    seed: int | None,
+    workers: int | None = None,
 ):
     from friendrec.config import load_settings
 
@@ -23,6 +27,7 @@ def _training_settings(
             "epochs": epochs,
             "max_steps_per_epoch": max_steps,
             "seed": seed,
+            "workers": workers,
         }.items()
         if v is not None
     }
@@ -40,16 +45,30 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(None, help="Maximum epochs (early stopping may end sooner)."),
         max_steps: int = typer.Option(None, "--max-steps", help="Cap steps per epoch."),
         seed: int = typer.Option(None, help="Seed of initialisation, sampling, augmentation."),
+        workers: int = typer.Option(
+            None,
+            "--workers",
+            min=1,
+            help="Data-parallel worker processes (default: training.workers; 1: in-process). "
+            "Global batch = workers x batch_size: a different model (docs/model.md).",
+        ),
     ) -> None:
         """Train the user tower: in-batch retrieval loss (+ CCA-SSG, + masked reconstruction).
         Checkpoints every epoch, resumes an interrupted run, stops early on validation
-        Recall@50 and keeps the best weights."""
-        from training.train import TrainingContext
-        from training.train import train as run
+        Recall@50 and keeps the best weights. With --workers N > 1: N processes under
+        MultiWorkerMirroredStrategy on loopback, relaunched from the last checkpoint when one
+        dies (training.max_restarts)."""
+        settings = _training_settings(objective, epochs, max_steps, seed, workers)
+        if settings.training.workers > 1:
+            from training.distributed import train_distributed
 
-        settings = _training_settings(objective, epochs, max_steps, seed)
-        ctx = TrainingContext.load(settings, dataset)
-        result, _ = run(ctx)
+            result = train_distributed(settings, dataset).result
+        else:
+            from training.train import TrainingContext
+            from training.train import train as run
+
+            ctx = TrainingContext.load(settings, dataset)
+            result, _ = run(ctx)
         typer.echo(json.dumps(result.as_dict(), indent=2))
 
     @app.command()
