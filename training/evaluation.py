@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 COLD_START_MAX_DEGREE = 2  # the paper's cold-start slice: training degree <= 2
 SLICES = ("all", "cold_start")
 NO_RECOMMENDATION = -1
+_DENSE_BUDGET = 1 << 25  # elements of one [batch, users] score block (128 MB of float32)
 _BOOT_CHUNK_ELEMENTS = 1 << 22  # bootstrap index matrix chunk: ~32 MB of int64
 
 
@@ -192,6 +193,10 @@ def _dense_topk(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     n, q = evalset.num_users, evalset.num_queries
+    # Bound the dense [batch, n] work arrays (scores, masks, partition indices) on big graphs:
+    # at a million users 1024 queries would need ~20 GB. Rows are independent, so the result
+    # does not depend on the batch.
+    batch = max(1, min(batch, _DENSE_BUDGET // max(n, 1)))
     top = np.full((q, k), NO_RECOMMENDATION, dtype=np.int64)
     top_score = np.full((q, k), -np.inf, dtype=np.float32)
     kk = min(k, n)
