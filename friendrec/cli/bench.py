@@ -264,6 +264,15 @@ def scale(
     train_workers: int = typer.Option(
         2, "--train-workers", min=1, help="Training processes in the distributed column."
     ),
+    stages: str = typer.Option(
+        "all",
+        "--stages",
+        help="Stages to run, comma-separated (features_build, materialize, train, export, "
+        "index_build; prepare always runs) or 'all'. A stage's dependents need it.",
+    ),
+    previous: list[Path] = typer.Option(
+        [], "--previous", help="Earlier `bench scale` JSON: its sizes join the table and the fit."
+    ),
     output: Path = typer.Option(
         Path("bench/results/scale.json"), "--output", "-o", help="JSON result."
     ),
@@ -273,9 +282,12 @@ def scale(
     epoch, export, index build, then the service's p50/p99. Time and peak memory per stage,
     seconds per million users, and a linear model fitted to the sizes. Long: ~30-60 min per
     million users on 2 cores."""
-    from bench.scale import ScaleBenchConfig, run
+    from bench.scale import STAGES, ScaleBenchConfig, run
     from friendrec.config import load_settings
 
+    chosen = STAGES if stages == "all" else tuple(x.strip() for x in stages.split(","))
+    if not set(chosen) <= set(STAGES):
+        raise typer.BadParameter(f"unknown stages {sorted(set(chosen) - set(STAGES))}")
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
     if not set(names) <= {"local", "ray"} or not names:
         raise typer.BadParameter(f"engines are 'local' and/or 'ray', got {engines!r}")
@@ -284,8 +296,9 @@ def scale(
         train_steps=train_steps,
         train_workers=train_workers,
         engines=names,
+        stages=tuple(chosen),
     )
-    run(load_settings(), cfg, output)
+    run(load_settings(), cfg, output, previous)
 
 
 @app.command("quality-summary")
