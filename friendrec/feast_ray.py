@@ -7,12 +7,13 @@ records each view's materialization interval in the registry (what ``--increment
 from) and reports errors; only the work per view differs (``_materialize_one``).
 
 Why not the stock ``ray.engine`` as is: measured on 200k synthetic users into sqlite
-(docs/benchmarks.md, "The batch jobs on Ray"), it was no faster than the local path (81 s with one writer, 64 s with two,
-against 62 s locally). With our duckdb offline store it reads the window on the driver, then
-converts every value with ``_convert_arrow_to_proto`` and writes through ``online_write_batch``
-row by row, the two costs that bound the local path; sqlite takes one writer at a time. It also
-logs and drops a failing batch write (``safe_batch_processor``) instead of failing the job, and
-deduplicates per block only, leaving the newest row per entity to the order of the writes.
+(docs/benchmarks.md, "The batch jobs on Ray"), it was no faster than the local path (81 s with
+one writer, 64 s with two, against 62 s locally). With our duckdb offline store it reads the
+window on the driver, then converts every value with ``_convert_arrow_to_proto`` and writes
+through ``online_write_batch`` row by row, the two costs that bound the local path; sqlite takes
+one writer at a time. It also logs and drops a failing batch write (``safe_batch_processor``)
+instead of failing the job, and deduplicates per block only, leaving the newest row per entity
+to the order of the writes.
 
 What this engine does per view instead:
 
