@@ -221,7 +221,10 @@ def build_index(
     from friendrec.feast_store import open_store
     from friendrec.online_users import online_user_ids
 
-    engine = resolve_engine(settings, engine)
+    # A caller's own embedder runs in this process whatever engine.kind says.
+    engine = (
+        "local" if embedder is not None and engine is None else resolve_engine(settings, engine)
+    )
 
     started = time.perf_counter()
     data = load_prepared(DatasetPaths.of(settings))
