@@ -20,9 +20,21 @@ REDIS_NO_PERSISTENCE = ("--save", "", "--appendonly", "no", "--daemonize", "no")
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """N distinct free loopback ports (held open together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def stop_process(proc: subprocess.Popen[bytes], name: str) -> None:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from friendrec.config import PROJECT_ROOT, Settings, TrainingSettings
+from friendrec.local_services import free_ports
 
 if TYPE_CHECKING:
     from training.train import TrainResult
@@ -57,20 +57,6 @@ class DistributedRun:
     launches: int  # 1 + restarts
     exit_codes: list[list[int]] = field(default_factory=list)  # per launch, per worker
     lines: list[tuple[int, int, str]] = field(default_factory=list)  # (launch, worker, line)
-
-
-def free_ports(n: int) -> list[int]:
-    """N distinct free loopback ports (held open together, so they differ)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def tf_config(ports: Sequence[int], index: int) -> str:

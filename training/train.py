@@ -197,32 +197,12 @@ def make_train_step(
     gradient is taken: the optimizer sums the replicas' gradients (all-reduce), so the update is
     the gradient of the mean loss over the global batch. The step returns that mean.
     """
-    if strategy is not None:
-        return _make_replicated_step(model, optimizer, strategy)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
 
-    @tf.function(reduce_retracing=True)
-    def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+    def step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
         with tf.GradientTape() as tape:
             loss = model.compute_loss(batch, training=True)
-        variables = model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(
-            [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
-        )
-        return loss
-
-    return train_step
-
-
-def _make_replicated_step(
-    model: SSMTLModel, optimizer: tf.keras.optimizers.Optimizer, strategy: tf.distribute.Strategy
-):
-    replicas = strategy.num_replicas_in_sync
-
-    def replica_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            loss = model.compute_loss(batch, training=True)
-            scaled = loss / replicas
+            scaled = loss / replicas if replicas > 1 else loss
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
         optimizer.apply_gradients(
@@ -230,9 +210,12 @@ def _make_replicated_step(
         )
         return loss
 
+    if strategy is None:
+        return tf.function(step, reduce_retracing=True)
+
     @tf.function(reduce_retracing=True)
     def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
-        per_replica = strategy.run(replica_step, args=(batch,))
+        per_replica = strategy.run(step, args=(batch,))
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
     return train_step
