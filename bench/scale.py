@@ -8,8 +8,9 @@ so that the cost per million users and a linear model fitted to the measured siz
 guesses. Both engines get their own workdir and the same prepared graph.
 
 Stages: prepare (once per size), features build, features materialize (sqlite), train (one
-epoch capped at ``--train-steps``; ``--workers 2`` for the distributed column), export, index
-build (milvus-lite server), then the retrieval service's latency on the local engine's index.
+epoch capped at ``--train-steps``; the distributed column runs ``--workers 2`` for half as many
+steps of a twice larger global batch, the same examples), export, index build (milvus-lite
+server), then the retrieval service's latency on the local engine's index.
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def _pss(process: psutil.Process) -> float:
         return 0.0
 
 
+def train_steps_per_worker(cfg: ScaleBenchConfig) -> int:
+    """Steps of the distributed column: its global batch is ``train_workers`` times one
+    process's, so this many steps train on the same examples as ``train_steps`` locally."""
+    return max(1, cfg.train_steps // cfg.train_workers)
+
+
 def engine_settings(settings: Settings, root: Path, size: int, engine: str) -> Settings:
     dataset = f"synthetic:{size}"
     training = settings.training.model_copy(
@@ -164,7 +171,7 @@ def bench_engine(
                 "--epochs",
                 "1",
                 "--max-steps",
-                str(cfg.train_steps),
+                str(cfg.train_steps if engine == "local" else train_steps_per_worker(cfg)),
                 "--workers",
                 "1" if engine == "local" else str(cfg.train_workers),
             ],

@@ -387,6 +387,16 @@ class EngineSettings(BaseModel):
         gt=0,
         description="User-id partitions of a job (None: 2 per CPU of the cluster).",
     )
+    materialize_fast_write: bool = Field(
+        True,
+        description="Materialize with friendrec's column-wise writer (Feast's bytes, bounded "
+        "memory; friendrec/feast_write.py) on either engine; False: Feast's stock engines.",
+    )
+    materialize_partition_rows: int = Field(
+        100_000,
+        gt=0,
+        description="Users encoded and written at a time by the materialization (memory bound).",
+    )
 
 
 class Settings(BaseSettings):

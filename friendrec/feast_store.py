@@ -26,8 +26,9 @@ from friendrec.engine import resolve_engine
 from friendrec.paths import DatasetPaths
 
 TEMPLATE = FEATURE_REPO_DIR / "feature_store.yaml"
-# friendrec.feast_ray's engine, named here so that opening a store does not import Ray.
+# friendrec's engines, named here so that opening a store does not import Ray.
 RAY_ENGINE_TYPE = "friendrec.feast_ray.FriendrecRayComputeEngine"
+LOCAL_ENGINE_TYPE = "friendrec.feast_write.FriendrecLocalComputeEngine"
 
 
 def feast_project(settings: Settings, paths: DatasetPaths) -> str:
@@ -38,8 +39,10 @@ def render_config(
     settings: Settings, paths: DatasetPaths, engine: str | None = None
 ) -> dict[str, Any]:
     """``feature_repo/feature_store.yaml`` filled in for one dataset, the chosen online store and
-    the batch engine (``engine``, default ``engine.kind``): ``ray`` adds Feast's Ray compute
-    engine as friendrec runs it (``friendrec/feast_ray.py``); ``local`` leaves Feast's default."""
+    the batch engine (``engine``, default ``engine.kind``): ``ray`` is Feast's Ray compute engine
+    as friendrec runs it (``friendrec/feast_ray.py``), ``local`` Feast's local engine with
+    friendrec's column-wise writer (``friendrec/feast_write.py``); with
+    ``engine.materialize_fast_write`` off, ``local`` is Feast's default engine untouched."""
     text = string.Template(TEMPLATE.read_text()).substitute(
         project=feast_project(settings, paths),
         registry=str(paths.feast_registry),
@@ -51,13 +54,19 @@ def render_config(
             "type": "redis",
             "connection_string": settings.features.redis_connection_string,
         }
+    fast = settings.engine.materialize_fast_write
+    write = {"partition_rows": settings.engine.materialize_partition_rows}
     if resolve_engine(settings, engine) == "ray":
-        batch: dict[str, Any] = {"type": RAY_ENGINE_TYPE}
+        batch: dict[str, Any] = {"type": RAY_ENGINE_TYPE, **write}
+        if not fast:
+            batch["fast_write"] = False
         if settings.engine.ray_address:
             batch["ray_address"] = settings.engine.ray_address
         if settings.engine.partitions:
             batch["partitions"] = settings.engine.partitions
         raw["batch_engine"] = batch
+    elif fast:
+        raw["batch_engine"] = {"type": LOCAL_ENGINE_TYPE, **write}
     return raw
 
 

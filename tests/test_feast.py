@@ -18,7 +18,7 @@ from feast_checks import assert_online_matches_offline, assert_reads_match_the_s
 from feature_repo.definitions import FEAST_TYPES, build_definitions
 from feature_repo.jobs.graph_features import build_features, compute_graph_features
 from feature_repo.jobs.materialize import apply, materialize
-from friendrec import contract
+from friendrec import contract, feast_sqlite
 from friendrec.config import load_settings
 from friendrec.data.canonical import load_prepared, prepare
 from friendrec.feast_sqlite import MAX_KEYS, FriendrecSqliteOnlineStore
@@ -162,16 +162,28 @@ def test_point_in_time_historical_retrieval(ptbr_two_snapshots):
     assert not result["account_age_days"].isna().any()
 
 
-def test_incremental_materialization_moves_only_new_rows(ptbr_two_snapshots, monkeypatch):
+@pytest.mark.parametrize("fast_write", [True, False], ids=["friendrec-writer", "feast-stock"])
+def test_incremental_materialization_moves_only_new_rows(
+    ptbr_two_snapshots, monkeypatch, fast_write
+):
     settings, meta, _, t2 = ptbr_two_snapshots
+    engine = settings.engine.model_copy(update={"materialize_fast_write": fast_write})
+    settings = settings.model_copy(update={"engine": engine})
     written: dict[str, int] = {}
-    original = SqliteOnlineStore.online_write_batch
+    stock_write = SqliteOnlineStore.online_write_batch
+    bulk_write = feast_sqlite.upsert_rows
 
     def counting(self, config, table, data, progress):
         written[table.name] = written.get(table.name, 0) + len(data)
-        return original(self, config, table, data, progress)
+        return stock_write(self, config, table, data, progress)
+
+    def counting_bulk(store, config, table, batches):
+        rows = bulk_write(store, config, table, batches)
+        written[table.name] = written.get(table.name, 0) + rows
+        return rows
 
     monkeypatch.setattr(SqliteOnlineStore, "online_write_batch", counting)
+    monkeypatch.setattr(feast_sqlite, "upsert_rows", counting_bulk)
     apply(settings, "twitch/PTBR")
     materialize(settings, "twitch/PTBR", incremental=True)  # first run: everything up to t1
     assert written == {contract.PROFILE_VIEW: meta.num_users, contract.GRAPH_VIEW: meta.num_users}
@@ -267,3 +279,31 @@ def test_online_user_ids_lists_every_materialized_user(engb_store):
     data = load_prepared(DatasetPaths.of(engb_store, "twitch/ENGB"))
     found = online_user_ids(open_store(engb_store, "twitch/ENGB"))
     assert np.array_equal(found, data.user_ids)
+
+
+def test_training_table_from_arrow_equals_the_records_path(engb_store):
+    """Training's columnar FeatureTable (``from_arrow``) is the one ``from_rows`` builds from the
+    same historical rows as Python records, defaults for users the offline store lacks included."""
+    from training.features import FeatureTable, InputSpec
+
+    store = open_store(engb_store, "twitch/ENGB")
+    data = load_prepared(DatasetPaths.of(engb_store, "twitch/ENGB"))
+    c = data.contract
+    spec = InputSpec.from_settings(engb_store, data.meta.vocab_size, engb_store.training.fanout)
+    users = np.concatenate([data.user_ids[:500], [int(data.user_ids.max()) + 10_000]])
+    when = datetime.fromtimestamp(data.meta.train_cutoff_ts + 1, UTC)
+    entity_df = pd.DataFrame({contract.JOIN_KEY: users, "event_timestamp": [when] * len(users)})
+    job = store.get_historical_features(
+        entity_df=entity_df, features=store.get_feature_service(c.training_service)
+    )
+    table = job.to_arrow().sort_by(contract.JOIN_KEY)
+    records = table.to_pandas().replace({np.nan: None}).to_dict("records")
+    fast = FeatureTable.from_arrow(table, spec, c)
+    slow = FeatureTable.from_rows(records, spec, c)
+    assert fast.friend_matrix[-1].tolist() == [-1] * spec.friend_len  # the unknown user
+    assert (fast.friend_matrix[:-1] >= 0).any() and fast.degree[:-1].max() > 0
+    for name in ("user_ids", "profile", "sparse_ids", "nbr_ids", "nbr_weights", "nbr_profile"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+    np.testing.assert_array_equal(fast.degree, slow.degree)
+    np.testing.assert_array_equal(fast.friend_matrix, slow.friend_matrix)
+    assert all(getattr(fast, n).dtype == getattr(slow, n).dtype for n in ("degree", "profile"))

@@ -1,5 +1,6 @@
-"""Materialization on the Ray engine (friendrec/feast_ray.py): the same online rows as the local
-engine, byte for byte, into sqlite and a real Redis; incremental windows continue across engines.
+"""Materialization by friendrec's writers, in process (friendrec/feast_write.py) and on Ray
+(friendrec/feast_ray.py): the online rows Feast's stock local engine writes, byte for byte, into
+sqlite and a real Redis; incremental windows continue across engines.
 
 twitch/ENGB (7k users) with two graph snapshots: a full window holds two graph rows per user, so
 the engine must write each user's newest.
@@ -23,10 +24,15 @@ from feast_checks import (
 
 from feature_repo.jobs.graph_features import build_features
 from feature_repo.jobs.materialize import apply, materialize
-from friendrec import contract, feast_ray, feast_sqlite
+from friendrec import contract, feast_ray, feast_sqlite, feast_write
 from friendrec.config import load_settings
 from friendrec.data.canonical import prepare
-from friendrec.feast_store import RAY_ENGINE_TYPE, open_store, render_config
+from friendrec.feast_store import (
+    LOCAL_ENGINE_TYPE,
+    RAY_ENGINE_TYPE,
+    open_store,
+    render_config,
+)
 from friendrec.paths import DatasetPaths, load_contract
 
 pytestmark = pytest.mark.integration
@@ -49,28 +55,61 @@ def _reset_online(settings) -> None:
     apply(settings, DATASET)
 
 
-def test_ray_engine_is_the_batch_engine_only_when_chosen(settings):
+def _stock(settings):
+    """The same settings with Feast's stock engines (the reference bytes)."""
+    engine = settings.engine.model_copy(update={"materialize_fast_write": False})
+    return settings.model_copy(update={"engine": engine})
+
+
+def _small_partitions(settings, rows: int = 1_000):
+    """Several partitions per view even on ENGB's 7k users."""
+    engine = settings.engine.model_copy(update={"materialize_partition_rows": rows})
+    return settings.model_copy(update={"engine": engine})
+
+
+def test_friendrec_writers_are_the_batch_engines_unless_turned_off(settings):
     paths = DatasetPaths.of(settings, DATASET)
-    assert "batch_engine" not in render_config(settings, paths)
-    assert render_config(settings, paths, "ray")["batch_engine"] == {"type": RAY_ENGINE_TYPE}
-    assert feast_ray.TYPE == RAY_ENGINE_TYPE
+    write = {"partition_rows": settings.engine.materialize_partition_rows}
+    assert render_config(settings, paths)["batch_engine"] == {"type": LOCAL_ENGINE_TYPE, **write}
+    assert render_config(settings, paths, "ray")["batch_engine"] == {
+        "type": RAY_ENGINE_TYPE,
+        **write,
+    }
+    assert "batch_engine" not in render_config(_stock(settings), paths)
+    assert render_config(_stock(settings), paths, "ray")["batch_engine"]["fast_write"] is False
+    assert feast_ray.TYPE == RAY_ENGINE_TYPE and feast_write.LOCAL_TYPE == LOCAL_ENGINE_TYPE
+    assert feast_write.partition_count(7126, 1, 1000) == 8
+    assert feast_write.partition_count(7126, 8, 100_000) == 8
+    assert feast_write.partition_count(10, 1, 100_000) == 1
 
 
-def test_ray_sqlite_writes_the_local_rows(engb_t1, ray_engine):
+def test_partitions_pickle_only_their_own_rows():
+    table = pa.table({"a": pa.array(range(100_000), pa.int64())})
+    parts = list(feast_write._slices(table, 4))
+    assert [p.num_rows for p in parts] == [25_000] * 4
+    assert pa.concat_tables(parts).equals(table)
+    import pickle
+
+    assert len(pickle.dumps(parts[0], protocol=5)) < len(pickle.dumps(table, protocol=5)) / 3
+
+
+def test_friendrec_writers_write_the_stock_sqlite_rows(engb_t1, ray_engine):
     settings, t2 = engb_t1
     build_features(settings, DATASET, as_of=t2, show_progress=False)  # a second snapshot
     apply(settings, DATASET)
-    local = materialize(settings, DATASET, engine="local")
+    stock = materialize(_stock(settings), DATASET, engine="local")
     expected = sqlite_online_rows(settings, DATASET)
-    _reset_online(settings)
-    report = materialize(settings, DATASET, engine="ray")
-    assert report.engine == "ray" and report.views == local.views
-    assert report.rows == local.rows == {v: 7126 for v in local.views}
-    assert report.users_per_s and report.users_per_s > 0
-    got = sqlite_online_rows(settings, DATASET)
-    assert got.keys() == expected.keys() and all(len(rows) == 7126 * 5 for rows in got.values())
-    for table, rows in expected.items():
-        assert got[table] == rows, table
+    assert all(len(rows) == 7126 * 5 for rows in expected.values())
+    for engine in ("local", "ray"):
+        _reset_online(settings)
+        report = materialize(_small_partitions(settings), DATASET, engine=engine)
+        assert report.engine == engine and report.views == stock.views
+        assert report.rows == stock.rows == {v: 7126 for v in stock.views}
+        assert report.users_per_s and report.users_per_s > 0
+        got = sqlite_online_rows(settings, DATASET)
+        assert got.keys() == expected.keys()
+        for table, rows in expected.items():
+            assert got[table] == rows, (engine, table)
     users = sample_users(settings, DATASET, 60)
     assert_online_matches_offline(settings, DATASET, users)
     assert_reads_match_the_sdk(
@@ -114,7 +153,9 @@ def test_ray_incremental_moves_only_new_rows(engb_t1, ray_engine, monkeypatch):
     assert written == {} and set(third.views.values()) == {None}
 
 
-def test_ray_redis_writes_the_local_hashes(engb_t1, ray_engine, redis_url):
+def test_friendrec_writers_write_the_stock_redis_hashes(engb_t1, ray_engine, redis_url):
+    import redis
+
     base, t2 = engb_t1
     settings = load_settings(
         workdir=base.workdir,
@@ -122,16 +163,15 @@ def test_ray_redis_writes_the_local_hashes(engb_t1, ray_engine, redis_url):
     )
     build_features(settings, DATASET, as_of=t2, show_progress=False)
     apply(settings, DATASET)
-    materialize(settings, DATASET, engine="local")
+    materialize(_stock(settings), DATASET, engine="local")
     expected = redis_online_hashes(redis_url)
     assert len(expected) == 7126
-    _reset_online(settings)
-    import redis
-
     host, port = redis_url.split(":")
-    redis.Redis(host=host, port=int(port)).flushall()
-    materialize(settings, DATASET, engine="ray")
-    assert redis_online_hashes(redis_url) == expected
+    for engine in ("local", "ray"):
+        _reset_online(settings)
+        redis.Redis(host=host, port=int(port)).flushall()
+        materialize(_small_partitions(settings), DATASET, engine=engine)
+        assert redis_online_hashes(redis_url) == expected, engine
     assert_online_matches_offline(settings, DATASET, sample_users(settings, DATASET, 40))
 
 
@@ -161,23 +201,23 @@ def test_serialized_values_are_feasts(array, value_type):
         want = python_values_to_proto_values(array.to_numpy(zero_copy_only=False), value_type)
     except TypeError as exc:  # Feast refuses a null inside a list: so do we
         with pytest.raises(type(exc)):
-            feast_ray.proto_values(chunked, value_type)
+            feast_write.proto_values(chunked, value_type)
         return
-    ours = feast_ray.proto_values(chunked, value_type)
+    ours = feast_write.proto_values(chunked, value_type)
     wire = [v.SerializeToString() for v in want]
     assert [v.SerializeToString() for v in ours] == wire
-    assert feast_ray.serialized_values(chunked, value_type).to_pylist() == wire
-    assert feast_ray.value_texts(chunked, value_type) == feast_sqlite.value_texts(want)
+    assert feast_write.serialized_values(chunked, value_type).to_pylist() == wire
+    assert feast_write.value_texts(chunked, value_type) == feast_sqlite.value_texts(want)
 
 
 def test_entity_keys_are_feasts():
     table = pa.table({contract.JOIN_KEY: pa.array([0, 1, -7, 2**63 - 1, 123456789], pa.int64())})
     keys = {contract.JOIN_KEY: ValueType.INT64}
-    fast = feast_ray.entity_key_bytes(table, keys, 3)
+    fast = feast_write.entity_key_bytes(table, keys, 3)
     assert fast == [
-        feast_ray._entity_key(contract.JOIN_KEY, int(u), 3)
+        feast_write._entity_key(contract.JOIN_KEY, int(u), 3)
         for u in table[contract.JOIN_KEY].to_pylist()
     ]
-    ordered = feast_ray._key_order(table, keys)  # the order the sqlite writer gets
-    ordered_keys = feast_ray.entity_key_bytes(ordered, keys, 3)
+    ordered = feast_write._key_order(table, keys)  # the order the sqlite writer gets
+    ordered_keys = feast_write.entity_key_bytes(ordered, keys, 3)
     assert ordered_keys == sorted(fast)
