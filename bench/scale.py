@@ -53,6 +53,9 @@ class ScaleBenchConfig:
     # Stages to run (prepare always runs: the others need its graph); skipped stages and those
     # after them are absent from the report. The index build at 1M users takes ~30 min here.
     stages: tuple[str, ...] = STAGES
+    # Keep each size's workdir from an earlier run and run only ``stages`` in it (no prepare):
+    # a long size can be measured in pieces, e.g. the data stages first, training later.
+    reuse: bool = False
 
 
 @dataclass
@@ -148,7 +151,10 @@ def bench_engine(
     logs = s.workdir / "logs"
     results: dict[str, StageResult] = {}
     data_dir = DatasetPaths.of(s, dataset).data_dir
-    if prepared is None:
+    if cfg.reuse:
+        if not data_dir.exists():
+            raise FileNotFoundError(f"--reuse: {data_dir} does not exist; run the earlier stages")
+    elif prepared is None:
         shutil.rmtree(s.workdir, ignore_errors=True)
         results["prepare"] = run_stage(s, "prepare", ["data", "prepare", "-d", dataset], logs)
         if not results["prepare"].ok:
@@ -179,7 +185,10 @@ def bench_engine(
         ("export", ["export", "-d", dataset, "-o", "baseline", "--version", "1"]),
     ]
     for name, args in steps:
-        if name != "apply" and name not in cfg.stages:
+        if cfg.reuse:  # only the chosen stages (and the registry a materialization needs)
+            if name not in cfg.stages and not (name == "apply" and "materialize" in cfg.stages):
+                continue
+        elif name != "apply" and name not in cfg.stages:
             return results, data_dir
         results[name] = run_stage(s, name, args, logs)
         if not results[name].ok:
@@ -237,7 +246,9 @@ def run(
     report: dict[str, Any] = {"config": cfg.__dict__, "sizes": {}}
     for path in previous:
         earlier = json.loads(path.read_text())
-        report["sizes"].update(earlier["sizes"])
+        for size, engines in earlier["sizes"].items():
+            for engine, stages in engines.items():
+                report["sizes"].setdefault(size, {}).setdefault(engine, {}).update(stages)
         report.setdefault("merged_from", []).append(str(path))
     for size in cfg.sizes:
         per_engine: dict[str, Any] = {}
@@ -251,7 +262,8 @@ def run(
             per_engine[engine] = {
                 k: (v.as_dict() if isinstance(v, StageResult) else v) for k, v in stages.items()
             }
-        report["sizes"][str(size)] = per_engine
+        for engine, stages in per_engine.items():  # a stage measured again replaces its figure
+            report["sizes"].setdefault(str(size), {}).setdefault(engine, {}).update(stages)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2))  # partial results survive a long run
     report["models"] = fitted_models(report, cfg)

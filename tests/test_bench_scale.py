@@ -48,3 +48,34 @@ def test_cli_rejects_unknown_stages_and_engines():
     assert bad.exit_code != 0 and "nope" in bad.output
     bad = runner.invoke(app, ["bench", "scale", "--engines", "spark"])
     assert bad.exit_code != 0 and "spark" in bad.output
+
+
+def test_previous_reports_merge_stage_by_stage(tmp_path, settings):
+    import json
+
+    from bench.scale import run
+
+    data_run = {"sizes": {"5000000": {"local": {"prepare": _stage(150), "materialize": _stage(9)}}}}
+    train_run = {"sizes": {"5000000": {"local": {"train": _stage(300), "materialize": _stage(8)}}}}
+    paths = [tmp_path / "data.json", tmp_path / "train.json"]
+    for path, report in zip(paths, (data_run, train_run), strict=True):
+        path.write_text(json.dumps(report))
+    out = tmp_path / "merged.json"
+    merged = run(settings, ScaleBenchConfig(sizes=(), engines=("local",)), out, paths)
+    local = merged["sizes"]["5000000"]["local"]
+    assert {k: v["seconds"] for k, v in local.items()} == {
+        "prepare": 150,
+        "materialize": 8,  # measured again later: the later figure
+        "train": 300,
+    }
+    assert json.loads(out.read_text())["sizes"] == merged["sizes"]
+
+
+def test_reuse_needs_an_earlier_workdir_and_halves_distributed_steps(settings, tmp_path):
+    from bench.scale import run, train_steps_per_worker
+
+    cfg = ScaleBenchConfig(sizes=(1000,), engines=("local",), stages=("train",), reuse=True)
+    with pytest.raises(FileNotFoundError, match="--reuse"):
+        run(settings.model_copy(update={"workdir": tmp_path}), cfg, tmp_path / "r.json")
+    assert train_steps_per_worker(ScaleBenchConfig(train_steps=200, train_workers=2)) == 100
+    assert train_steps_per_worker(ScaleBenchConfig(train_steps=1, train_workers=4)) == 1

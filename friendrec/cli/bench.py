@@ -271,7 +271,16 @@ def scale(
         "index_build; prepare always runs) or 'all'. A stage's dependents need it.",
     ),
     previous: list[Path] = typer.Option(
-        [], "--previous", help="Earlier `bench scale` JSON: its sizes join the table and the fit."
+        [],
+        "--previous",
+        help="Earlier `bench scale` JSON: its sizes join the table and the fit (a stage measured "
+        "again here replaces its figure).",
+    ),
+    reuse: bool = typer.Option(
+        False,
+        "--reuse",
+        help="Run only --stages, in each size's workdir from an earlier run (no prepare): a "
+        "long size measured in pieces.",
     ),
     output: Path = typer.Option(
         Path("bench/results/scale.json"), "--output", "-o", help="JSON result."
@@ -297,6 +306,7 @@ def scale(
         train_workers=train_workers,
         engines=names,
         stages=tuple(chosen),
+        reuse=reuse,
     )
     run(load_settings(), cfg, output, previous)
 
