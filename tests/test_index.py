@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ from friendrec.config import Settings
 from friendrec.errors import ContractMismatchError, IncompatibleModelError
 from friendrec.local_services import MilvusLiteProcess, MilvusStandaloneProcess
 from friendrec.paths import load_contract
+from serving import index_build_ray
 from serving.index import EmbeddingIndex, EmbeddingIndexError, IndexUnavailableError
-from serving.index_build import build_index
+from serving.index_build import LocalEmbedder, Population, build_index, embed_users, version_dir
 
 pytestmark = pytest.mark.integration
 
@@ -333,7 +335,9 @@ def test_cli_list_and_rollback(exported_models, tmp_path, monkeypatch) -> None:
     assert isinstance(again.exception, EmbeddingIndexError)
 
 
-def test_ray_build_embeds_over_workers_like_training(exported_models, tmp_path, ray_engine):
+def test_ray_build_embeds_over_workers_like_training(
+    exported_models, tmp_path, ray_engine, monkeypatch
+):
     """The distributed build (one SavedModel per Ray worker, several batches) indexes what the
     training code computes, and a version whose model cannot load leaves the alias alone."""
     settings = with_milvus(exported_models.settings, str(tmp_path / "m.db"), build_batch=1000)
@@ -341,6 +345,7 @@ def test_ray_build_embeds_over_workers_like_training(exported_models, tmp_path, 
         update={"engine": settings.engine.model_copy(update={"partitions": 4})}
     )
     ids, reference = exported_models.user_ids, exported_models.embeddings[1]
+    monkeypatch.setattr(index_build_ray, "READ_USERS", 1500)  # several read tasks and pieces
     report = build_index(settings, 1, show_progress=False, engine="ray")
     assert (report.engine, report.users, report.unknown_users) == ("ray", len(ids), 0)
     assert report.timings["embed"] > 0 and report.timings["features"] > 0
@@ -359,3 +364,216 @@ def test_ray_build_embeds_over_workers_like_training(exported_models, tmp_path, 
         live = index.live()
         assert live is not None and live.collection == f"{ALIAS}_v1"
         assert not index.exists(f"{ALIAS}_v2")
+
+
+# ---------------------------------------------------------------------------------------------
+# The bulk read against the serving read
+
+
+def test_column_decoding_matches_the_serving_decoding() -> None:
+    """``decode_into`` (numpy over the wire bytes) writes exactly what ``python_value`` and
+    ``FeatureTable.from_rows``'s padding make of the same bytes: protobuf's own encodings of
+    edge values, other kinds, and layouts protobuf accepts but numpy does not parse."""
+    from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList, Int32List, Int64List
+    from feast.protos.feast.types.Value_pb2 import Value as V
+
+    from friendrec.feast_read import decode_into
+    from friendrec.feast_store import python_value
+    from training.features import _pad
+
+    rng = np.random.default_rng(0)
+
+    def ints(n: int) -> list[int]:
+        return [int(x) for x in rng.choice([0, -1, 1, 127, 128, 2**62, -(2**63), 2**63 - 1], n)]
+
+    def floats(n: int) -> list[float]:
+        picks = [0.0, -0.0, 1.5, -2.25, float("inf"), 3.4e38, 1e-45, float("nan")]
+        return [float(np.float32(x)) for x in rng.choice(picks, n)]
+
+    def varint(x: int) -> bytes:
+        x &= 2**64 - 1
+        out = bytearray()
+        while x > 0x7F:
+            out.append(x & 0x7F | 0x80)
+            x >>= 7
+        return bytes([*out, x])
+
+    unpacked = b"".join(b"\x08" + varint(v) for v in (5, -7, 300))
+    columns = {  # (dtype, width, fill): blobs
+        (np.int64, None, 0): [
+            *(V(int64_val=v).SerializeToString() for v in ints(40)),
+            V(int32_val=-9).SerializeToString(),
+            V(int64_val=1).SerializeToString() + V(int64_val=2).SerializeToString(),
+            b"\x20" + b"\xff" * 9 + b"\x7f",  # an over-long varint
+        ],
+        (np.float32, None, 0.0): [
+            *(V(float_val=v).SerializeToString() for v in floats(40)),
+            V(double_val=0.1).SerializeToString(),
+            V(int64_val=3).SerializeToString(),
+        ],
+        (np.int64, 6, -1): [
+            *(V(int64_list_val=Int64List(val=ints(n))).SerializeToString() for n in range(12)),
+            b"\x72" + varint(len(unpacked)) + unpacked,  # unpacked repeated
+            b"\x72\x02\x0a\x00",  # an empty packed field
+            V(int32_list_val=Int32List(val=[1, -2])).SerializeToString(),
+        ],
+        (np.float32, 4, 0.0): [
+            *(V(float_list_val=FloatList(val=floats(n))).SerializeToString() for n in range(9)),
+            V(double_list_val=DoubleList(val=[0.1, 2.0])).SerializeToString(),
+            V(int64_list_val=Int64List(val=[1, 2])).SerializeToString(),
+        ],
+    }
+    for (dtype, width, fill), blobs in columns.items():
+        blobs = [b"", *blobs]  # an unset value: the row keeps its default
+        rows = rng.permutation(len(blobs) + 3)[: len(blobs)]
+        shape = (len(blobs) + 3,) if width is None else (len(blobs) + 3, width)
+        out = np.full(shape, 7, dtype=dtype)
+        expected, present = out.copy(), []
+        for row, blob in zip(rows, blobs, strict=True):
+            value = python_value(V.FromString(blob))
+            present.append(value is not None)
+            if value is not None:
+                single = np.array(value, dtype=dtype)
+                expected[row] = single if width is None else _pad([value], width, fill, dtype)[0]
+        assert decode_into(out, rows, blobs, fill).tolist() == present
+        np.testing.assert_array_equal(out, expected)
+
+
+def _value(dtype: str, value) -> Any:
+    from feast.protos.feast.types.Value_pb2 import FloatList, Int64List
+    from feast.protos.feast.types.Value_pb2 import Value as V
+
+    return {
+        "int64": lambda v: V(int64_val=int(v)),
+        "float32": lambda v: V(float_val=float(v)),
+        "int64_list": lambda v: V(int64_list_val=Int64List(val=[int(x) for x in v])),
+        "float32_list": lambda v: V(float_list_val=FloatList(val=[float(x) for x in v])),
+    }[dtype](value)
+
+
+@pytest.fixture(scope="module")
+def streamed_store(exported_models, tmp_path_factory):
+    """A private copy of the ENGB store as the stream leaves it: user ``new`` created by the
+    stream (online rows only, friends: an id the store never saw, ``a``, ``gone``, ``b``), user
+    ``bare`` with a profile row only, ``a``'s friends rewritten to start with the unknown id and
+    ``new``, and the prepared user ``gone`` without any online row."""
+    from datetime import UTC, datetime
+
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value as V
+
+    from friendrec.contract import FRIEND_IDS, GRAPH_VIEW, PROFILE_VIEW
+    from friendrec.feast_store import online_features, open_store
+    from friendrec.paths import DatasetPaths
+
+    source = exported_models.settings
+    work = tmp_path_factory.mktemp("streamed") / "work"
+    for part in ("data", "feast"):
+        shutil.copytree(source.workdir / part, work / part)
+    settings = source.model_copy(update={"workdir": work})
+    contract = load_contract(settings, "twitch/ENGB")
+    store = open_store(settings)
+    ids = exported_models.user_ids
+    a, b, gone = (int(u) for u in ids[:3])
+    new, bare, unknown = int(ids.max()) + 1, int(ids.max()) + 2, int(ids.max()) + 100
+    row_a = online_features(store, [a], contract=contract)[0]
+    provider = store._get_provider()
+    when = datetime.now(UTC)
+
+    def write(view: str, user: int, row: dict) -> None:
+        key = EntityKey(join_keys=["user_id"], entity_values=[V(int64_val=user)])
+        values = {f.name: _value(f.dtype, row[f.name]) for f in contract.views[view]}
+        table = store.get_feature_view(view)
+        provider.online_write_batch(store.config, table, [(key, values, when, None)], None)
+
+    write(PROFILE_VIEW, new, row_a)
+    write(GRAPH_VIEW, new, {**row_a, FRIEND_IDS.name: [unknown, a, gone, b], "degree": 4})
+    write(PROFILE_VIEW, bare, row_a)
+    write(GRAPH_VIEW, a, {**row_a, FRIEND_IDS.name: [unknown, new, *row_a[FRIEND_IDS.name]]})
+    conn = provider.online_store._get_conn(store.config)
+    gone_key = serialize_entity_key(
+        EntityKey(join_keys=["user_id"], entity_values=[V(int64_val=gone)]),
+        entity_key_serialization_version=store.config.entity_key_serialization_version,
+    )
+    with conn:
+        for view in (PROFILE_VIEW, GRAPH_VIEW):
+            table = f"{store.config.project}_{view}"
+            conn.execute(f'DELETE FROM "{table}" WHERE entity_key = ?', (gone_key,))
+    assert DatasetPaths.of(settings).feast_online_sqlite.is_file()
+    return settings, {"a": a, "gone": gone, "new": new, "bare": bare, "unknown": unknown}
+
+
+def test_bulk_read_gives_the_serving_inputs_and_vectors(streamed_store, exported_models) -> None:
+    """Every user's tower inputs from the bulk read (``Population``: one columnar read, batches
+    by array indexing) equal the serving read's (``fetch_online_inputs`` per batch) array for
+    array, stream-created users, a profile-only user, an unknown friend and a prepared user
+    without rows included; so do the SavedModel's vectors. The provider read (any online store)
+    and small chunks read the same table."""
+    from friendrec import feast_read, online_users
+    from friendrec.feast_store import open_store
+    from serving.index_build import input_spec, read_model_card
+    from training.features import fetch_online_inputs, read_online_table, tower_inputs
+
+    settings, who = streamed_store
+    contract = load_contract(settings, "twitch/ENGB")
+    store = open_store(settings)
+    online = online_users.online_user_ids(store)
+    np.testing.assert_array_equal(feast_read.online_user_ids(store), online)
+    ids = np.union1d(exported_models.user_ids, online)
+    assert {who["new"], who["bare"], who["gone"]} <= set(ids.tolist())
+    assert who["unknown"] not in set(ids.tolist())
+    spec = input_spec(read_model_card(settings, 1, "twitch/ENGB", contract))
+
+    population = Population.read(store, ids, spec, contract)
+    row = {u: i for i, u in enumerate(ids.tolist())}
+    assert (~population.known).sum() == 1 and not population.known[row[who["gone"]]]
+    # The unknown id and ``gone`` are absent: ``a`` and ``b`` move to the front, in order.
+    new_friends = population.table.user_ids[population.neighbours[row[who["new"]]]]
+    assert new_friends[:2].tolist() == [who["a"], int(exported_models.user_ids[1])]
+    assert (population.neighbours[row[who["new"]], 2:] == -1).all()
+    assert population.neighbours[row[who["a"]], 0] == row[who["new"]]
+
+    embedder = LocalEmbedder(version_dir(settings, 1))
+    batch = 2048
+    for lo in range(0, len(ids), batch):
+        rows = np.arange(lo, min(lo + batch, len(ids)))
+        served, known = fetch_online_inputs(store, ids[rows].tolist(), spec, contract)
+        bulk = tower_inputs(population.table, rows, population.neighbours[rows])
+        assert served.keys() == bulk.keys()
+        for name in served:
+            np.testing.assert_array_equal(bulk[name], served[name], err_msg=name)
+        np.testing.assert_array_equal(population.known[rows], known)
+        reference = embed_users(store, ids[rows], embedder, spec, contract)
+        embedded = population.embed(int(rows[0]), int(rows[-1]) + 1, embedder)
+        np.testing.assert_array_equal(embedded.user_ids, reference.user_ids)
+        np.testing.assert_allclose(embedded.vectors, reference.vectors, rtol=0, atol=1e-6)
+        assert embedded.unknown == reference.unknown
+
+    through_provider = read_online_table(store, ids, spec, contract, chunk=700, direct=False)
+    np.testing.assert_array_equal(through_provider.known, population.known)
+    for name, array in vars(population.table).items():
+        if isinstance(array, np.ndarray):
+            np.testing.assert_array_equal(getattr(through_provider.table, name), array, name)
+
+
+def test_build_indexes_stream_created_users_as_served(streamed_store, tmp_path) -> None:
+    """The local build over the streamed store: every prepared and stream-created user indexed
+    with the serving path's vector, the user without rows counted unknown."""
+    from friendrec.feast_store import open_store
+    from serving.index_build import input_spec, read_model_card
+
+    settings, who = streamed_store
+    settings = with_milvus(settings, str(tmp_path / "m.db"))
+    report = build_index(settings, 1, show_progress=False)
+    contract = load_contract(settings, "twitch/ENGB")
+    store = open_store(settings)
+    spec = input_spec(read_model_card(settings, 1, "twitch/ENGB", contract))
+    ids = np.array([who["new"], who["bare"], who["gone"], who["a"]])
+    reference = embed_users(store, ids, LocalEmbedder(version_dir(settings, 1)), spec, contract)
+    assert report.unknown_users == 1 and report.timings["features"] > 0
+    with EmbeddingIndex.connect(settings) as index:
+        assert index.count(report.collection) == report.users
+        stored = index.get_vectors(report.collection, ids)
+    matrix = np.stack([stored[int(u)] for u in ids])
+    np.testing.assert_allclose(matrix, reference.vectors, rtol=0, atol=1e-5)

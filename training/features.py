@@ -395,3 +395,97 @@ def fetch_online_inputs(
     """``fetch_query_inputs`` without request features: (tower inputs, known-to-Feast flags)."""
     query = fetch_query_inputs(store, user_ids, spec, contract=contract)
     return query.inputs, query.known
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole population's serving inputs (the index build)
+
+
+@dataclass
+class OnlineTable:
+    """Every listed user's online row as one table, with what ``fetch_query_inputs`` also needs
+    for its neighbour rule: which users the store knows, and each one's first stored friends."""
+
+    table: FeatureTable  # rows aligned with the user ids as given
+    known: np.ndarray  # bool [n]: the store has a value for the user
+    # int64 [n, max(friend_len, fanout)]: the first stored friends, PAD_ID padded (the table's
+    # ``friend_matrix`` is a view of its first ``friend_len`` columns)
+    friend_ids: np.ndarray
+
+
+def default_table(user_ids: np.ndarray, spec: InputSpec, contract: Contract) -> OnlineTable:
+    """Every user at the contract defaults (as ``from_rows`` builds a user the store lacks), in
+    writable arrays for ``read_online_table`` to fill."""
+    n = len(user_ids)
+
+    def filled(name: str, width: int, fill: float, dtype: Any) -> np.ndarray:
+        row = _pad([contract.default_value(name)], width, fill, dtype)
+        return np.repeat(row, n, axis=0)
+
+    scalars = [contract.default_value(name) for name in contract.profile_scalar_names]
+    friend_width = max(spec.friend_len, spec.fanout)
+    friends = filled(FRIEND_IDS.name, friend_width, PAD_ID, np.int64)
+    table = FeatureTable(
+        user_ids=np.asarray(user_ids, dtype=np.int64),
+        profile=np.repeat(np.array([scalars], dtype=np.float32).reshape(1, -1), n, axis=0),
+        sparse_ids=filled(SPARSE_IDS.name, spec.sparse_len, PAD_ID, np.int64),
+        nbr_ids=filled(NBR_SPARSE_IDS.name, spec.nbr_len, PAD_ID, np.int64),
+        nbr_weights=filled(NBR_SPARSE_WEIGHTS.name, spec.nbr_len, 0.0, np.float32),
+        nbr_profile=filled(
+            contract.nbr_profile_mean.name, len(contract.profile_scalars), 0.0, np.float32
+        ),
+        degree=np.full(n, contract.default_value(DEGREE.name), dtype=np.int64),
+        friend_matrix=friends[:, : spec.friend_len],
+    )
+    return OnlineTable(table, np.zeros(n, dtype=bool), friends)
+
+
+def read_online_table(
+    store: Any,
+    user_ids: np.ndarray,
+    spec: InputSpec,
+    contract: Contract,
+    chunk: int | None = None,
+    direct: bool | None = None,
+) -> OnlineTable:
+    """Every user's online row, read once and decoded by column (``friendrec.feast_read``): the
+    table ``FeatureTable.from_rows`` would build from ``online_features`` for the same users, at
+    a small fraction of the cost. ``chunk``: users per read; ``direct``: see
+    ``read_online_columns``."""
+    from friendrec.feast_read import CHUNK_USERS, read_online_columns
+
+    out = default_table(user_ids, spec, contract)
+    t = out.table
+    targets: dict[str, tuple[np.ndarray, Any]] = {
+        name: (t.profile[:, j], 0.0) for j, name in enumerate(contract.profile_scalar_names)
+    }
+    targets.update(
+        {
+            SPARSE_IDS.name: (t.sparse_ids, PAD_ID),
+            NBR_SPARSE_IDS.name: (t.nbr_ids, PAD_ID),
+            NBR_SPARSE_WEIGHTS.name: (t.nbr_weights, 0.0),
+            contract.nbr_profile_mean.name: (t.nbr_profile, 0.0),
+            DEGREE.name: (t.degree, 0),
+            FRIEND_IDS.name: (out.friend_ids, PAD_ID),
+        }
+    )
+    out.known[:] = read_online_columns(
+        store, t.user_ids, targets, contract, chunk=chunk or CHUNK_USERS, direct=direct
+    )
+    return out
+
+
+def known_friend_rows(
+    user_ids: np.ndarray, known: np.ndarray, friend_ids: np.ndarray
+) -> np.ndarray:
+    """Rows (in the sorted ``user_ids``) of each user's listed friends that the store knows, kept
+    in their stored order and moved to the front, -1 after: exactly ``fetch_query_inputs``'s
+    neighbour rows (a friend the store does not know is absent, not a gap)."""
+    friend_ids = np.asarray(friend_ids)
+    if not len(user_ids):
+        return np.full(friend_ids.shape, -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(user_ids, friend_ids), len(user_ids) - 1)
+    found = (user_ids[pos] == friend_ids) & (friend_ids != PAD_ID)
+    found[found] = known[pos[found]]
+    order = np.argsort(~found, axis=1, kind="stable")
+    return np.take_along_axis(np.where(found, pos, -1), order, axis=1)
