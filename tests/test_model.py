@@ -196,6 +196,87 @@ def test_training_steps_lower_the_loss(ctx):
     assert retrieval_loss() < before - 0.2
 
 
+def _loss_terms_and_gradients(model: SSMTLModel, batch, seed: int):
+    """The loss, its terms and the dense gradients of every trainable variable, in training
+    mode with the random draws of ``seed``."""
+    for tracker in model.loss_trackers.values():
+        tracker.reset_state()
+    tf.keras.utils.set_random_seed(seed)
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(batch, training=True)
+    variables = model.trainable_variables
+    grads = tape.gradient(loss, variables)
+    terms = {k: float(m.result()) for k, m in model.loss_trackers.items()}
+    dense = {
+        v.name: np.zeros(v.shape) if g is None else tf.convert_to_tensor(g).numpy()
+        for g, v in zip(grads, variables, strict=True)
+    }
+    return float(loss), terms, dense
+
+
+def test_shared_states_keep_the_loss_and_gradients(ctx):
+    """The fast training path (each distinct friend's layer 0 once per batch, the anchors'
+    encodings and guarded neighbourhoods once for every pass, lookups of the present ids only
+    with dense gradients) gives the per-occurrence reference's loss, loss terms and gradients:
+    same batch, same weights, same random draws (the friends' and anchors' id dropout, the
+    CCA-SSG views' masks and, with ``cca_id_drop`` None, their id dropout), both heads on."""
+    cfg = SMALL.model_copy(update={"objective": "ssmtl", "cca_id_drop": None})
+    tower = ctx.build_tower(cfg)
+    batch = first_batch(ctx)
+    models = {
+        share: SSMTLModel(tower, loss_config(cfg), seed=1, share_states=share)
+        for share in (False, True)
+    }
+    for model in models.values():
+        model.compute_loss(batch)  # builds the heads (the same draws of ``rng`` in both)
+    models[True].decoder.set_weights(models[False].decoder.get_weights())
+    ref_loss, ref_terms, ref_grads = _loss_terms_and_gradients(models[False], batch, seed=5)
+    loss, terms, grads = _loss_terms_and_gradients(models[True], batch, seed=5)
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+    assert terms == pytest.approx(ref_terms, rel=1e-5, abs=1e-6)
+    assert list(grads) == list(ref_grads)
+    for name, want in ref_grads.items():
+        scale = max(1.0, float(np.abs(want).max()))
+        assert np.abs(grads[name] - want).max() <= 1e-5 * scale, name
+    assert any(np.abs(g).max() > 0 for g in ref_grads.values())
+    # The random draws matter (so the two paths drew the same ones): another seed differs.
+    other, _, _ = _loss_terms_and_gradients(models[False], batch, seed=6)
+    assert abs(other - ref_loss) > 1e-4
+
+
+@pytest.mark.parametrize("dense_gradient", [True, False])
+def test_pooled_lookup_equals_the_gathered_sum(monkeypatch, dense_gradient):
+    """``pooled_lookup`` (present ids only, segment sum) equals gathering every entry and
+    summing, and so do the table's gradients, dense (ScatterNd) or sparse (IndexedSlices)."""
+    import training.tower as tower_module
+
+    if not dense_gradient:
+        monkeypatch.setattr(tower_module, "DENSE_GRADIENT_MAX", 0)
+    r = np.random.default_rng(0)
+    table = tf.Variable(r.normal(size=(50, 4)).astype(np.float32))
+    ids = r.integers(0, 50, (3, 5, 7))
+    weights = r.random((3, 5, 7)).astype(np.float32)
+    weights[r.random((3, 5, 7)) < 0.5] = 0.0  # padding and masked entries
+    weights[2, 4] = 0.0  # a last row with no entry at all
+    ids, weights = tf.constant(ids), tf.constant(weights)
+    upstream = tf.constant(r.normal(size=(3, 5, 4)).astype(np.float32))
+    results = []
+    for pooled in (False, True):
+        with tf.GradientTape() as tape:
+            if pooled:
+                out = tower_module.pooled_lookup(table, ids, weights)
+            else:
+                out = tf.reduce_sum(tf.gather(table, ids) * weights[..., None], axis=-2)
+            loss = tf.reduce_sum(out * upstream)
+        grad = tape.gradient(loss, table)
+        assert isinstance(grad, tf.IndexedSlices) != (pooled and dense_gradient)
+        results.append((out.numpy(), tf.convert_to_tensor(grad).numpy()))
+    (want, want_grad), (got, got_grad) = results
+    assert got.shape == want.shape == (3, 5, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
 def test_positive_never_among_sampled_neighbours(ctx):
     sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, 256, seed=0)
     batch = next(sampler.epoch())

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from training.losses import cca_ssg_loss, scaled_cosine_error
-from training.tower import UserTower
+from training.tower import UserTower, self_node
 
 Objective = Literal["baseline", "ssmtl", "cca", "mae"]
 
@@ -95,10 +95,19 @@ def global_candidates(
 class SSMTLModel(tfrs.Model):
     """Training-time wrapper: serving uses ``self.tower`` alone."""
 
-    def __init__(self, tower: UserTower, losses: LossConfig, seed: int = 0) -> None:
+    def __init__(
+        self, tower: UserTower, losses: LossConfig, seed: int = 0, share_states: bool = True
+    ) -> None:
+        """``share_states``: compute each distinct friend's layer 0 once per batch, each
+        anchor's own encoding and guarded neighbourhood once for every pass that uses them, and
+        look embeddings up only for the ids present (``pooled_lookup``): the same loss and
+        gradients, to float rounding, several times faster on CPU (docs/model.md). False: every
+        pass computes its own, per occurrence, as inference does (the reference the tests
+        compare with)."""
         super().__init__()
         self.tower = tower
         self.loss_config = losses
+        self.share_states = share_states
         # Mean over the batch, as in PAPER.md (TFRS defaults to a sum, which would rescale the
         # auxiliary weights with the batch size). Keras refuses SUM_OVER_BATCH_SIZE inside a
         # tf.distribute strategy, so a model built in one takes per-example losses and the same
@@ -144,13 +153,43 @@ class SSMTLModel(tfrs.Model):
         neighbourhood (the leakage guard)."""
         return self.tower.embed(side, exclude=other, **hooks)
 
+    def embed_pairs(
+        self, query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor], training: bool = False
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor | None]:
+        """Both sides' embeddings (each guarded against the other), the query side's friend
+        states and (with ``share_states``) its guarded neighbourhood, for the auxiliary heads.
+
+        The random draws come in one order either way: the friends' id dropout (query side,
+        then candidate side), then the query users' own, then the candidates'.
+        """
+        tower = self.tower
+        sides = (query, candidate)
+        keeps = [tower.draw_id_keep(tf.shape(side["friend_mask"]), training) for side in sides]
+        if not self.share_states:
+            q_friends = tower.friend_states(query, training, keeps[0])
+            c_friends = tower.friend_states(candidate, training, keeps[1])
+            q = self.embed_pair_side(query, candidate, training=training, friend_states=q_friends)
+            c = self.embed_pair_side(candidate, query, training=training, friend_states=c_friends)
+            return q, c, q_friends, None
+        q_friends, c_friends = tower.shared_friend_states(sides, training, keeps)
+        q_features, c_features = (
+            tower.encode_features(self_node(side), pooled=True) for side in sides
+        )
+        q_own, c_own = (
+            tower.encode_self(self_node(side), training=training, features=f, pooled=True)
+            for side, f in ((query, q_features), (candidate, c_features))
+        )
+        q_nbr = tower.pair_neighbourhood(query, candidate, c_features, pooled=True)
+        c_nbr = tower.pair_neighbourhood(candidate, query, q_features, pooled=True)
+        q = tower.embed(query, own_override=q_own, friend_states=q_friends, neighbourhood=q_nbr)
+        c = tower.embed(candidate, own_override=c_own, friend_states=c_friends, neighbourhood=c_nbr)
+        return q, c, q_friends, q_nbr
+
     def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         cfg = self.loss_config
         query = split_inputs(batch, "q/")
         candidate = split_inputs(batch, "c/")
-        q_friends = self.tower.friend_states(query, training)
-        q = self.embed_pair_side(query, candidate, training=training, friend_states=q_friends)
-        c = self.embed_pair_side(candidate, query, training=training)
+        q, c, q_friends, q_nbr = self.embed_pairs(query, candidate, training)
         log_q = batch["c_sampling_prob"] if cfg.log_q else None
         candidates = self.tower.candidate_vectors(c, candidate, exclude=query)
         candidate_ids = batch["c_id"]
@@ -171,11 +210,11 @@ class SSMTLModel(tfrs.Model):
         total = retrieval
         self.loss_trackers["retrieval"].update_state(retrieval)
         if cfg.cca_weight > 0:
-            cca = self.cca_loss(query, candidate, q_friends, training)
+            cca = self.cca_loss(query, candidate, q_friends, training, neighbourhood=q_nbr)
             self.loss_trackers["cca"].update_state(cca)
             total += cfg.cca_weight * cca
         if cfg.mae_weight > 0:
-            mae = self.mae_loss(query, candidate, q_friends, training)
+            mae = self.mae_loss(query, candidate, q_friends, training, neighbourhood=q_nbr)
             self.loss_trackers["mae"].update_state(mae)
             total += cfg.mae_weight * mae
         return total
@@ -195,9 +234,11 @@ class SSMTLModel(tfrs.Model):
         candidate: dict[str, tf.Tensor],
         friend_states: tf.Tensor,
         training: bool = False,
+        neighbourhood: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """Two independently augmented views of the first M anchors: feature masking of their own
-        ids and neighbour dropping (their friends' states are shared with the main pass)."""
+        ids and neighbour dropping (their friends' states, and their guarded neighbourhood where
+        given, are shared with the main pass)."""
         cfg = self.loss_config
         m, q, c = self._heads(query, candidate, cfg.cca_fraction)
         views = []
@@ -212,15 +253,22 @@ class SSMTLModel(tfrs.Model):
             if cfg.cca_id_drop is not None:
                 kept = tf.cast(self.rng.uniform([m, 1]) >= cfg.cca_id_drop, tf.float32)
                 vector_keep = kept / (1.0 - cfg.cca_id_drop)  # dropout's scaling
+            own = None
+            if self.share_states:  # training's lookups (``pooled_lookup``), as the main pass
+                own = self.tower.encode_self(
+                    self_node(q), id_keep, training, vector_keep, pooled=True
+                )
             views.append(
                 self.embed_pair_side(
                     q,
                     c,
+                    own_override=own,
                     id_keep=id_keep,
                     id_vector_keep=vector_keep,
                     friend_keep=friend_keep,
                     training=training,
                     friend_states=friend_states[:m],
+                    neighbourhood=None if neighbourhood is None else neighbourhood[:m],
                 )
             )
         if cfg.cca_projector_dim > 0:
@@ -233,13 +281,19 @@ class SSMTLModel(tfrs.Model):
         candidate: dict[str, tf.Tensor],
         friend_states: tf.Tensor,
         training: bool = False,
+        neighbourhood: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """Replace M anchors' own features by [MASK], encode, decode, score with SCE."""
         cfg = self.loss_config
         m, q, c = self._heads(query, candidate, cfg.mae_fraction)
         masked = tf.tile(self.tower.mask_token[None, :], [m, 1])
         z = self.embed_pair_side(
-            q, c, own_override=masked, training=training, friend_states=friend_states[:m]
+            q,
+            c,
+            own_override=masked,
+            training=training,
+            friend_states=friend_states[:m],
+            neighbourhood=None if neighbourhood is None else neighbourhood[:m],
         )
         vocab = self.tower.spec.vocab_size
         ids = q["self_sparse_ids"]

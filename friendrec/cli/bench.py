@@ -332,3 +332,41 @@ def quality_summary(
         summarise(paths, markdown, plot)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+@app.command("train-speed")
+def train_speed(
+    dataset: str = typer.Option("twitch/ENGB", "--dataset", help="Prepared graph to train on."),
+    objective: str | None = typer.Option(
+        None, "--objective", help="baseline, ssmtl, cca or mae (default: the settings')."
+    ),
+    batches: int = typer.Option(20, "--batches", min=2, help="Batches per measurement."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Interleaved rounds."),
+    processes: bool = typer.Option(
+        True,
+        "--processes/--no-processes",
+        help="Also the loop in fresh processes: op-thread settings, XLA auto-clustering.",
+    ),
+    profile: bool = typer.Option(False, "--profile", help="Top TensorFlow ops of each step."),
+    output: Path = typer.Option(
+        Path("bench/results/train_speed.json"), "--output", "-o", help="JSON result."
+    ),
+) -> None:
+    """One training process: examples/s of the input generator alone, the step alone (per
+    occurrence vs shared friend states), the step's parts, both together, and the levers
+    (threads, XLA), interleaved rounds and ratios measured in the same round. Needs the dataset
+    prepared and its features built and applied."""
+    from bench.train_speed import DEFAULT_PROCESSES, TrainSpeedConfig, run
+    from friendrec.config import load_settings
+
+    if objective is not None and objective not in ("baseline", "ssmtl", "cca", "mae"):
+        raise typer.BadParameter(f"unknown objective {objective!r}")
+    cfg = TrainSpeedConfig(
+        dataset=dataset,
+        objective=objective,
+        batches=batches,
+        repeats=repeats,
+        processes=DEFAULT_PROCESSES if processes else (),
+        profile=profile,
+    )
+    run(load_settings(), cfg, output)
