@@ -307,3 +307,19 @@ def test_training_table_from_arrow_equals_the_records_path(engb_store):
     np.testing.assert_array_equal(fast.degree, slow.degree)
     np.testing.assert_array_equal(fast.friend_matrix, slow.friend_matrix)
     assert all(getattr(fast, n).dtype == getattr(slow, n).dtype for n in ("degree", "profile"))
+
+
+def test_training_table_in_chunks_equals_one_retrieval(engb_store):
+    """The offline read in chunks of users (bounded memory) builds the same training table."""
+    from training.features import FeatureTable, InputSpec
+
+    store = open_store(engb_store, "twitch/ENGB")
+    data = load_prepared(DatasetPaths.of(engb_store, "twitch/ENGB"))
+    spec = InputSpec.from_settings(engb_store, data.meta.vocab_size, engb_store.training.fanout)
+    whole = FeatureTable.from_offline_store(store, data, spec)
+    chunked = FeatureTable.from_offline_store(store, data, spec, chunk_users=2_000)
+    assert len(whole) == len(data.user_ids) > 3 * 2_000  # four chunks
+    for name in ("user_ids", "profile", "sparse_ids", "nbr_ids", "nbr_weights", "nbr_profile"):
+        np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name), err_msg=name)
+    np.testing.assert_array_equal(chunked.friend_matrix, whole.friend_matrix)
+    np.testing.assert_array_equal(chunked.degree, whole.degree)

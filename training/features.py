@@ -9,7 +9,7 @@ only transformation code is the model's own (``training/tower.py``) and the cont
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -32,6 +32,7 @@ from friendrec.data.canonical import PreparedDataset
 from friendrec.friend_aggregates import RequestFeatures, friend_aggregates
 
 PAD_ID = -1  # padding of id lists; weight 0
+OFFLINE_CHUNK_USERS = 500_000  # users per offline retrieval of the training table
 
 
 @dataclass(frozen=True)
@@ -155,23 +156,36 @@ class FeatureTable:
 
     @classmethod
     def from_offline_store(
-        cls, store: Any, data: PreparedDataset, spec: InputSpec, as_of: int | None = None
+        cls,
+        store: Any,
+        data: PreparedDataset,
+        spec: InputSpec,
+        as_of: int | None = None,
+        chunk_users: int = OFFLINE_CHUNK_USERS,
     ) -> FeatureTable:
         """Point-in-time join of every user at ``as_of`` (default: the training cutoff), through
-        the training feature service of the dataset's contract."""
+        the training feature service of the dataset's contract, ``chunk_users`` users per
+        retrieval: Feast's duckdb join of all 5M users of a synthetic graph at once was killed
+        at 19.5 GB on the 24 GB machine (docs/scaling.md); chunks bound it."""
         when = datetime.fromtimestamp((as_of or data.meta.train_cutoff_ts) + 1, UTC)
-        entity_df = pd.DataFrame(
-            {
-                JOIN_KEY: data.user_ids,
-                EVENT_TIMESTAMP: pd.Series([when] * len(data.user_ids)),
-            }
-        )
         service = store.get_feature_service(data.contract.training_service)
-        table = store.get_historical_features(entity_df=entity_df, features=service).to_arrow()
-        table = table.sort_by(JOIN_KEY)
-        if not np.array_equal(table.column(JOIN_KEY).to_numpy(), data.user_ids):
-            raise RuntimeError("the offline store did not return exactly one row per user")
-        return cls.from_arrow(table, spec, data.contract)
+        parts = []
+        for lo in range(0, len(data.user_ids), chunk_users):
+            ids = data.user_ids[lo : lo + chunk_users]
+            entity_df = pd.DataFrame({JOIN_KEY: ids, EVENT_TIMESTAMP: pd.Series([when] * len(ids))})
+            table = store.get_historical_features(entity_df=entity_df, features=service).to_arrow()
+            table = table.sort_by(JOIN_KEY)
+            if not np.array_equal(table.column(JOIN_KEY).to_numpy(), ids):
+                raise RuntimeError("the offline store did not return exactly one row per user")
+            parts.append(cls.from_arrow(table, spec, data.contract))
+        return cls.concat(parts)
+
+    @classmethod
+    def concat(cls, parts: Sequence[FeatureTable]) -> FeatureTable:
+        """The rows of ``parts``, in order."""
+        return cls(
+            **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)}
+        )
 
     @classmethod
     def from_arrow(cls, table: Any, spec: InputSpec, contract: Contract) -> FeatureTable:
