@@ -40,7 +40,6 @@ from typing import Any, Literal
 import pyarrow as pa
 from feast.infra.common.materialization_job import (
     MaterializationJob,
-    MaterializationJobStatus,
     MaterializationTask,
 )
 from feast.infra.common.serde import SerializedArtifacts
@@ -56,6 +55,7 @@ from friendrec.feast_write import (
     ViewSpec,
     _feature_rows,
     _slices,
+    materialize_job,
     partition_count,
     pull_window,
     sqlite_rows,
@@ -109,13 +109,7 @@ class FriendrecRayComputeEngine(RayComputeEngine):
         if reason:
             log.info("%s: the stock Ray engine (%s)", task.feature_view.name, reason)
             return super()._materialize_one(registry, task, from_offline_store, **kwargs)
-        job_id = f"{task.feature_view.name}-{task.start_time}-{task.end_time}"
-        try:
-            self.materialize_view(registry, task)
-        except Exception as exc:  # reported by FeatureStore.materialize, which re-raises it
-            log.error("materialization failed for %s: %s", task.feature_view.name, exc)
-            return RayMaterializationJob(job_id, MaterializationJobStatus.ERROR, error=exc)
-        return RayMaterializationJob(job_id, MaterializationJobStatus.SUCCEEDED)
+        return materialize_job(self, registry, task, RayMaterializationJob)
 
     def materialize_view(self, registry: BaseRegistry, task: MaterializationTask) -> int:
         """Move one view's window online (see the module docstring); returns the rows written."""

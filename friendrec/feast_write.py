@@ -384,6 +384,20 @@ def pull_window(
     return _key_order(table.combine_chunks(), spec.join_keys), spec
 
 
+def materialize_job(
+    engine: Any, registry: BaseRegistry, task: MaterializationTask, job_type: type
+) -> Any:
+    """``engine.materialize_view`` as the engine's Feast job: a failure is returned in the job,
+    which ``FeatureStore.materialize`` re-raises."""
+    job_id = f"{task.feature_view.name}-{task.start_time}-{task.end_time}"
+    try:
+        engine.materialize_view(registry, task)
+    except Exception as exc:
+        log.error("materialization failed for %s: %s", task.feature_view.name, exc)
+        return job_type(job_id, MaterializationJobStatus.ERROR, error=exc)
+    return job_type(job_id, MaterializationJobStatus.SUCCEEDED)
+
+
 # ---------------------------------------------------------------------------------------------
 # The in-process engine
 
@@ -412,13 +426,7 @@ class FriendrecLocalComputeEngine(LocalComputeEngine):
         if reason:
             log.info("%s: the stock local engine (%s)", task.feature_view.name, reason)
             return super()._materialize_one(registry, task, **kwargs)
-        job_id = f"{task.feature_view.name}-{task.start_time}-{task.end_time}"
-        try:
-            self.materialize_view(registry, task)
-        except Exception as exc:  # reported by FeatureStore.materialize, which re-raises it
-            log.error("materialization failed for %s: %s", task.feature_view.name, exc)
-            return LocalMaterializationJob(job_id, MaterializationJobStatus.ERROR, error=exc)
-        return LocalMaterializationJob(job_id, MaterializationJobStatus.SUCCEEDED)
+        return materialize_job(self, registry, task, LocalMaterializationJob)
 
     def materialize_view(self, registry: BaseRegistry, task: MaterializationTask) -> int:
         """Move one view's window online, a partition at a time; returns the rows written."""

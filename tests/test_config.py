@@ -64,6 +64,10 @@ def test_feature_store_yaml_template_renders_per_dataset(settings):
             "path": str(settings.workdir / "feast" / "synthetic_1000" / "online.db"),
         },
         "entity_key_serialization_version": 3,
+        "batch_engine": {
+            "type": "friendrec.feast_write.FriendrecLocalComputeEngine",
+            "partition_rows": 100_000,
+        },
     }
 
 

@@ -8,9 +8,11 @@ is written again); ``--incremental`` continues from the end recorded in the regi
 appended since then travel.
 
 The engine (``--engine``, default ``engine.kind``) only changes who moves the rows: ``local`` is
-Feast's in-process engine; ``ray`` is Feast's Ray compute engine as ``friendrec/feast_ray.py``
-runs it (parallel conversion on the cluster, a bulk write into sqlite, parallel writers into
-Redis). Windows, registry intervals and the report are the same either way.
+Feast's in-process engine with friendrec's column-wise writer (``friendrec/feast_write.py``: one
+partition of users encoded and written at a time); ``ray`` is Feast's Ray compute engine as
+``friendrec/feast_ray.py`` runs it (the same encoding in parallel tasks, a bulk write into sqlite,
+parallel writers into Redis). Both write Feast's bytes; ``engine.materialize_fast_write: false``
+gives Feast's stock engines. Windows, registry intervals and the report are the same either way.
 """
 
 from __future__ import annotations
