@@ -50,8 +50,8 @@ class ScaleBenchConfig:
     train_workers: int = 2  # the distributed column's training processes
     requests: int = 300
     engines: tuple[str, ...] = ENGINES
-    # Stages to run (prepare always runs: the others need its graph); skipped stages and those
-    # after them are absent from the report. The index build at 1M users takes ~30 min here.
+    # Stages to run (prepare runs unless ``reuse``: the others need its graph); skipped stages and
+    # those after them are absent from the report.
     stages: tuple[str, ...] = STAGES
     # Keep each size's workdir from an earlier run and run only ``stages`` in it (no prepare):
     # a long size can be measured in pieces, e.g. the data stages first, training later.
