@@ -195,6 +195,8 @@ def bench_engine(
             return results, data_dir
     if "index_build" not in cfg.stages:
         return results, data_dir
+    if cfg.reuse:  # an earlier run's index holds version 1 live: build into a fresh server
+        shutil.rmtree(s.workdir / "milvus_server", ignore_errors=True)
     lite = MilvusLiteProcess(s.workdir / "milvus_server", free_port())
     lite.start()
     try:
