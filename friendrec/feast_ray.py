@@ -55,6 +55,7 @@ from friendrec.feast_write import (
     ViewSpec,
     _feature_rows,
     _slices,
+    log_written,
     materialize_job,
     partition_count,
     pull_window,
@@ -133,14 +134,7 @@ class FriendrecRayComputeEngine(RayComputeEngine):
             artifacts = SerializedArtifacts.serialize(view, self.repo_config)
             task_fn = ray.remote(_write_task)
             written = sum(ray.get([task_fn.remote(p, spec, artifacts) for p in parts]))
-        log.info(
-            "%s: %d rows online in %.1f s (offline read %.1f s, %d partitions)",
-            view.name,
-            written,
-            time.perf_counter() - started,
-            pulled - started,
-            len(parts),
-        )
+        log_written(view.name, written, started, pulled, len(parts))
         return written
 
     def _write_sqlite(self, view: Any, spec: ViewSpec, parts: list[Any], in_flight: int) -> int:

@@ -384,6 +384,18 @@ def pull_window(
     return _key_order(table.combine_chunks(), spec.join_keys), spec
 
 
+def log_written(view: str, written: int, started: float, pulled: float, parts: int) -> None:
+    """One line per view: rows, wall time, the offline read's share, partitions."""
+    log.info(
+        "%s: %d rows online in %.1f s (offline read %.1f s, %d partitions)",
+        view,
+        written,
+        time.perf_counter() - started,
+        pulled - started,
+        parts,
+    )
+
+
 def materialize_job(
     engine: Any, registry: BaseRegistry, task: MaterializationTask, job_type: type
 ) -> Any:
@@ -446,12 +458,5 @@ class FriendrecLocalComputeEngine(LocalComputeEngine):
                 rows = _feature_rows(part, spec)
                 self.online_store.online_write_batch(self.repo_config, view, rows, progress=None)
                 written += len(rows)
-        log.info(
-            "%s: %d rows online in %.1f s (offline read %.1f s, %d partitions)",
-            view.name,
-            written,
-            time.perf_counter() - started,
-            pulled - started,
-            parts,
-        )
+        log_written(view.name, written, started, pulled, parts)
         return written
