@@ -42,12 +42,12 @@ def test_shards_together_are_the_global_batch(ctx):
     ]
     assert shards[0].steps_per_epoch == shards[1].steps_per_epoch == whole.steps_per_epoch
     # The single-process permutation is drawn from the same seed as the shards' shared one.
-    order = np.random.default_rng(4).permutation(len(whole.q_rows))
+    order = np.random.default_rng(4).permutation(whole.num_pairs)
     batches = [next(s.epoch()) for s in shards]
     first = order[:64]
     np.testing.assert_array_equal(
         np.concatenate([b["q/self_user_id"] for b in batches]),
-        ctx.table.user_ids[whole.q_rows[first]],
+        ctx.table.user_ids[whole.pairs(first)[0]],
     )
     assert not np.array_equal(batches[0]["c_id"], batches[1]["c_id"])
     for epoch in (None, 3):  # resuming keeps the shards on one permutation

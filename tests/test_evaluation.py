@@ -374,6 +374,30 @@ def test_engb_evalset_counts(engb):
         EvalSet.from_prepared(engb, "train")
 
 
+def test_sampled_validation_set_is_built_from_its_queries_friendships(engb):
+    """``from_prepared(max_queries=)`` is ``sample()`` of the whole set without building the whole
+    graph's adjacency: the same queries, targets, degrees, exclusions and top-k lists."""
+    full = EvalSet.from_prepared(engb, "val")
+    for size, seed in ((300, 0), (1000, 5)):
+        want = full.sample(size, seed)
+        got = EvalSet.from_prepared(engb, "val", max_queries=size, seed=seed)
+        assert got.queries_only and got.num_queries == size
+        np.testing.assert_array_equal(got.queries, want.queries)
+        assert (got.heldout != want.heldout).nnz == 0
+        np.testing.assert_array_equal(got.cold_start, want.cold_start)
+        np.testing.assert_array_equal(got.train_degree, want.train_degree)
+        assert (got.train[got.queries] != want.train[want.queries]).nnz == 0
+        assert got.train.nnz < want.train.nnz
+        emb = np.random.default_rng(seed).normal(size=(len(engb.user_ids), 8))
+        np.testing.assert_array_equal(
+            topk_from_embeddings(emb, got, k=50), topk_from_embeddings(emb, want, k=50)
+        )
+    with pytest.raises(ValueError, match="whole training graph"):
+        topk_adamic_adar(got, k=10)
+    everyone = EvalSet.from_prepared(engb, "val", max_queries=full.num_queries)
+    assert not everyone.queries_only and (everyone.train != full.train).nnz == 0
+
+
 def test_engb_adamic_adar_beats_random(engb):
     evalset = EvalSet.from_prepared(engb, "test")
     start = time.perf_counter()

@@ -94,6 +94,25 @@ def first_batch(ctx) -> dict[str, tf.Tensor]:
     return {k: tf.constant(v) for k, v in next(sampler.epoch()).items()}
 
 
+def test_pairs_are_both_directions_in_one_seeded_permutation(ctx):
+    """The sampler keeps each friendship once, as narrow row indices, yet yields the stream of
+    both directions ``(a, b) + (b, a)`` in ``permutation(2E)`` order, as when it held them."""
+    sampler = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, seed=0)
+    src, dst = ctx.data.edges("train")
+    a, b = ctx.table.rows_of(src), ctx.table.rows_of(dst)
+    q_rows, c_rows = np.concatenate([a, b]), np.concatenate([b, a])
+    assert sampler.a.dtype == np.int32 and sampler.num_pairs == len(q_rows)
+    first = np.random.default_rng(0).permutation(len(q_rows))[: SMALL.batch_size]
+    batch = next(sampler.epoch())
+    np.testing.assert_array_equal(batch["q/self_user_id"], ctx.table.user_ids[q_rows[first]])
+    np.testing.assert_array_equal(batch["c_id"], c_rows[first])
+    counts = np.bincount(c_rows, minlength=len(ctx.table))
+    np.testing.assert_array_equal(sampler.sampling_prob, (counts / counts.sum()).astype(np.float32))
+    # The table keeps vocabulary ids narrow; the tower still gets the signature's int64.
+    assert ctx.table.sparse_ids.dtype == np.int32
+    assert batch["q/self_sparse_ids"].dtype == batch["c/friend_nbr_ids"].dtype == np.int64
+
+
 def test_zero_auxiliary_weights_are_exactly_the_baseline(ctx):
     tower = ctx.build_tower(SMALL)
     batch = first_batch(ctx)

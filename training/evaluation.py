@@ -53,22 +53,54 @@ class EvalSet:
     train: sp.csr_array  # [n, n] binary symmetric training adjacency (the exclusions)
     train_degree: np.ndarray  # int64 [n]
     cold_start: np.ndarray  # bool [q]: training degree <= COLD_START_MAX_DEGREE
+    # True: ``train`` holds the queries' friendships only (enough to exclude each query's
+    # friends, not for friends-of-friends); ``train_degree`` is still the whole graph's.
+    queries_only: bool = False
 
     @classmethod
-    def from_prepared(cls, data: PreparedDataset, split: str) -> EvalSet:
-        """Queries and targets of a held-out split ("val" or "test") of a prepared dataset."""
+    def from_prepared(
+        cls,
+        data: PreparedDataset,
+        split: str,
+        max_queries: int | None = None,
+        seed: int = 0,
+    ) -> EvalSet:
+        """Queries and targets of a held-out split ("val" or "test") of a prepared dataset.
+
+        With ``max_queries``: ``from_prepared(data, split).sample(max_queries, seed)``, built from
+        the sampled queries' friendships only (``queries_only``), for early stopping on a big
+        graph: the whole training adjacency of 5M users, and its construction, held gigabytes
+        in every training process (docs/scaling.md).
+        """
         if split not in SPLITS[1:]:
             raise ValueError(f"split must be one of {SPLITS[1:]}, got {split!r}")
-        train_src, train_dst = data.edges("train")
-        held_src, held_dst = data.edges(split)
-        return cls.from_edges(
-            num_users=len(data.user_ids),
-            train_src=data.index_of(train_src),
-            train_dst=data.index_of(train_dst),
-            held_src=data.index_of(held_src),
-            held_dst=data.index_of(held_dst),
-            split=split,
-        )
+        n = len(data.user_ids)
+        train_src, train_dst = (data.index_of(ids) for ids in data.edges("train"))
+        held_src, held_dst = (data.index_of(ids) for ids in data.edges(split))
+        if max_queries is not None:
+            # Prepared friendships are unique pairs without self loops (``RawGraph``): no
+            # held-out pair is a training one, so the queries are the users with a held-out one.
+            held = np.bincount(held_src, minlength=n) + np.bincount(held_dst, minlength=n)
+            queries = np.flatnonzero(held)
+            if len(queries) > max_queries:
+                chosen = np.zeros(n, dtype=bool)
+                chosen[queries[_sample_positions(len(queries), max_queries, seed)]] = True
+                t = chosen[train_src] | chosen[train_dst]
+                h = chosen[held_src] | chosen[held_dst]
+                part = cls.from_edges(
+                    n, train_src[t], train_dst[t], held_src[h], held_dst[h], split=split
+                )
+                keep = np.flatnonzero(chosen[part.queries])
+                degree = np.bincount(train_src, minlength=n) + np.bincount(train_dst, minlength=n)
+                return replace(
+                    part,
+                    queries=part.queries[keep],
+                    heldout=sp.csr_array(part.heldout[keep]),
+                    train_degree=degree.astype(np.int64),
+                    cold_start=degree[part.queries[keep]] <= COLD_START_MAX_DEGREE,
+                    queries_only=True,
+                )
+        return cls.from_edges(n, train_src, train_dst, held_src, held_dst, split=split)
 
     def sample(self, max_queries: int | None, seed: int = 0) -> EvalSet:
         """At most ``max_queries`` query users, a seeded uniform sample (all of them when
@@ -76,8 +108,7 @@ class EvalSet:
         every validation user scored against every user."""
         if max_queries is None or self.num_queries <= max_queries:
             return self
-        rng = np.random.default_rng([seed, max_queries])
-        keep = np.sort(rng.choice(self.num_queries, size=max_queries, replace=False))
+        keep = _sample_positions(self.num_queries, max_queries, seed)
         return replace(
             self,
             queries=self.queries[keep],
@@ -158,6 +189,12 @@ class EvalSet:
     def slice_masks(self) -> dict[str, np.ndarray]:
         """Boolean masks over queries for every reported slice."""
         return {"all": np.ones(self.num_queries, dtype=bool), "cold_start": self.cold_start}
+
+
+def _sample_positions(total: int, size: int, seed: int) -> np.ndarray:
+    """``size`` of ``range(total)``, sorted: the seeded draw of ``EvalSet.sample``."""
+    rng = np.random.default_rng([seed, size])
+    return np.sort(rng.choice(total, size=size, replace=False))
 
 
 # --------------------------------------------------------------------------- retrieval
@@ -272,6 +309,11 @@ def topk_random(evalset: EvalSet, k: int = 100, seed: int = 0, batch: int = 1024
 def _adamic_adar_weighted(evalset: EvalSet, adjacency: sp.sparray | None = None) -> sp.csr_array:
     """A @ diag(1 / log deg): degree-1 neighbours get weight 0 (they only link a user to itself).
     ``adjacency``: the rows to weight (default: the training graph); degrees are always full."""
+    if evalset.queries_only:
+        raise ValueError(
+            "friends-of-friends need the whole training graph: this eval set holds its queries' "
+            "friendships only (EvalSet.from_prepared without max_queries)"
+        )
     degree = evalset.train_degree
     weight = np.zeros(evalset.num_users, dtype=np.float64)
     multi = degree >= 2

@@ -33,6 +33,10 @@ from friendrec.friend_aggregates import RequestFeatures, friend_aggregates
 
 PAD_ID = -1  # padding of id lists; weight 0
 OFFLINE_CHUNK_USERS = 500_000  # users per offline retrieval of the training table
+# Vocabulary ids (``sparse_ids``, ``nbr_ids``) are indices into a vocabulary of at most millions
+# of values: the training table keeps them as int32 (half the bytes of its two widest columns at
+# 5M users, docs/scaling.md); ``node_features`` hands the tower int64, as the signature declares.
+VOCAB_ID_DTYPE = np.int32
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,8 @@ class FeatureTable:
 
     user_ids: np.ndarray  # int64 [n]
     profile: np.ndarray  # float32 [n, P] raw scalars
-    sparse_ids: np.ndarray  # int64 [n, sparse_len], PAD_ID padded
-    nbr_ids: np.ndarray  # int64 [n, nbr_len]
+    sparse_ids: np.ndarray  # int64 or VOCAB_ID_DTYPE [n, sparse_len], PAD_ID padded
+    nbr_ids: np.ndarray  # int64 or VOCAB_ID_DTYPE [n, nbr_len]
     nbr_weights: np.ndarray  # float32 [n, nbr_len]
     nbr_profile: np.ndarray  # float32 [n, P]
     degree: np.ndarray  # int64 [n]
@@ -169,23 +173,25 @@ class FeatureTable:
         at 19.5 GB on the 24 GB machine (docs/scaling.md); chunks bound it."""
         when = datetime.fromtimestamp((as_of or data.meta.train_cutoff_ts) + 1, UTC)
         service = store.get_feature_service(data.contract.training_service)
-        parts = []
-        for lo in range(0, len(data.user_ids), chunk_users):
+        n = len(data.user_ids)
+        out: FeatureTable | None = None
+        for lo in range(0, n, chunk_users):
             ids = data.user_ids[lo : lo + chunk_users]
             entity_df = pd.DataFrame({JOIN_KEY: ids, EVENT_TIMESTAMP: pd.Series([when] * len(ids))})
             table = store.get_historical_features(entity_df=entity_df, features=service).to_arrow()
             table = table.sort_by(JOIN_KEY)
             if not np.array_equal(table.column(JOIN_KEY).to_numpy(), ids):
                 raise RuntimeError("the offline store did not return exactly one row per user")
-            parts.append(cls.from_arrow(table, spec, data.contract))
-        return cls.concat(parts)
-
-    @classmethod
-    def concat(cls, parts: Sequence[FeatureTable]) -> FeatureTable:
-        """The rows of ``parts``, in order."""
-        return cls(
-            **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)}
-        )
+            part = cls.from_arrow(table, spec, data.contract)
+            del table
+            # Filled in place: concatenating the chunks would hold the table twice at its peak.
+            if out is None:
+                out = cls(**{f.name: _empty_like(getattr(part, f.name), n) for f in fields(cls)})
+            for f in fields(cls):
+                getattr(out, f.name)[lo : lo + len(part)] = getattr(part, f.name)
+        if out is None:
+            raise ValueError(f"{data.meta.name} has no users")
+        return out
 
     @classmethod
     def from_arrow(cls, table: Any, spec: InputSpec, contract: Contract) -> FeatureTable:
@@ -206,8 +212,8 @@ class FeatureTable:
         return cls(
             user_ids=table.column(JOIN_KEY).to_numpy().astype(np.int64),
             profile=profile,
-            sparse_ids=padded(SPARSE_IDS.name, spec.sparse_len, PAD_ID, np.int64),
-            nbr_ids=padded(NBR_SPARSE_IDS.name, spec.nbr_len, PAD_ID, np.int64),
+            sparse_ids=padded(SPARSE_IDS.name, spec.sparse_len, PAD_ID, VOCAB_ID_DTYPE),
+            nbr_ids=padded(NBR_SPARSE_IDS.name, spec.nbr_len, PAD_ID, VOCAB_ID_DTYPE),
             nbr_weights=padded(NBR_SPARSE_WEIGHTS.name, spec.nbr_len, 0.0, np.float32),
             nbr_profile=padded(c.nbr_profile_mean.name, width, 0.0, np.float32),
             degree=_scalar_column(degree, c.default_value(DEGREE.name), np.int64),
@@ -220,14 +226,24 @@ class FeatureTable:
     @cached_property
     def friend_rows(self) -> np.ndarray:
         """``friend_matrix`` as row indices (-1: padding or a friend without a row), computed
-        once: batch assembly looks friends up for every sampled user."""
-        return self.rows_of(self.friend_matrix)
+        once: batch assembly looks friends up for every sampled user (int32 below 2**31 rows)."""
+        return self.rows_of(self.friend_matrix).astype(row_dtype(len(self)))
 
     def rows_of(self, user_ids: np.ndarray) -> np.ndarray:
         """User ids -> row indices; -1 for users not in the table."""
         pos = np.searchsorted(self.user_ids, user_ids)
         pos = np.minimum(pos, len(self.user_ids) - 1)
         return np.where(self.user_ids[pos] == user_ids, pos, -1)
+
+
+def row_dtype(n: int) -> type[np.signedinteger]:
+    """The narrowest index dtype for ``n`` rows (-1 included): arrays of row indices over a
+    graph of millions of users are its largest in-memory arrays after the feature table."""
+    return np.int32 if n < np.iinfo(np.int32).max else np.int64
+
+
+def _empty_like(part: np.ndarray, n: int) -> np.ndarray:
+    return np.empty((n, *part.shape[1:]), dtype=part.dtype)
 
 
 NODE_KEYS = (
@@ -250,8 +266,8 @@ def node_features(table: FeatureTable, rows: np.ndarray) -> dict[str, np.ndarray
     out = {
         "user_id": table.user_ids[safe],
         "profile": table.profile[safe],
-        "sparse_ids": table.sparse_ids[safe],
-        "nbr_ids": table.nbr_ids[safe],
+        "sparse_ids": table.sparse_ids[safe].astype(np.int64, copy=False),
+        "nbr_ids": table.nbr_ids[safe].astype(np.int64, copy=False),
         "nbr_weights": table.nbr_weights[safe],
         "nbr_profile": table.nbr_profile[safe],
         "degree": table.degree[safe],

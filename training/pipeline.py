@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from friendrec.data.canonical import PreparedDataset
-from training.features import FeatureTable, sample_neighbours, tower_inputs
+from training.features import FeatureTable, row_dtype, sample_neighbours, tower_inputs
 
 
 class PairSampler:
@@ -43,10 +43,14 @@ class PairSampler:
             raise ValueError(f"shard {shard} is not in [0, {num_shards})")
         src, dst = data.edges("train")
         a, b = table.rows_of(src), table.rows_of(dst)
+        del src, dst
         if (a < 0).any() or (b < 0).any():
             raise ValueError("a training friendship references a user without features")
-        self.q_rows = np.concatenate([a, b])
-        self.c_rows = np.concatenate([b, a])
+        # Each friendship once, as row indices in the narrowest dtype: pair i < E is (a_i, b_i),
+        # pair E + i is (b_i, a_i). At 5M users the two directions as int64 arrays and their
+        # int64 permutation held 2 GB of every worker (docs/scaling.md).
+        dtype = row_dtype(len(table))
+        self.a, self.b = a.astype(dtype), b.astype(dtype)
         self.table = table
         self.fanout = fanout
         self.batch_size = batch_size
@@ -54,8 +58,22 @@ class PairSampler:
         self.shard, self.num_shards = shard, num_shards
         self.restart(None)
         # How often each user is an in-batch candidate: proportional to its training degree.
-        counts = np.bincount(self.c_rows, minlength=len(table)).astype(np.float64)
+        counts = np.bincount(a, minlength=len(table)) + np.bincount(b, minlength=len(table))
         self.sampling_prob = (counts / counts.sum()).astype(np.float32)
+
+    @property
+    def num_pairs(self) -> int:
+        """Directed training friendships: both directions of each."""
+        return 2 * len(self.a)
+
+    def pairs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query rows, candidate rows) of directed pairs ``idx`` (in [0, num_pairs)), int64."""
+        idx = np.asarray(idx, dtype=np.int64)
+        half = len(self.a)
+        flip = idx >= half
+        i = idx - half * flip
+        a, b = self.a[i].astype(np.int64), self.b[i].astype(np.int64)
+        return np.where(flip, b, a), np.where(flip, a, b)
 
     def restart(self, epoch: int | None) -> None:
         """(Re)seed the streams: ``None`` at the start of a run, else for resuming after
@@ -69,7 +87,7 @@ class PairSampler:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.q_rows) // (self.batch_size * self.num_shards)
+        return self.num_pairs // (self.batch_size * self.num_shards)
 
     def side(self, rows: np.ndarray, other_rows: np.ndarray) -> dict[str, np.ndarray]:
         neighbours = sample_neighbours(
@@ -85,15 +103,17 @@ class PairSampler:
         return out
 
     def epoch(self) -> Iterator[dict[str, np.ndarray]]:
-        order = (self.order_rng or self.rng).permutation(len(self.q_rows))
+        # ``permutation(n)`` shuffles an int64 ``arange(n)``; shuffling a narrower one draws the
+        # same swaps, so the order (and every batch of a seed) is unchanged.
+        order = np.arange(self.num_pairs, dtype=row_dtype(self.num_pairs))
+        (self.order_rng or self.rng).shuffle(order)
         for step in range(self.steps_per_epoch):
             start = (step * self.num_shards + self.shard) * self.batch_size
-            idx = order[start : start + self.batch_size]
-            yield self.batch(self.q_rows[idx], self.c_rows[idx])
+            yield self.batch(*self.pairs(order[start : start + self.batch_size]))
 
     def dataset(self) -> tf.data.Dataset:
         """One epoch as a prefetching tf.data pipeline (numpy batch assembly in a generator)."""
-        example = self.batch(self.q_rows[:2], self.c_rows[:2])
+        example = self.batch(*self.pairs(np.arange(2)))
         signature = {
             k: tf.TensorSpec(shape=(None, *v.shape[1:]), dtype=tf.as_dtype(v.dtype))
             for k, v in example.items()

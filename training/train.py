@@ -282,7 +282,7 @@ def _train(
         num_shards=shards,
     )
     evalset = (
-        EvalSet.from_prepared(ctx.data, "val").sample(cfg.val_max_users, cfg.seed)
+        EvalSet.from_prepared(ctx.data, "val", max_queries=cfg.val_max_users, seed=cfg.seed)
         if chief
         else None
     )
