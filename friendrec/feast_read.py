@@ -225,7 +225,7 @@ def decode_into(out: np.ndarray, rows: np.ndarray, blobs: Sequence[bytes], fill:
 # Reading
 
 
-def _key_layout(version: int) -> bytes:
+def key_prefix(version: int) -> bytes:
     """The bytes before the id in a serialized ``user_id`` entity key (Feast's layout for a single
     INT64 key: a fixed prefix, then the id as 8 little-endian bytes), checked against Feast."""
     from feast.infra.key_encoding_utils import serialize_entity_key
@@ -243,7 +243,7 @@ def _key_layout(version: int) -> bytes:
 
 def entity_keys(user_ids: np.ndarray, version: int) -> list[bytes]:
     """Each user's serialized entity key, as Feast's ``serialize_entity_key`` writes it."""
-    prefix = np.frombuffer(_key_layout(version), np.uint8)
+    prefix = np.frombuffer(key_prefix(version), np.uint8)
     raw = np.empty((len(user_ids), len(prefix) + 8), np.uint8)
     raw[:, : len(prefix)] = prefix
     raw[:, len(prefix) :] = np.asarray(user_ids, "<i8").view(np.uint8).reshape(-1, 8)
@@ -379,39 +379,3 @@ def read_online_columns(
                 out, fill = targets[name]
                 known[index[decode_into(out, index, values, fill)]] = True
     return known
-
-
-def online_user_ids(store: Any) -> np.ndarray:
-    """``friendrec.online_users.online_user_ids`` (sorted ids of every user with a row in any
-    friendrec view), with sqlite keys in Feast's single-INT64 layout parsed by numpy: at 250k
-    users the per-key ``deserialize_entity_key`` took ~5 s of the index build. Any other key, or
-    any other store, goes through that module."""
-    from feast.infra.online_stores.sqlite import _quote_id
-
-    from friendrec import contract, online_users
-
-    version = store.config.entity_key_serialization_version
-    prefix = np.frombuffer(_key_layout(version), np.uint8)
-    width = len(prefix) + 8
-    found: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
-    for view_name in (contract.PROFILE_VIEW, contract.GRAPH_VIEW):
-        sqlite = _sqlite_table(store, store.get_feature_view(view_name))
-        if sqlite is None:
-            return online_users.online_user_ids(store)
-        conn, table = sqlite
-        exists = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)
-        ).fetchone()
-        if not exists:
-            continue
-        query = f"SELECT DISTINCT entity_key FROM {_quote_id(table)}"
-        keys = [bytes(key) for (key,) in conn.execute(query)]
-        sizes = np.fromiter(map(len, keys), np.int64, len(keys))
-        fits = np.flatnonzero(sizes == width)
-        raw = np.frombuffer(b"".join(keys[i] for i in fits), np.uint8).reshape(-1, width)
-        ours = (raw[:, : len(prefix)] == prefix).all(axis=1)
-        found.append(raw[ours, len(prefix) :].copy().view("<i8").ravel().astype(np.int64))
-        odd = [keys[i] for i in np.flatnonzero(sizes != width)] + [keys[i] for i in fits[~ours]]
-        ids = [online_users._user_id(key, version) for key in odd]
-        found.append(np.array([u for u in ids if u is not None], dtype=np.int64))
-    return np.unique(np.concatenate(found))

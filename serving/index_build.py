@@ -306,8 +306,8 @@ def build_index(
     from friendrec import contract as contracts
     from friendrec.data.canonical import read_meta
     from friendrec.engine import resolve_engine
-    from friendrec.feast_read import online_user_ids
     from friendrec.feast_store import open_store
+    from friendrec.online_users import online_user_ids
 
     # A caller's own embedder runs in this process whatever engine.kind says.
     engine = (

@@ -213,3 +213,81 @@ def test_cli_train_workers_option_reaches_the_settings():
 
     assert _training_settings(None, None, None, None, 3).training.workers == 3
     assert _training_settings(None, None, None, None, None).training.workers == 1
+
+
+def test_group_config_from_tf_config_or_an_indexed_job():
+    from friendrec.errors import FriendrecError
+    from training.distributed import group_config
+
+    env = {
+        "TRAIN_GROUP_PEERS": "train-0.train:2222, train-1.train:2222",
+        "JOB_COMPLETION_INDEX": "1",
+    }
+    config = group_config(env)
+    assert config == {
+        "cluster": {"worker": ["train-0.train:2222", "train-1.train:2222"]},
+        "task": {"type": "worker", "index": 1},
+    }
+    assert json.loads(env["TF_CONFIG"]) == config  # what the strategy reads
+    assert group_config({"TF_CONFIG": env["TF_CONFIG"]}) == config
+    bad = {
+        "needs TF_CONFIG": {"JOB_COMPLETION_INDEX": "0"},
+        "not a number": {"TRAIN_GROUP_PEERS": "a:1", "JOB_COMPLETION_INDEX": "x"},
+        "index 2 is not in a group of 2": {
+            "TRAIN_GROUP_PEERS": "a:1,b:1",
+            "JOB_COMPLETION_INDEX": "2",
+        },
+        "not a worker group": {"TF_CONFIG": "{}"},
+        "only a group of 'worker'": {
+            "TF_CONFIG": json.dumps(
+                {
+                    "cluster": {"worker": ["a:1"], "ps": ["b:1"]},
+                    "task": {"type": "worker", "index": 0},
+                }
+            )
+        },
+    }
+    for message, environ in bad.items():
+        with pytest.raises(FriendrecError, match=message):
+            group_config(environ)
+
+
+def test_workers_that_join_a_group_train_one_run(engb_store, ctx, tmp_path):
+    """Two `friendrec train --join` processes, as the pods of an Indexed Job (peers and index from
+    the environment, each loading its own context), train one run: the chief writes the folder
+    `train --workers 2` would, with the group's size in its settings."""
+    from friendrec.local_services import child_environment, free_ports
+
+    cfg = TINY.model_copy(update={"epochs": 1, "seed": 23})
+    settings = engb_store.model_copy(
+        update={"training": cfg, "workdir": tmp_path / "work", "log_format": "json"}
+    )
+    (tmp_path / "work").mkdir()
+    for name in ("data", "features", "feast"):  # the group's shared storage
+        (tmp_path / "work" / name).symlink_to(engb_store.workdir / name)
+    env = child_environment(settings, tmp_path / "settings.yaml")
+    peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "friendrec", "train", "--join", "-d", "twitch/ENGB"],
+            env={**env, "TRAIN_GROUP_PEERS": peers, "JOB_COMPLETION_INDEX": str(i)},
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    model_dir = (
+        tmp_path
+        / "work"
+        / "models"
+        / ctx.paths.slug
+        / run_name(cfg.model_copy(update={"workers": 2}))
+    )
+    result = json.loads((model_dir / "result.json").read_text())
+    assert result["epochs_run"] == 1 and 0.0 < result["best_val_recall50"] <= 1.0
+    assert read_run_config(model_dir).workers == 2
+    assert f'"model_dir": "{model_dir}"' in outputs[0]  # the chief's result, printed

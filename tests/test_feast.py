@@ -281,6 +281,30 @@ def test_online_user_ids_lists_every_materialized_user(engb_store):
     assert np.array_equal(found, data.user_ids)
 
 
+def test_user_ids_of_keys_parses_feasts_layout_and_skips_other_keys():
+    """The numpy parse of serialized keys gives what Feast's own deserializer gives, for the
+    single-INT64 layout and for any other key in a shared store (skipped unless a user's)."""
+    import numpy as np
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from friendrec.online_users import _user_id, user_ids_of_keys
+
+    def key(join_key: str, value: Value) -> bytes:
+        proto = EntityKey(join_keys=[join_key], entity_values=[value])
+        return serialize_entity_key(proto, entity_key_serialization_version=3)
+
+    users = [key("user_id", Value(int64_val=u)) for u in (7, -2, 2**40 + 1, 7)]
+    foreign = [key("item_id", Value(int64_val=5)), key("user_id", Value(string_val="ab")), b"x"]
+    keys = users + foreign
+    got = user_ids_of_keys(keys, 3)
+    one_by_one = {u for u in (_user_id(k, 3) for k in keys) if u is not None}
+    np.testing.assert_array_equal(got, sorted(one_by_one))
+    np.testing.assert_array_equal(got, [-2, 7, 2**40 + 1])
+    assert got.dtype == np.int64 and len(user_ids_of_keys([], 3)) == 0
+
+
 def test_training_table_from_arrow_equals_the_records_path(engb_store):
     """Training's columnar FeatureTable (``from_arrow``) is the one ``from_rows`` builds from the
     same historical rows as Python records, defaults for users the offline store lacks included."""

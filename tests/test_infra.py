@@ -618,3 +618,33 @@ def test_ray_cluster_matches_the_engine_settings(compose: dict) -> None:
     assert f"--port={port}" in " ".join(head["command"]) and "jobs" in head["profiles"]
     for name in ("features-job", "materialize-job", "index-job"):
         assert host in compose["services"][name]["depends_on"], name
+
+
+def test_training_group_job_names_its_own_pods_as_peers() -> None:
+    """The Indexed Job of `train --join` pods: one peer per completion index, each peer the DNS
+    name Kubernetes gives that pod (<job>-<index>.<subdomain>) on the collective port, a headless
+    Service selecting the Job's pods, and the group configuration the workers compute from it."""
+    from training.distributed import group_config
+
+    docs = {(doc["kind"], doc["metadata"].get("name")): doc for _, doc in k8s_docs()}
+    job = docs[("Job", "friendrec-train-group")]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert pod["restartPolicy"] == "OnFailure"  # a restarted pod keeps its DNS name
+    service = docs[("Service", pod["subdomain"])]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    [container] = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    peers = env["TRAIN_GROUP_PEERS"].split(",")
+    [port] = {p["containerPort"] for p in container["ports"]}
+    assert port == service["spec"]["ports"][0]["port"]
+    assert peers == [
+        f"{job['metadata']['name']}-{i}.{pod['subdomain']}:{port}"
+        for i in range(spec["completions"])
+    ]
+    script = container["args"][0]
+    assert "friendrec train --join" in script and '"$JOB_COMPLETION_INDEX" != 0 ] ||' in script
+    for index in range(spec["completions"]):
+        environ = {**env, "JOB_COMPLETION_INDEX": str(index)}
+        assert group_config(environ)["task"]["index"] == index

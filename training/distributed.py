@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import pickle
 import subprocess
@@ -28,10 +29,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from friendrec.config import PROJECT_ROOT, Settings, TrainingSettings
 from friendrec.local_services import free_ports
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+BUFFER_ALIGN = 64  # bytes: the alignment of each shared array
 STOP_GRACE_S = 5.0
 # After the chief is done the others only close down; one that hangs there is stopped.
 AFTER_CHIEF_S = 60.0
@@ -161,15 +163,17 @@ def train_distributed(
     cfg = TrainingSettings.model_validate({**settings.training.model_dump(), **updates})
     settings = settings.model_copy(update={"training": cfg})
     # Loaded once here (a missing dataset or feature store fails before any worker starts) and
-    # handed to the workers pickled: each would otherwise repeat the offline-store join.
+    # handed to the workers as a shared context: each would otherwise repeat the offline-store
+    # join and hold its own copy of the feature table.
     ctx = TrainingContext.load(settings, dataset)
     model_dir = settings.workdir / "models" / ctx.paths.slug / run_name(cfg)
 
     run = DistributedRun(result=None, launches=0)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="friendrec-group-") as tmp:
-        context_path = Path(tmp) / "context.pkl"
-        with context_path.open("wb") as f:
-            pickle.dump(ctx, f, protocol=pickle.HIGHEST_PROTOCOL)
+        context_path = Path(tmp) / "context"
+        ctx.table.friend_rows  # noqa: B018  (computed once, shared with the rest)
+        dump_shared(ctx, context_path)
+        del ctx  # the launcher only supervises from here
         for launch in range(1, cfg.max_restarts + 2):
             run.launches = launch
             group = _Group(context_path, cfg.workers, launch, run)
@@ -218,18 +222,97 @@ def _supervise(group: _Group) -> bool:
 
 
 # -- the worker -------------------------------------------------------------------------------
-def make_strategy(workers: int):
+def make_strategy(workers_here: int):
     """The group's strategy (from ``TF_CONFIG``), created before any other TensorFlow op as
-    MultiWorkerMirroredStrategy requires; the CPU's cores are shared out among the workers of
-    this machine."""
+    MultiWorkerMirroredStrategy requires; the CPU's cores are shared out among the
+    ``workers_here`` workers of this machine."""
     import tensorflow as tf
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, (os.cpu_count() or 1) // workers_here)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.RING
     )
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def dump_shared(obj: object, path: Path) -> None:
+    """Pickle ``obj`` with its numpy arrays out of band, in one file beside the pickle, so that
+    ``load_shared`` maps them instead of copying them: the workers of one host then share one
+    copy of the feature table and the graph in the page cache (at 5M users each worker held
+    its own ~8 GB, and the launcher a third; docs/scaling.md)."""
+    buffers: list[pickle.PickleBuffer] = []
+    payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    spans = []
+    with (path.with_suffix(".buffers")).open("wb") as f:
+        for buffer in buffers:
+            raw = buffer.raw()
+            f.write(b"\0" * (-f.tell() % BUFFER_ALIGN))  # aligned for any dtype
+            spans.append((f.tell(), raw.nbytes))
+            f.write(raw)
+    path.with_suffix(".pkl").write_bytes(pickle.dumps((spans, payload)))
+
+
+def load_shared(path: Path) -> Any:
+    """``dump_shared``'s object, its arrays read-only views of a shared memory map."""
+    spans, payload = pickle.loads(path.with_suffix(".pkl").read_bytes())
+    with path.with_suffix(".buffers").open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else None
+    return pickle.loads(payload, buffers=[view[o : o + n] for o, n in spans] if view else [])
+
+
+def group_config(environ: MutableMapping[str, str] | None = None) -> dict[str, Any]:
+    """This worker's ``TF_CONFIG``: as given, or made from ``TRAIN_GROUP_PEERS``
+    (``host:port,...``, task 0 first) and ``JOB_COMPLETION_INDEX`` (what a Kubernetes Indexed
+    Job gives each pod) and set in ``environ`` for the strategy to read."""
+    from friendrec.errors import FriendrecError
+
+    environ = os.environ if environ is None else environ
+    if "TF_CONFIG" in environ:
+        try:
+            config = json.loads(environ["TF_CONFIG"])
+            peers, task = config["cluster"]["worker"], config["task"]
+            index = int(task["index"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FriendrecError(f"TF_CONFIG is not a worker group's: {exc!r}") from exc
+        if task.get("type") != "worker" or set(config["cluster"]) != {"worker"}:
+            raise FriendrecError("TF_CONFIG: only a group of 'worker' tasks trains friendrec")
+    else:
+        raw, index_text = environ.get("TRAIN_GROUP_PEERS"), environ.get("JOB_COMPLETION_INDEX")
+        if not raw or index_text is None:
+            raise FriendrecError(
+                "joining a training group needs TF_CONFIG, or TRAIN_GROUP_PEERS "
+                "(host:port,...) and JOB_COMPLETION_INDEX (a Kubernetes Indexed Job's pod)"
+            )
+        peers = [p.strip() for p in raw.split(",") if p.strip()]
+        try:
+            index = int(index_text)
+        except ValueError as exc:
+            raise FriendrecError(f"JOB_COMPLETION_INDEX {index_text!r} is not a number") from exc
+        config = {"cluster": {"worker": peers}, "task": {"type": "worker", "index": index}}
+        environ["TF_CONFIG"] = json.dumps(config)
+    if not 0 <= index < len(peers):
+        raise FriendrecError(f"worker index {index} is not in a group of {len(peers)}")
+    return config
+
+
+def join_group(settings: Settings, dataset: str | None = None) -> TrainResult:
+    """Train as one worker of the group ``group_config`` names: a pod of a group across
+    machines (``infra/k8s/jobs/train-group.yaml``). Unlike ``train_distributed``'s workers it
+    loads the context itself (from the shared offline store); task 0 writes the run. A dead
+    peer fails the others' collectives; the orchestrator restarts the pods, which resume from
+    the chief's checkpoint (the run folder must be on a volume every pod mounts)."""
+    from training.train import Cluster, TrainingContext, train
+
+    config = group_config()
+    size = len(config["cluster"]["worker"])
+    strategy = make_strategy(workers_here=1)  # before any other TensorFlow op
+    cfg = settings.training.model_copy(update={"workers": size})
+    ctx = TrainingContext.load(settings.model_copy(update={"training": cfg}), dataset)
+    cluster = Cluster(strategy, int(config["task"]["index"]), strategy.num_replicas_in_sync)
+    log.info("worker %d of %d: training %s", cluster.index, cluster.size, cfg.objective)
+    return train(ctx, cfg, show_progress=cluster.is_chief, cluster=cluster)[0]
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
@@ -255,8 +338,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
     from training.train import Cluster, train
 
-    with Path(args[0]).open("rb") as f:
-        ctx = pickle.load(f)  # the launcher's TrainingContext (a private temporary file)
+    ctx = load_shared(Path(args[0]))  # the launcher's TrainingContext, mapped read-only
     log.debug("context in %.1fs", time.perf_counter() - started)
     cfg = ctx.settings.training
     cluster = Cluster(strategy, index, strategy.num_replicas_in_sync)

@@ -88,11 +88,11 @@ class EvalSet:
                 t = chosen[train_src] | chosen[train_dst]
                 h = chosen[held_src] | chosen[held_dst]
                 part = cls.from_edges(
-                    n, train_src[t], train_dst[t], held_src[h], held_dst[h], split=split
+                    n, train_src[t], train_dst[t], held_src[h], held_dst[h], split, log_it=False
                 )
                 keep = np.flatnonzero(chosen[part.queries])
                 degree = np.bincount(train_src, minlength=n) + np.bincount(train_dst, minlength=n)
-                return replace(
+                sampled = replace(
                     part,
                     queries=part.queries[keep],
                     heldout=sp.csr_array(part.heldout[keep]),
@@ -100,6 +100,8 @@ class EvalSet:
                     cold_start=degree[part.queries[keep]] <= COLD_START_MAX_DEGREE,
                     queries_only=True,
                 )
+                sampled.log()
+                return sampled
         return cls.from_edges(n, train_src, train_dst, held_src, held_dst, split=split)
 
     def sample(self, max_queries: int | None, seed: int = 0) -> EvalSet:
@@ -125,6 +127,7 @@ class EvalSet:
         held_src: np.ndarray,
         held_dst: np.ndarray,
         split: str = "test",
+        log_it: bool = True,
     ) -> EvalSet:
         """Build from undirected edges over dense indices (tests use hand-made graphs)."""
         adjacency = Adjacency.from_edges(num_users, train_src, train_dst)
@@ -167,15 +170,20 @@ class EvalSet:
             train_degree=degree,
             cold_start=degree[queries] <= COLD_START_MAX_DEGREE,
         )
-        log.info(
-            "eval set %s: %d users, %d queries (%d cold-start), %d held-out (user, friend) pairs",
-            split,
-            num_users,
-            evalset.num_queries,
-            int(evalset.cold_start.sum()),
-            evalset.heldout.nnz,
-        )
+        if log_it:
+            evalset.log()
         return evalset
+
+    def log(self) -> None:
+        log.info(
+            "eval set %s: %d users, %d queries (%d cold-start), %d held-out (user, friend) pairs%s",
+            self.split,
+            self.num_users,
+            self.num_queries,
+            int(self.cold_start.sum()),
+            self.heldout.nnz,
+            " (a sample, with its queries' friendships only)" if self.queries_only else "",
+        )
 
     @property
     def num_queries(self) -> int:

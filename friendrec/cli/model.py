@@ -52,14 +52,24 @@ def register(app: typer.Typer) -> None:
             help="Data-parallel worker processes (default: training.workers; 1: in-process). "
             "Global batch = workers x batch_size: a different model (docs/model.md).",
         ),
+        join: bool = typer.Option(
+            False,
+            "--join",
+            help="Be one worker of a group on several machines: TF_CONFIG, or "
+            "TRAIN_GROUP_PEERS and JOB_COMPLETION_INDEX (infra/k8s/jobs/train-group.yaml).",
+        ),
     ) -> None:
         """Train the user tower: in-batch retrieval loss (+ CCA-SSG, + masked reconstruction).
         Checkpoints every epoch, resumes an interrupted run, stops early on validation
         Recall@50 and keeps the best weights. With --workers N > 1: N processes under
         MultiWorkerMirroredStrategy on loopback, relaunched from the last checkpoint when one
-        dies (training.max_restarts)."""
+        dies (training.max_restarts). With --join: one worker of a group across machines."""
         settings = _training_settings(objective, epochs, max_steps, seed, workers)
-        if settings.training.workers > 1:
+        if join:
+            from training.distributed import join_group
+
+            result = join_group(settings, dataset)
+        elif settings.training.workers > 1:
             from training.distributed import train_distributed
 
             result = train_distributed(settings, dataset).result
