@@ -356,6 +356,20 @@ def test_leakage_guard_equals_removing_the_friendship(tmp_path):
     assert np.abs(unguarded - without_edge).max() > 1e-3  # the guard is not a no-op
 
 
+def test_layer_by_layer_inference_is_the_tower_on_each_users_inputs(ctx):
+    """``embed_all`` computes every user's layer-1 state once and layer 2 over the friends'
+    states: the same index vectors as the tower on each user's own inputs, for every user."""
+    tower = ctx.build_tower(SMALL)
+    tower.popularity_weight.assign(0.3)
+    rows = np.arange(len(ctx.table))
+    inputs = tower_inputs(ctx.table, rows, sample_neighbours(ctx.table, rows, SMALL.fanout, None))
+    direct = tower(inputs, training=False).numpy()
+    layered = embed_all(tower, ctx.table, SMALL.fanout, batch=1000)  # several chunks
+    assert layered.shape == direct.shape == (len(ctx.table), tower.output_dim)
+    np.testing.assert_allclose(layered, direct, atol=1e-5)
+    assert np.abs(direct[:, -1]).max() > 0.1  # the popularity term is in both
+
+
 def test_export_round_trip_and_training_serving_parity(ctx, engb_store, tmp_path):
     """The served embedding (Feast online reads -> SavedModel) equals the training-code embedding
     (offline point-in-time table -> tower) for the same users."""

@@ -388,8 +388,19 @@ class UserTower(tf.keras.Model):
         mask = inputs["friend_mask"]
         if friend_keep is not None:
             mask = mask * friend_keep
+        return self.readout(h_self, friend_states, mask)
+
+    def readout(self, h_self: tf.Tensor, friend_states: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+        """Layer 2: the unit embedding from a user's layer-1 state and its friends' [.., fanout,
+        hidden] (``mask`` [.., fanout]: which friends count)."""
         z = self.layer2(tf.concat([h_self, masked_mean(friend_states, mask)], axis=-1))
         return tf.math.l2_normalize(z, axis=-1)
+
+    def node_states(self, node: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Inference layer-1 states of nodes from their own rows: a user's ``h_self`` and, for
+        every user that samples it as a friend, its ``friend_states`` entry (one function of the
+        node's row: what makes layer-by-layer inference over a whole table exact)."""
+        return self.hidden(self.encode_self(node), self.encode_neighbourhood(node))
 
     def friend_states(
         self,
