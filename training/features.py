@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from friendrec.config import FeatureSettings, Settings
 from friendrec.contract import (
@@ -92,8 +94,6 @@ def _pad_list_column(
 ) -> np.ndarray:
     """``_pad`` of an Arrow list column, by array operations: the first ``width`` values of each
     row, ``fill`` after them; a missing row takes ``default``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -184,6 +184,8 @@ class FeatureTable:
                 raise RuntimeError("the offline store did not return exactly one row per user")
             part = cls.from_arrow(table, spec, data.contract)
             del table
+            # Arrow keeps freed buffers for reuse (friendrec.data.canonical.load_prepared).
+            pa.default_memory_pool().release_unused()
             # Filled in place: concatenating the chunks would hold the table twice at its peak.
             if out is None:
                 out = cls(**{f.name: _empty_like(getattr(part, f.name), n) for f in fields(cls)})
