@@ -404,13 +404,16 @@ def build_features(
     because incremental materialization only looks forward.
     """
     paths = DatasetPaths.of(settings, dataset)
-    data = load_prepared(paths)
+    on_ray = resolve_engine(settings, engine) == "ray"
+    data = load_prepared(paths, friendships=not on_ray)  # Ray tasks read them in partitions
     as_of = data.meta.train_cutoff_ts if as_of is None else int(as_of)
     write_atomic(profile_table(data, settings), paths.profile_source)
-    if resolve_engine(settings, engine) == "ray":
+    if on_ray:
         from feature_repo.jobs.graph_features_ray import compute_graph_features_ray
 
-        features = compute_graph_features_ray(data, as_of, settings, show_progress)
+        features = compute_graph_features_ray(
+            data, paths.friendships, as_of, settings, show_progress
+        )
     else:
         features = compute_graph_features(data, as_of, settings, show_progress)
 

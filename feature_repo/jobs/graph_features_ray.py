@@ -1,12 +1,16 @@
 """The graph-feature job on Ray: the same kernel as the local job, one Ray task per user range.
 
-The driver builds the training graph's CSR (16 bytes per directed friendship) and puts the
-per-user profile side (``GraphJobInputs``) in the object store once; each task gets its users'
-friend lists and computes their rows with ``partition_features``, the very function the local
-job runs over all users. Users are split into contiguous ranges of about equal work (friend
-lists plus sparse-bag products), so one heavy user cannot hold up a partition much longer than
-the others. The delta against the stored snapshot and the parquet write stay on the driver:
-they are vectorised and take seconds at a million users (docs/scaling.md).
+The friendships are read where they are, in partitions: no process holds the whole graph. Reader
+tasks each read some row groups of the prepared friendships file (the training split as of the
+cutoff, both directions) twice: first to count each user's work (friend lists plus sparse-bag
+products, for contiguous user ranges of about equal work, so one heavy user cannot hold up a
+partition much longer than the others), then to route every directed friendship to the range of
+its owner (a shuffle through the object store). Each range task assembles its users' friend
+lists into exactly the CSR rows the local job builds and runs ``partition_features``, the very
+function the local job runs over all users. The driver holds O(users) only: the profile side
+(``GraphJobInputs``, put in the object store once), the work counts and the result; the delta
+against the stored snapshot and the parquet write stay on it (vectorised, seconds at a million
+users; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from feature_repo.jobs.graph_features import (
@@ -25,10 +31,9 @@ from feature_repo.jobs.graph_features import (
     _blocks,
     assemble,
     partition_features,
-    training_adjacency,
 )
 from friendrec.config import Settings
-from friendrec.data.canonical import PreparedDataset
+from friendrec.data.canonical import SPLITS, PreparedDataset, read_friendships
 from friendrec.engine import ray_partitions, ray_session
 from friendrec.logs import progress_disabled
 
@@ -36,44 +41,63 @@ log = logging.getLogger(__name__)
 
 
 def user_ranges(indptr: np.ndarray, indices: np.ndarray, bag_lengths: np.ndarray, parts: int):
-    """Contiguous row ranges of about equal work: each friendship costs its row 1 plus the
-    friend's sparse-bag length (the products of the bag step)."""
+    """Contiguous row ranges of about equal work (``ranges_of_work``) from a CSR."""
     rows_n = len(indptr) - 1
     rows = np.repeat(np.arange(rows_n), np.diff(indptr))
-    work = np.bincount(rows, weights=1.0 + bag_lengths[indices], minlength=rows_n) + 1.0
+    work = np.bincount(rows, weights=1.0 + bag_lengths[indices], minlength=rows_n)
+    return ranges_of_work(work, parts)
+
+
+def ranges_of_work(work: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges of about equal work: each friendship costs its row 1 plus the
+    friend's sparse-bag length (the products of the bag step), each user 1 more."""
+    work = work + 1.0
     budget = max(float(work.sum()) / max(parts, 1), 1.0)
     return list(itertools.pairwise(_blocks(work, budget)))
 
 
 def compute_graph_features_ray(
-    data: PreparedDataset, as_of: int, settings: Settings, show_progress: bool = True
+    data: PreparedDataset,
+    friendships: Path,
+    as_of: int,
+    settings: Settings,
+    show_progress: bool = True,
 ) -> GraphFeatures:
-    """Graph features of every user, computed by Ray tasks over user ranges (equal to the local
-    job's: the same kernel on the same rows)."""
+    """Graph features of every user, computed by Ray tasks over user ranges from the
+    ``friendships`` file read in row-group partitions (equal to the local job's: the same kernel
+    on the same rows). ``data`` may be loaded without its friendships."""
     import ray
 
     with ray_session(settings):
         started = time.perf_counter()
-        adj = training_adjacency(data, as_of)
         inputs = GraphJobInputs.of(data, settings)
         inputs_ref = ray.put(inputs)
-        ranges = user_ranges(
-            adj.indptr, adj.indices, np.diff(inputs.bags.indptr), ray_partitions(settings)
-        )
-        task = ray.remote(_partition_task)
+        ids_ref = ray.put(data.user_ids)
+        slices = row_group_slices(friendships, ray_partitions(settings))
+        work_task = ray.remote(_work_task)
+        bag_lengths = ray.put(np.diff(inputs.bags.indptr))
+        work = np.zeros(len(data.user_ids), dtype=np.float64)
+        for ref in [work_task.remote(friendships, g, as_of, ids_ref, bag_lengths) for g in slices]:
+            work += ray.get(ref)
+        ranges = ranges_of_work(work, ray_partitions(settings))
+        del work, bag_lengths
+        bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)
+        route = ray.remote(_route_task).options(num_returns=len(ranges))
+        routed = [route.remote(friendships, g, as_of, ids_ref, bounds) for g in slices]
+        if len(ranges) == 1:
+            routed = [[r] for r in routed]
+        task = ray.remote(_range_task)
         pending = {
-            task.remote(
-                adj.indptr[lo : hi + 1] - adj.indptr[lo],
-                adj.indices[adj.indptr[lo] : adj.indptr[hi]],
-                lo,
-                inputs_ref,
-            ): i
+            task.remote(lo, hi, inputs_ref, *[pieces[i] for pieces in routed]): i
             for i, (lo, hi) in enumerate(ranges)
         }
+        del routed
         log.info(
-            "graph features on Ray: %d users in %d partitions (driver %.1fs)",
+            "graph features on Ray: %d users in %d partitions from %d friendship slices "
+            "(driver %.1fs)",
             len(data.user_ids),
             len(ranges),
+            len(slices),
             time.perf_counter() - started,
         )
         parts: list[PartitionFeatures | None] = [None] * len(ranges)
@@ -89,11 +113,58 @@ def compute_graph_features_ray(
                 parts[i] = ray.get(done[0])
                 lo, hi = ranges[i]
                 bar.update(hi - lo)
-        del inputs_ref
+        del inputs_ref, ids_ref
     return assemble([p for p in parts if p is not None], data.user_ids, data.contract)
 
 
-def _partition_task(
-    indptr: np.ndarray, indices: np.ndarray, first_row: int, inputs: GraphJobInputs
-) -> PartitionFeatures:
-    return partition_features(indptr, indices, first_row, inputs)
+def row_group_slices(path: Path, parts: int) -> list[list[int]]:
+    """The file's row groups in about ``parts`` contiguous slices of about equal rows."""
+    meta = pq.ParquetFile(path).metadata
+    rows = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], float)
+    if not len(rows):
+        return []
+    cuts = _blocks(rows, max(float(rows.sum()) / max(parts, 1), 1.0))
+    return [list(range(a, b)) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+def training_edges_of(
+    path: Path, row_groups: list[int], as_of: int, user_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(owner row, friend row) of both directions of the training friendships created at or
+    before ``as_of`` in some row groups: ``training_adjacency``'s edges, read in a slice."""
+    src, dst, created, split = read_friendships(path, row_groups)
+    keep = (split == SPLITS.index("train")) & (created <= as_of)
+    a, b = np.searchsorted(user_ids, src[keep]), np.searchsorted(user_ids, dst[keep])
+    return np.concatenate([a, b]), np.concatenate([b, a])
+
+
+def _work_task(
+    path: Path, row_groups: list[int], as_of: int, user_ids: np.ndarray, bag_lengths: np.ndarray
+) -> np.ndarray:
+    owner, friend = training_edges_of(path, row_groups, as_of, user_ids)
+    return np.bincount(owner, weights=1.0 + bag_lengths[friend], minlength=len(user_ids))
+
+
+def _route_task(
+    path: Path, row_groups: list[int], as_of: int, user_ids: np.ndarray, bounds: np.ndarray
+) -> tuple[np.ndarray, ...] | np.ndarray:
+    """This slice's directed friendships, one [2, k] array (owner, friend) per user range."""
+    owner, friend = training_edges_of(path, row_groups, as_of, user_ids)
+    bucket = np.searchsorted(bounds, owner, side="right") - 1
+    order = np.argsort(bucket, kind="stable")
+    cuts = np.searchsorted(bucket[order], np.arange(len(bounds)))
+    pieces = tuple(
+        np.stack([owner[order[a:b]], friend[order[a:b]]]) for a, b in itertools.pairwise(cuts)
+    )
+    return pieces if len(pieces) > 1 else pieces[0]
+
+
+def _range_task(lo: int, hi: int, inputs: GraphJobInputs, *pieces: np.ndarray) -> PartitionFeatures:
+    """Users ``lo..hi``: their friend lists as the local job's CSR rows (neighbours sorted
+    within a row, as ``Adjacency.from_edges`` orders them), then the kernel."""
+    edges = np.concatenate(pieces, axis=1) if pieces else np.zeros((2, 0), np.int64)
+    rows, friends = edges[0] - lo, edges[1]
+    order = np.lexsort((friends, rows))
+    indptr = np.zeros(hi - lo + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=hi - lo), out=indptr[1:])
+    return partition_features(indptr, friends[order], lo, inputs)

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +84,9 @@ class PreparedDataset:
     dst: np.ndarray
     created_ts: np.ndarray  # int64 [E] unix seconds
     split: np.ndarray  # int8 [E]: index into SPLITS
+    # False: loaded without its friendships (``load_prepared(friendships=False)``), for a job
+    # that reads them itself, in partitions (the Ray graph job).
+    has_friendships: bool = True
 
     def index_of(self, ids: np.ndarray) -> np.ndarray:
         """User ids -> dense row indices (ids must be known)."""
@@ -90,6 +94,8 @@ class PreparedDataset:
 
     def edges(self, split: str, as_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(src, dst) user ids of one split, optionally only those created at or before as_of."""
+        if not self.has_friendships:
+            raise RuntimeError(f"{self.meta.name} was loaded without its friendships")
         mask = self.split == SPLITS.index(split)
         if as_of is not None:
             mask &= self.created_ts <= as_of
@@ -309,29 +315,29 @@ def read_meta(paths: DatasetPaths) -> DatasetMeta:
     return DatasetMeta.model_validate(json.loads(paths.meta.read_text()))
 
 
-def load_prepared(paths: DatasetPaths) -> PreparedDataset:
-    """Load a prepared dataset into numpy arrays (columnar, no per-row Python)."""
-    prepared = _read_prepared(paths)
+def load_prepared(paths: DatasetPaths, friendships: bool = True) -> PreparedDataset:
+    """Load a prepared dataset into numpy arrays (columnar, no per-row Python); without its
+    ``friendships`` (O(edges)) for a job that reads them in partitions (``read_friendships``)."""
+    prepared = _read_prepared(paths, friendships)
     # Arrow's allocator keeps the decoding buffers it freed for reuse: at 1M users 0.7 GB, more
     # than the arrays themselves, held for the whole training run (docs/scaling.md).
     pa.default_memory_pool().release_unused()
     return prepared
 
 
-def _read_prepared(paths: DatasetPaths) -> PreparedDataset:
+def _read_prepared(paths: DatasetPaths, with_friendships: bool) -> PreparedDataset:
     meta = read_meta(paths)
     features = contract.load(paths.data_dir)
     users = pq.read_table(paths.users)
-    friendships = pq.read_table(paths.friendships)
     profile = np.zeros((users.num_rows, len(features.profile_scalars)), dtype=np.float32)
     for j, name in enumerate(features.profile_scalar_names):
         profile[:, j] = users.column(name).to_numpy()
     offsets, values = list_array_to_csr(users.column(contract.SPARSE_IDS.name))
-    split_column = friendships.column("split").combine_chunks()
-    split_codes = pc.index_in(split_column.cast(pa.string()), pa.array(SPLITS)).to_numpy()
-    created = (
-        friendships.column(contract.CREATED_TIMESTAMP).cast(pa.int64()).to_numpy() // 1_000_000
-    )
+    if with_friendships:
+        src, dst, created, split_codes = read_friendships(paths.friendships)
+    else:
+        src = dst = created = np.zeros(0, dtype=np.int64)
+        split_codes = np.zeros(0, dtype=np.int8)
     return PreparedDataset(
         meta=meta,
         contract=features,
@@ -339,10 +345,32 @@ def _read_prepared(paths: DatasetPaths) -> PreparedDataset:
         profile=profile,
         sparse_offsets=offsets,
         sparse_values=values,
-        src=friendships.column("src").to_numpy(),
-        dst=friendships.column("dst").to_numpy(),
-        created_ts=created.astype(np.int64),
-        split=split_codes.astype(np.int8),
+        src=src,
+        dst=dst,
+        created_ts=created,
+        split=split_codes,
+        has_friendships=with_friendships,
+    )
+
+
+def read_friendships(
+    path: Path, row_groups: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(src, dst, created unix seconds, split code) of a prepared friendships file, or of some of
+    its row groups (a partitioned reader's share)."""
+    columns = ["src", "dst", "split", contract.CREATED_TIMESTAMP]
+    if row_groups is None:
+        table = pq.read_table(path, columns=columns)
+    else:
+        table = pq.ParquetFile(path).read_row_groups(list(row_groups), columns=columns)
+    split_column = table.column("split").combine_chunks()
+    split_codes = pc.index_in(split_column.cast(pa.string()), pa.array(SPLITS)).to_numpy()
+    created = table.column(contract.CREATED_TIMESTAMP).cast(pa.int64()).to_numpy() // 1_000_000
+    return (
+        table.column("src").to_numpy(),
+        table.column("dst").to_numpy(),
+        created.astype(np.int64),
+        split_codes.astype(np.int8),
     )
 
 
