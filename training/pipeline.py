@@ -144,17 +144,22 @@ def embed_all(
         return np.zeros((0, tower.output_dim), np.float32)
     chunks = [np.arange(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
     node_states = tf.function(tower.node_states, reduce_retracing=True)
-    states = np.concatenate([node_states(node_features(table, rows)).numpy() for rows in chunks])
+    states: np.ndarray | None = None  # filled in place: a list of chunks held it twice
+    for rows in chunks:
+        part = node_states(node_features(table, rows)).numpy()
+        if states is None:
+            states = np.empty((n, part.shape[1]), dtype=part.dtype)
+        states[rows] = part
 
     @tf.function(reduce_retracing=True)
     def vectors(h_self, friend_states, mask, degree):
         unit = tower.readout(h_self, friend_states, mask)
         return tower.candidate_vectors(unit, {"self_degree": degree})
 
-    out = []
+    out = np.empty((n, tower.output_dim), dtype=np.float32)
     for rows in chunks:
         neighbours = sample_neighbours(table, rows, fanout, rng=None)
         mask = (neighbours >= 0).astype(np.float32)
         friends = states[np.maximum(neighbours, 0)]
-        out.append(vectors(states[rows], friends, mask, table.degree[rows]).numpy())
-    return np.concatenate(out)
+        out[rows] = vectors(states[rows], friends, mask, table.degree[rows]).numpy()
+    return out
