@@ -34,6 +34,7 @@ from friendrec.config import Settings
 from friendrec.data.canonical import files_present, prepare
 from friendrec.paths import DatasetPaths
 from training import evaluation as ev
+from training.optimizer import make_optimizer
 from training.pipeline import embed_all
 from training.runs import KS, baseline_topks, compare_to
 from training.train import TrainingContext, train
@@ -85,7 +86,7 @@ def interleaved_step_times(
     for objective in objectives:
         cfg = cfg0.model_copy(update={"objective": objective})
         model = SSMTLModel(ctx.build_tower(cfg), loss_config(cfg), seed=cfg.seed)
-        step = make_train_step(model, tf.keras.optimizers.Adam(cfg.learning_rate))
+        step = make_train_step(model, make_optimizer(cfg.learning_rate))
         step(fixed[0])  # trace
         steps[objective] = step
     times: dict[str, list[float]] = {o: [] for o in objectives}

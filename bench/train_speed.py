@@ -12,7 +12,9 @@ settings' training configuration:
   pooled lookups);
 - **parts**: the step taken apart, per variant (ms per batch): the friends' layer-1 states
   (forward), the whole loss (forward: + the anchors' layers 1-2, retrieval and auxiliary losses),
-  the loss with its gradients, the step with Adam; optionally a TensorFlow profile's top ops;
+  the loss with its gradients, the step with the optimizer (``LazyAdam``; also the step with
+  tf_keras' Adam, which updates every row of a sparse-gradient table); optionally a TensorFlow
+  profile's top ops;
   whether the loss and gradients compile with ``jit_compile=True`` (XLA);
 - **loop**: generator and step together as `friendrec train` runs them (an epoch's batches,
   every one new), also with train's per-step progress reads;
@@ -128,15 +130,14 @@ def _load(settings: Settings, cfg: TrainSpeedConfig):
 
 
 def _model(ctx, train_cfg: TrainingSettings, share_states: bool):
-    import tensorflow as tf
-
     from training.model import SSMTLModel
+    from training.optimizer import make_optimizer
     from training.train import loss_config
 
     model = SSMTLModel(
         ctx.build_tower(train_cfg), loss_config(train_cfg), seed=0, share_states=share_states
     )
-    return model, tf.keras.optimizers.Adam(train_cfg.learning_rate)
+    return model, make_optimizer(train_cfg.learning_rate)
 
 
 def _part_functions(model, optimizer) -> dict[str, Callable]:
@@ -314,9 +315,14 @@ def run(settings: Settings, cfg: TrainSpeedConfig, output: Path) -> dict[str, An
     models = {name: _model(ctx, train_cfg, share) for name, share in MODEL_VARIANTS.items()}
     parts = {name: _part_functions(*pair) for name, pair in models.items()}
     steps = {name: make_train_step(*pair) for name, pair in models.items()}
+    # The optimizer lever: tf_keras' Adam updates every row of a sparse-gradient table each step.
+    shared_model = models["shared"][0]
+    dense_adam = tf.keras.optimizers.Adam(train_cfg.learning_rate)
+    dense_adam_step = make_train_step(shared_model, dense_adam)
     for name in models:
         for fn in (*parts[name].values(), steps[name]):
             _warm(fn, batches, cfg.warmup)
+    _warm(dense_adam_step, batches, cfg.warmup)
 
     jit = {name: _jit_compile(model, batches[0]) for name, (model, _) in models.items()}
     for name, outcome in jit.items():
@@ -332,6 +338,8 @@ def run(settings: Settings, cfg: TrainSpeedConfig, output: Path) -> dict[str, An
             for part, fn in fns.items():
                 rate = _timed(map(fn, batches), cfg.batches, batch_size)
                 samples[f"parts/{name}/{part}"].append(rate)
+        rate = _timed(map(dense_adam_step, batches), cfg.batches, batch_size)
+        samples["parts/shared/step with tf_keras Adam"].append(rate)
         for name, step in steps.items():
             samples[f"loop/{name}"].append(_loop(sampler, step, cfg.batches, 1))
         model = models["shared"][0]
@@ -362,6 +370,11 @@ def run(settings: Settings, cfg: TrainSpeedConfig, output: Path) -> dict[str, An
     levers = [
         ("step alone, reference (per occurrence)", "parts/reference/step", "parts/reference/step"),
         ("step alone, shared (default)", "parts/shared/step", "parts/reference/step"),
+        (
+            "step alone, shared, tf_keras Adam (every row each step)",
+            "parts/shared/step with tf_keras Adam",
+            "parts/shared/step",
+        ),
         ("loop (generator + step), reference", "loop/reference", "loop/reference"),
         ("loop (generator + step), shared", "loop/shared", "loop/reference"),
         ("loop, shared, train's progress reads", "loop/shared+progress", "loop/shared"),

@@ -28,6 +28,7 @@ from friendrec.paths import DatasetPaths
 from training.evaluation import EvalSet, per_user_metrics, topk_from_embeddings
 from training.features import FeatureTable, InputSpec
 from training.model import LossConfig, SSMTLModel
+from training.optimizer import make_optimizer
 from training.pipeline import PairSampler, embed_all
 from training.tower import UserTower
 
@@ -271,7 +272,7 @@ def _train(
     with cluster.strategy.scope() if cluster else contextlib.nullcontext():
         tower = ctx.build_tower(cfg)
         model = SSMTLModel(tower, loss_config(cfg), seed=cfg.seed + 7919 * shard)
-        optimizer = tf.keras.optimizers.Adam(cfg.learning_rate)
+        optimizer = make_optimizer(cfg.learning_rate)
     sampler = PairSampler(
         ctx.data,
         ctx.table,
