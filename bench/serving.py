@@ -119,14 +119,15 @@ def ensure_model(settings: Settings, dataset: str, train_steps: int) -> int:
     return int(export_run(ctx, result.model_dir, "ssmtl").name)
 
 
-def service_process(settings: Settings) -> FriendrecProcess:
-    """`friendrec serve` as a child process, ready once its health check says SERVING."""
+def service_process(settings: Settings, timeout: float = 60.0) -> FriendrecProcess:
+    """`friendrec serve` as a child process, ready once its health check says SERVING (within
+    ``timeout`` seconds)."""
 
     def serving() -> bool:
         with RecommenderClient(settings, timeout_s=1.0) as client:
             return client.health() == "SERVING"
 
-    return FriendrecProcess(settings, ["serve"], settings.workdir, ready=serving)
+    return FriendrecProcess(settings, ["serve"], settings.workdir, ready=serving, timeout=timeout)
 
 
 def _server_timing(call: Any) -> dict[str, float]:

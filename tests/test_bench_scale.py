@@ -23,7 +23,11 @@ def test_models_use_only_successful_stages_of_each_engine(capsys):
     report = {
         "sizes": {
             "250000": {
-                "local": {"prepare": _stage(5), "features_build": _stage(20)},
+                "local": {
+                    "prepare": _stage(5),
+                    "features_build": _stage(20),
+                    "serving": {"end_to_end": {"p50_ms": 12.5, "p99_ms": 31.0}},
+                },
                 "ray": {"features_build": _stage(30)},
             },
             "1000000": {
@@ -40,6 +44,7 @@ def test_models_use_only_successful_stages_of_each_engine(capsys):
     print_table(report)
     out = capsys.readouterr().err
     assert "failed" in out and "1.50x" in out  # 30 / 20 at 250k
+    assert "p99 31.0 ms" in out  # the serving stage is the table's caption, not a timed row
 
 
 def test_cli_rejects_unknown_stages_and_engines():
@@ -74,8 +79,9 @@ def test_previous_reports_merge_stage_by_stage(tmp_path, settings):
 def test_reuse_needs_an_earlier_workdir_and_halves_distributed_steps(settings, tmp_path):
     from bench.scale import run, train_steps_per_worker
 
-    cfg = ScaleBenchConfig(sizes=(1000,), engines=("local",), stages=("train",), reuse=True)
-    with pytest.raises(FileNotFoundError, match="--reuse"):
-        run(settings.model_copy(update={"workdir": tmp_path}), cfg, tmp_path / "r.json")
+    for stages in (("train",), ("serving",)):
+        cfg = ScaleBenchConfig(sizes=(1000,), engines=("local",), stages=stages, reuse=True)
+        with pytest.raises(FileNotFoundError, match="--reuse"):
+            run(settings.model_copy(update={"workdir": tmp_path}), cfg, tmp_path / "r.json")
     assert train_steps_per_worker(ScaleBenchConfig(train_steps=200, train_workers=2)) == 100
     assert train_steps_per_worker(ScaleBenchConfig(train_steps=1, train_workers=4)) == 1

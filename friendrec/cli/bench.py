@@ -268,7 +268,8 @@ def scale(
         "all",
         "--stages",
         help="Stages to run, comma-separated (features_build, materialize, train, export, "
-        "index_build; prepare always runs) or 'all'. A stage's dependents need it.",
+        "index_build, serving; prepare always runs) or 'all'. A stage's dependents need it; "
+        "with --reuse, serving alone measures the index an earlier run built.",
     ),
     previous: list[Path] = typer.Option(
         [],
