@@ -196,6 +196,8 @@ def bench_engine(
                 continue
         elif name != "apply" and name not in cfg.stages:
             return results, data_dir
+        if name == "train":  # a fresh run: an earlier run's folder would be resumed, not trained
+            shutil.rmtree(s.workdir / "models", ignore_errors=True)
         results[name] = run_stage(s, name, args, logs)
         if not results[name].ok:
             return results, data_dir
