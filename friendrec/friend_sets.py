@@ -25,6 +25,8 @@ from friendrec.paths import DatasetPaths
 
 log = logging.getLogger(__name__)
 
+SEED_CHUNK = 500_000  # directed friendships per insert batch when seeding
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS friends (
     user_id INTEGER NOT NULL,
@@ -81,9 +83,10 @@ class FriendState:
 
         ``if_empty``: only when never seeded, decided inside the write transaction, so members
         starting together on a new store seed it once and never wipe each other's events."""
-        pairs = np.concatenate([np.stack([src, dst], axis=1), np.stack([dst, src], axis=1)]).astype(
-            np.int64
-        )
+        users = np.concatenate([src, dst]).astype(np.int64)
+        friends = np.concatenate([dst, src]).astype(np.int64)
+        order = np.lexsort((friends, users))  # key order: sequential B-tree inserts
+        users, friends = users[order], friends[order]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -91,18 +94,24 @@ class FriendState:
                     self._db.execute("ROLLBACK")
                     return 0
                 self._db.execute("DELETE FROM friends")
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO friends VALUES (?, ?)", map(tuple, pairs.tolist())
-                )
+                # In chunks: the whole graph as Python tuples was ~14 GB at 5M users (50M
+                # friendships), which killed the service that seeded it (docs/scaling.md).
+                for lo in range(0, len(users), SEED_CHUNK):
+                    rows = zip(
+                        users[lo : lo + SEED_CHUNK].tolist(),
+                        friends[lo : lo + SEED_CHUNK].tolist(),
+                        strict=True,
+                    )
+                    self._db.executemany("INSERT OR IGNORE INTO friends VALUES (?, ?)", rows)
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seeded_from', ?)", (source,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         log.info(
-            "friend state %s seeded from %s: %d directed friendships", self.path, source, len(pairs)
+            "friend state %s seeded from %s: %d directed friendships", self.path, source, len(users)
         )
-        return len(pairs)
+        return len(users)
 
     def apply(self, changes: Iterable[tuple[str, int, int]]) -> None:
         """Apply (op, user_id, friend_id) in order, atomically (one transaction)."""

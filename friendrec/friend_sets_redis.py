@@ -18,6 +18,7 @@ import redis
 log = logging.getLogger(__name__)
 
 SEED_LOCK_S = 600
+SEED_USERS_PER_ROUND_TRIP = 10_000  # users per pipeline flush when seeding
 
 
 def connect(connection_string: str) -> redis.Redis:
@@ -73,11 +74,13 @@ class RedisFriendState:
         for key in self.client.scan_iter(f"{self.namespace}:friends:*", count=1000):
             pipe.delete(key)
         pipe.execute()
-        for user_chunk, friend_chunk in zip(
-            np.split(users, bounds), np.split(friends, bounds), strict=True
-        ):
-            if len(user_chunk):
-                pipe.sadd(self._key(user_chunk[0]), *friend_chunk.tolist())
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(users)]])
+        for i, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            if hi > lo:
+                pipe.sadd(self._key(users[lo]), *friends[lo:hi].tolist())
+            if (i + 1) % SEED_USERS_PER_ROUND_TRIP == 0:  # a pipeline buffers every command
+                pipe.execute()
         pipe.set(self._meta, source)
         pipe.delete(self._lock)
         pipe.execute()

@@ -77,6 +77,9 @@ VECTOR_FIELD = "embedding"
 VERSION_FIELD = "model_version"
 UPDATED_FIELD = "updated_at"
 METRIC = "IP"
+# Deadline of loading a collection at start-up (``load_live``): 5M users' vectors and HNSW graph
+# do not load within a service's search deadline of a second (docs/scaling.md).
+LOAD_TIMEOUT_S = 600.0
 
 BUILDING = "building"
 READY = "ready"
@@ -423,9 +426,16 @@ class EmbeddingIndex:
         )
         return int(result[0]["count(*)"])
 
-    def load(self, collection: str) -> None:
-        """Load a collection into memory and wait until it is searchable."""
-        self._rpc("load_collection", self.client.load_collection, collection)
+    def load(self, collection: str, timeout: float | None = None) -> None:
+        """Load a collection into memory and wait until it is searchable (within ``timeout``,
+        default the index's: a service's search deadline is far too short for millions of
+        vectors, see ``LOAD_TIMEOUT_S``)."""
+        self._rpc(
+            "load_collection",
+            self.client.load_collection,
+            collection,
+            timeout=timeout or self.timeout,
+        )
 
     def finish(self, collection: str, rows: int) -> None:
         """Seal a build: flush, wait for the index, load, check that exactly ``rows`` users are
@@ -480,14 +490,16 @@ class EmbeddingIndex:
             self.alias, collection, meta.version, meta.dataset, meta.dim, meta.schema_hash
         )
 
-    def load_live(self) -> LiveIndex | None:
+    def load_live(self, timeout: float | None = LOAD_TIMEOUT_S) -> LiveIndex | None:
         """Load the live collection if it was released (milvus-lite forgets load state when it
         restarts, i.e. in file mode in every new process): services call this at start-up so
         their first search does not pay for the load within its deadline."""
         live = self.live()
         if live is not None and not self.is_loaded(live.collection):
             log.info("loading the live collection %s", live.collection)
-            self.load(live.collection)
+            started = time.monotonic()
+            self.load(live.collection, timeout)
+            log.info("loaded %s in %.1fs", live.collection, time.monotonic() - started)
         return live
 
     def promote(self, version: int) -> LiveIndex:

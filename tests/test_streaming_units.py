@@ -136,6 +136,27 @@ def test_friend_state_application_is_idempotent(state_factory):
     reopened.close()
 
 
+def test_seeding_in_small_batches_stores_every_friendship(state_factory, monkeypatch):
+    """Seeds go in bounded batches (the whole graph at once held ~14 GB at 5M users): with
+    batches of 3 rows / 2 users the store holds exactly the graph's friend sets."""
+    from friendrec import friend_sets, friend_sets_redis
+
+    monkeypatch.setattr(friend_sets, "SEED_CHUNK", 3)
+    monkeypatch.setattr(friend_sets_redis, "SEED_USERS_PER_ROUND_TRIP", 2)
+    rng = np.random.default_rng(5)
+    src, dst = rng.integers(0, 40, 60), rng.integers(40, 80, 60)  # duplicates included
+    state = state_factory()
+    assert state.seed(src, dst, "graph") == 120
+    want: dict[int, set[int]] = {u: set() for u in range(80)}
+    for a, b in zip(src.tolist(), dst.tolist(), strict=True):
+        want[a].add(b)
+        want[b].add(a)
+    got = state.friends(list(range(80)))
+    assert {u: set(f) for u, f in got.items()} == want
+    assert state.count() == sum(len(f) for f in want.values())
+    state.close()
+
+
 def test_redis_connection_strings_are_feasts():
     from friendrec.friend_sets_redis import connect
 
