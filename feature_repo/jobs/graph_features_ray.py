@@ -1,16 +1,17 @@
 """The graph-feature job on Ray: the same kernel as the local job, one Ray task per user range.
 
 The friendships are read where they are, in partitions: no process holds the whole graph. Reader
-tasks each read some row groups of the prepared friendships file (the training split as of the
-cutoff, both directions) twice: first to count each user's work (friend lists plus sparse-bag
-products, for contiguous user ranges of about equal work, so one heavy user cannot hold up a
-partition much longer than the others), then to route every directed friendship to the range of
-its owner (a shuffle through the object store). Each range task assembles its users' friend
-lists into exactly the CSR rows the local job builds and runs ``partition_features``, the very
-function the local job runs over all users. The driver holds O(users) only: the profile side
-(``GraphJobInputs``, put in the object store once), the work counts and the result; the delta
-against the stored snapshot and the parquet write stay on it (vectorised, seconds at a million
-users; docs/scaling.md).
+tasks each read a slice of the prepared friendships file's row groups once (the training split as
+of the cutoff, both directions) and route every directed friendship to the bucket of its owner
+(contiguous buckets of equal user counts, several per partition: a shuffle through the object
+store), counting each bucket's work on the way (friend lists plus sparse-bag products). The
+driver then groups consecutive buckets into user ranges of about equal work, so one heavy user
+cannot hold up a partition much longer than the others, and one task per range assembles its
+users' friend lists into exactly the CSR rows the local job builds and runs
+``partition_features``, the very function the local job runs over all users. The driver holds
+O(users) only: the profile side (``GraphJobInputs``, put in the object store once) and the
+result; the delta against the stored snapshot and the parquet write stay on it (vectorised,
+seconds at a million users; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from friendrec.engine import ray_partitions, ray_session
 from friendrec.logs import progress_disabled
 
 log = logging.getLogger(__name__)
+
+# Owner buckets per partition: the granularity at which ranges are balanced by work.
+BUCKETS_PER_PARTITION = 8
 
 
 def user_ranges(indptr: np.ndarray, indices: np.ndarray, bag_lengths: np.ndarray, parts: int):
@@ -73,23 +77,29 @@ def compute_graph_features_ray(
         inputs = GraphJobInputs.of(data, settings)
         inputs_ref = ray.put(inputs)
         ids_ref = ray.put(data.user_ids)
-        slices = row_group_slices(friendships, ray_partitions(settings))
-        work_task = ray.remote(_work_task)
-        bag_lengths = ray.put(np.diff(inputs.bags.indptr))
-        work = np.zeros(len(data.user_ids), dtype=np.float64)
-        for ref in [work_task.remote(friendships, g, as_of, ids_ref, bag_lengths) for g in slices]:
-            work += ray.get(ref)
-        ranges = ranges_of_work(work, ray_partitions(settings))
-        del work, bag_lengths
-        bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)
-        route = ray.remote(_route_task).options(num_returns=len(ranges))
-        routed = [route.remote(friendships, g, as_of, ids_ref, bounds) for g in slices]
-        if len(ranges) == 1:
-            routed = [[r] for r in routed]
+        bags_ref = ray.put(np.diff(inputs.bags.indptr))
+        partitions = ray_partitions(settings)
+        slices = row_group_slices(friendships, partitions)
+        n = len(data.user_ids)
+        buckets = min(max(n, 1), BUCKETS_PER_PARTITION * partitions)
+        bounds = np.linspace(0, n, buckets + 1).round().astype(np.int64)
+        route = ray.remote(_route_task).options(num_returns=buckets + 1)
+        routed = [route.remote(friendships, g, as_of, ids_ref, bags_ref, bounds) for g in slices]
+        # Each slice's last return is its work per bucket: small, fetched first.
+        work = np.zeros(buckets)
+        for refs in routed:
+            work += ray.get(refs[-1])
+        groups = ranges_of_work(work + np.diff(bounds), partitions)  # consecutive buckets
+        ranges = [(int(bounds[lo]), int(bounds[hi])) for lo, hi in groups]
         task = ray.remote(_range_task)
         pending = {
-            task.remote(lo, hi, inputs_ref, *[pieces[i] for pieces in routed]): i
-            for i, (lo, hi) in enumerate(ranges)
+            task.remote(
+                ranges[i][0],
+                ranges[i][1],
+                inputs_ref,
+                *[pieces[b] for pieces in routed for b in range(lo, hi)],
+            ): i
+            for i, (lo, hi) in enumerate(groups)
         }
         del routed
         log.info(
@@ -113,7 +123,7 @@ def compute_graph_features_ray(
                 parts[i] = ray.get(done[0])
                 lo, hi = ranges[i]
                 bar.update(hi - lo)
-        del inputs_ref, ids_ref
+        del inputs_ref, ids_ref, bags_ref
     return assemble([p for p in parts if p is not None], data.user_ids, data.contract)
 
 
@@ -138,17 +148,16 @@ def training_edges_of(
     return np.concatenate([a, b]), np.concatenate([b, a])
 
 
-def _work_task(
-    path: Path, row_groups: list[int], as_of: int, user_ids: np.ndarray, bag_lengths: np.ndarray
-) -> np.ndarray:
-    owner, friend = training_edges_of(path, row_groups, as_of, user_ids)
-    return np.bincount(owner, weights=1.0 + bag_lengths[friend], minlength=len(user_ids))
-
-
 def _route_task(
-    path: Path, row_groups: list[int], as_of: int, user_ids: np.ndarray, bounds: np.ndarray
-) -> tuple[np.ndarray, ...] | np.ndarray:
-    """This slice's directed friendships, one [2, k] array (owner, friend) per user range."""
+    path: Path,
+    row_groups: list[int],
+    as_of: int,
+    user_ids: np.ndarray,
+    bag_lengths: np.ndarray,
+    bounds: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """This slice's directed friendships, one [2, k] array (owner, friend) per bucket of owners
+    (``bounds``), then the buckets' work (``ranges_of_work``'s measure)."""
     owner, friend = training_edges_of(path, row_groups, as_of, user_ids)
     bucket = np.searchsorted(bounds, owner, side="right") - 1
     order = np.argsort(bucket, kind="stable")
@@ -156,7 +165,8 @@ def _route_task(
     pieces = tuple(
         np.stack([owner[order[a:b]], friend[order[a:b]]]) for a, b in itertools.pairwise(cuts)
     )
-    return pieces if len(pieces) > 1 else pieces[0]
+    work = np.bincount(bucket, weights=1.0 + bag_lengths[friend], minlength=len(bounds) - 1)
+    return (*pieces, work)
 
 
 def _range_task(lo: int, hi: int, inputs: GraphJobInputs, *pieces: np.ndarray) -> PartitionFeatures:
