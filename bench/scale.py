@@ -219,7 +219,11 @@ def bench_engine(
                 logs,
             )
         if serve and results.get("index_build", StageResult(0, 0, True, "")).ok:
-            results["serving"] = measure_serving(s_lite, size, cfg)  # type: ignore[assignment]
+            try:
+                results["serving"] = measure_serving(s_lite, size, cfg)  # type: ignore[assignment]
+            except RuntimeError as exc:  # the stages measured before it are still reported
+                log.error("serving: %s", exc)
+                results["serving"] = {"error": str(exc)}  # type: ignore[assignment]
     finally:
         lite.stop()
     return results, data_dir
@@ -328,7 +332,7 @@ def print_table(report: dict[str, Any]) -> None:
             per_m = f"{secs['local'] * 1e6 / int(size):.1f}" if "local" in secs else "-"
             table.add_row(stage, *cells, ratio, per_m)
         serving = engines.get("local", {}).get("serving")
-        if serving:
+        if serving and "end_to_end" in serving:
             e2e = serving["end_to_end"]
             table.caption = f"Recommend p50 {e2e['p50_ms']:.1f} ms, p99 {e2e['p99_ms']:.1f} ms"
         Console(stderr=True).print(table)
