@@ -44,9 +44,10 @@ ENGINES = ("local", "ray")
 # index the build left (local column only).
 BATCH_STAGES = ("prepare", "features_build", "materialize", "train", "export", "index_build")
 STAGES = (*BATCH_STAGES, "serving")
-# How long a `friendrec serve` may take to report SERVING, per million users (milvus-lite loads
-# the collection and its HNSW index first): 60 s did not do for 5M users.
-SERVE_START_S_PER_MILLION = 120.0
+# How long a `friendrec serve` may take to report SERVING, per million users: at 5M users
+# milvus-lite loaded the collection and its HNSW graph in 295 s, and a new friend-set state is
+# seeded with 85M directed friendships (~6 min) before the service answers.
+SERVE_START_S_PER_MILLION = 300.0
 
 
 @dataclass(frozen=True)
