@@ -222,7 +222,7 @@ def bench_engine(
         if serve and results.get("index_build", StageResult(0, 0, True, "")).ok:
             try:
                 results["serving"] = measure_serving(s_lite, size, cfg)  # type: ignore[assignment]
-            except RuntimeError as exc:  # the stages measured before it are still reported
+            except Exception as exc:  # the stages measured before it are still reported
                 log.error("serving: %s", exc)
                 results["serving"] = {"error": str(exc)}  # type: ignore[assignment]
     finally:
