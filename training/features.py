@@ -94,7 +94,6 @@ def _pad_list_column(
 ) -> np.ndarray:
     """``_pad`` of an Arrow list column, by array operations: the first ``width`` values of each
     row, ``fill`` after them; a missing row takes ``default``."""
-
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if column.null_count:
