@@ -12,7 +12,7 @@ from conftest import make_settings
 from musae_files import prepare_all_train
 
 from feature_repo.jobs.graph_features import GraphFeatures, build_features, compute_graph_features
-from feature_repo.jobs.graph_features_ray import compute_graph_features_ray, user_ranges
+from feature_repo.jobs.graph_features_ray import compute_graph_features_ray, ranges_of_work
 from friendrec.data.canonical import load_prepared, prepare
 from friendrec.paths import DatasetPaths
 
@@ -69,10 +69,10 @@ def test_ranges_cover_every_user_once_with_balanced_work():
     indptr = np.concatenate([[0], np.cumsum(degree)])
     indices = rng.integers(0, 5000, size=indptr[-1])
     bags = rng.integers(1, 30, size=5000)
-    ranges = user_ranges(indptr, indices, bags, parts=8)
+    rows = np.repeat(np.arange(5000), degree)
+    ranges = ranges_of_work(np.bincount(rows, weights=1.0 + bags[indices], minlength=5000), 8)
     assert ranges[0][0] == 0 and ranges[-1][1] == 5000
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-    rows = np.repeat(np.arange(5000), degree)
     work = np.bincount(rows, weights=1.0 + bags[indices], minlength=5000) + 1.0
     share = np.array([work[lo:hi].sum() for lo, hi in ranges]) / work.sum()
     assert 6 <= len(ranges) <= 9

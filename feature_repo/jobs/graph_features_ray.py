@@ -44,14 +44,6 @@ log = logging.getLogger(__name__)
 BUCKETS_PER_PARTITION = 8
 
 
-def user_ranges(indptr: np.ndarray, indices: np.ndarray, bag_lengths: np.ndarray, parts: int):
-    """Contiguous row ranges of about equal work (``ranges_of_work``) from a CSR."""
-    rows_n = len(indptr) - 1
-    rows = np.repeat(np.arange(rows_n), np.diff(indptr))
-    work = np.bincount(rows, weights=1.0 + bag_lengths[indices], minlength=rows_n)
-    return ranges_of_work(work, parts)
-
-
 def ranges_of_work(work: np.ndarray, parts: int) -> list[tuple[int, int]]:
     """Contiguous row ranges of about equal work: each friendship costs its row 1 plus the
     friend's sparse-bag length (the products of the bag step), each user 1 more."""
