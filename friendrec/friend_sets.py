@@ -167,9 +167,11 @@ def open_state(settings: Settings, seed_if_empty: bool = True) -> FriendSets:
 
 def seed_state(settings: Settings, state: FriendSets, if_empty: bool = False) -> int:
     """(Re)seed from the prepared dataset's training friendships (the batch job's graph)."""
-    from friendrec.data.canonical import load_prepared
+    from friendrec.data.canonical import edge_mask, read_friendships, read_meta
 
-    data = load_prepared(DatasetPaths.of(settings))
-    src, dst = data.edges("train")
-    source = f"{data.meta.name} train split {data.meta.split_sha256[:12]}"
-    return state.seed(src, dst, source, if_empty=if_empty)
+    paths = DatasetPaths.of(settings)
+    meta = read_meta(paths)  # the friendships alone: the users' features are not needed here
+    src, dst, created, split = read_friendships(paths.friendships)
+    train = edge_mask(split, created, "train")
+    source = f"{meta.name} train split {meta.split_sha256[:12]}"
+    return state.seed(src[train], dst[train], source, if_empty=if_empty)

@@ -396,11 +396,19 @@ class UserTower(tf.keras.Model):
         z = self.layer2(tf.concat([h_self, masked_mean(friend_states, mask)], axis=-1))
         return tf.math.l2_normalize(z, axis=-1)
 
-    def node_states(self, node: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Inference layer-1 states of nodes from their own rows: a user's ``h_self`` and, for
-        every user that samples it as a friend, its ``friend_states`` entry (one function of the
-        node's row: what makes layer-by-layer inference over a whole table exact)."""
-        return self.hidden(self.encode_self(node), self.encode_neighbourhood(node))
+    def node_states(
+        self,
+        node: dict[str, tf.Tensor],
+        training: bool = False,
+        id_vector_keep: tf.Tensor | None = None,
+    ) -> tf.Tensor:
+        """Layer-1 states of nodes from their own rows. In inference a user's ``h_self`` and, for
+        every user that samples it as a friend, its ``friend_states`` entry: one function of the
+        node's row, what makes layer-by-layer inference over a whole table exact."""
+        return self.hidden(
+            self.encode_self(node, training=training, id_vector_keep=id_vector_keep),
+            self.encode_neighbourhood(node),
+        )
 
     def friend_states(
         self,
@@ -412,10 +420,7 @@ class UserTower(tf.keras.Model):
         (inference, and the reference for ``shared_friend_states``). ``id_vector_keep``
         [batch, fanout, 1]: the friends' id dropout when already drawn."""
         friend_node = {k[7:]: v for k, v in inputs.items() if k.startswith("friend_")}
-        return self.hidden(
-            self.encode_self(friend_node, training=training, id_vector_keep=id_vector_keep),
-            self.encode_neighbourhood(friend_node),
-        )
+        return self.node_states(friend_node, training, id_vector_keep)
 
     def shared_friend_states(
         self,

@@ -34,7 +34,7 @@ from feature_repo.jobs.graph_features import (
     partition_features,
 )
 from friendrec.config import Settings
-from friendrec.data.canonical import SPLITS, PreparedDataset, read_friendships
+from friendrec.data.canonical import PreparedDataset, edge_mask, read_friendships
 from friendrec.engine import ray_partitions, ray_session
 from friendrec.logs import progress_disabled
 
@@ -135,7 +135,7 @@ def training_edges_of(
     """(owner row, friend row) of both directions of the training friendships created at or
     before ``as_of`` in some row groups: ``training_adjacency``'s edges, read in a slice."""
     src, dst, created, split = read_friendships(path, row_groups)
-    keep = (split == SPLITS.index("train")) & (created <= as_of)
+    keep = edge_mask(split, created, "train", as_of)
     a, b = np.searchsorted(user_ids, src[keep]), np.searchsorted(user_ids, dst[keep])
     return np.concatenate([a, b]), np.concatenate([b, a])
 

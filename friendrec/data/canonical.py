@@ -96,10 +96,19 @@ class PreparedDataset:
         """(src, dst) user ids of one split, optionally only those created at or before as_of."""
         if not self.has_friendships:
             raise RuntimeError(f"{self.meta.name} was loaded without its friendships")
-        mask = self.split == SPLITS.index(split)
-        if as_of is not None:
-            mask &= self.created_ts <= as_of
+        mask = edge_mask(self.split, self.created_ts, split, as_of)
         return self.src[mask], self.dst[mask]
+
+
+def edge_mask(
+    split_codes: np.ndarray, created: np.ndarray, split: str, as_of: int | None = None
+) -> np.ndarray:
+    """Which friendships (``read_friendships``' split codes and created seconds) belong to
+    ``split``, optionally only those created at or before ``as_of``."""
+    mask = split_codes == SPLITS.index(split)
+    if as_of is not None:
+        mask &= created <= as_of
+    return mask
 
 
 def assign_time_and_split(
