@@ -18,6 +18,8 @@ settings' training configuration:
   whether the loss and gradients compile with ``jit_compile=True`` (XLA);
 - **loop**: generator and step together as `friendrec train` runs them (an epoch's batches,
   every one new), also with train's per-step progress reads;
+- **inference**: embedding every user of the table, the tower on each user's own inputs against
+  ``embed_all`` (layer by layer), in users per second;
 - **processes**: the shared loop in a fresh process per setting that must be made before
   TensorFlow starts: op-thread pools (intra / inter) and XLA auto-clustering.
 
@@ -54,6 +56,7 @@ from friendrec.config import Settings, TrainingSettings
 log = logging.getLogger(__name__)
 
 MODEL_VARIANTS = {"reference": False, "shared": True}  # name -> SSMTLModel(share_states=)
+INFERENCE_BATCH = 2048  # users per call of the per-user tower (embed_all's former batch)
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,33 @@ def _jit_compile(model, batch) -> str:
     return "ok"
 
 
+def _inference_timers(ctx, train_cfg: TrainingSettings) -> dict[str, Callable[[], float]]:
+    """Users/s of embedding every user of the table: the tower on each user's own inputs (each
+    friend's layer 1 recomputed for every user that samples it) and ``embed_all`` (layer by
+    layer, each user's layer 1 once)."""
+    import numpy as np
+
+    from training.features import sample_neighbours, tower_inputs
+    from training.pipeline import embed_all
+
+    tower = ctx.build_tower(train_cfg)
+    table, fanout, n = ctx.table, train_cfg.fanout, len(ctx.table)
+
+    def per_user() -> float:
+        started = time.perf_counter()
+        for lo in range(0, n, INFERENCE_BATCH):
+            rows = np.arange(lo, min(lo + INFERENCE_BATCH, n))
+            tower(tower_inputs(table, rows, sample_neighbours(table, rows, fanout, None)))
+        return n / (time.perf_counter() - started)
+
+    def layered() -> float:
+        started = time.perf_counter()
+        embed_all(tower, table, fanout)
+        return n / (time.perf_counter() - started)
+
+    return {"per-user tower": per_user, "layer by layer": layered}
+
+
 def _warm(fn: Callable, batches: list[Any], warmup: int) -> None:
     for batch in _cycle(batches, warmup):
         fn(batch)
@@ -327,9 +357,12 @@ def run(settings: Settings, cfg: TrainSpeedConfig, output: Path) -> dict[str, An
     jit = {name: _jit_compile(model, batches[0]) for name, (model, _) in models.items()}
     for name, outcome in jit.items():
         log.info("jit_compile=True, %s: %s", name, outcome)
+    inference = _inference_timers(ctx, train_cfg)
     samples: dict[str, list[float]] = collections.defaultdict(list)
     for round_ in range(cfg.repeats):
         log.info("round %d of %d", round_ + 1, cfg.repeats)
+        for name, timer in inference.items():
+            samples[f"inference/{name}"].append(timer())
         samples["input/generator"].append(_timed(sampler.epoch(), cfg.batches, batch_size))
         dataset = iter(sampler.dataset())
         next(dataset)  # the pipeline's start is not a per-batch cost
@@ -356,7 +389,8 @@ def run(settings: Settings, cfg: TrainSpeedConfig, output: Path) -> dict[str, An
     def ratio(key: str, base: str) -> float:
         return statistics.median(a / b for a, b in zip(samples[key], samples[base], strict=True))
 
-    ms = {key: 1000 * batch_size / median(key) for key in samples}
+    trained = [key for key in samples if not key.startswith("inference/")]
+    ms = {key: 1000 * batch_size / median(key) for key in trained}
     breakdown = {}
     for name in models:
         p = f"parts/{name}/"
@@ -402,8 +436,13 @@ def run(settings: Settings, cfg: TrainSpeedConfig, output: Path) -> dict[str, An
             for k in ("objective", "batch_size", "fanout", "hidden_dim", "embedding_dim")
         },
         "users": len(ctx.table),
-        "examples_per_s": {key: round(median(key), 1) for key in samples},
+        "examples_per_s": {key: round(median(key), 1) for key in trained},
         "samples": {key: [round(v, 1) for v in values] for key, values in samples.items()},
+        # Every user's index vector (users/s): the tower on each user's inputs vs embed_all.
+        "inference_users_per_s": {
+            name: round(median(f"inference/{name}"), 1) for name in inference
+        },
+        "inference_ratio": round(ratio("inference/layer by layer", "inference/per-user tower"), 2),
         "ms_per_batch": {key: round(v, 2) for key, v in ms.items()},
         "breakdown_ms": {n: {k: round(v, 2) for k, v in b.items()} for n, b in breakdown.items()},
         "jit_compile": jit,
@@ -446,6 +485,13 @@ def print_tables(result: dict[str, Any]) -> None:
             row["lever"], f"{row['examples_per_s']:,.0f}", f"{row['ratio']:.2f}", row["ratio_to"]
         )
     console.print(levers)
+    if result.get("inference_users_per_s"):
+        rates = result["inference_users_per_s"]
+        console.print(
+            "embedding every user (users/s): "
+            + ", ".join(f"{name} {rate:,.0f}" for name, rate in rates.items())
+            + f"; layer by layer / per-user {result['inference_ratio']:.2f}x in the same rounds"
+        )
     for name, outcome in result.get("jit_compile", {}).items():
         console.print(f"loss + gradients with jit_compile=True (XLA), {name}: {outcome}")
     if result.get("top_ops"):
