@@ -104,6 +104,13 @@ class TrainingSettings(BaseModel):
     seed: int = 0
     temperature: float = Field(0.05, gt=0)
     log_q: bool = True
+    log_q_strength: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="How much of the in-batch sampling bias log-Q removes: logits minus "
+        "strength x log(candidate frequency); 1: all of it, 0: none (as log_q off).",
+    )
     popularity_bias: bool = Field(
         True,
         description="Score candidates by cosine + w * log(1 + degree), w learned: the index "

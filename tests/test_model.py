@@ -127,6 +127,23 @@ def test_zero_auxiliary_weights_are_exactly_the_baseline(ctx):
     assert float(full.loss_trackers["retrieval"].result()) == pytest.approx(base_loss, rel=1e-6)
 
 
+def test_log_q_strength_scales_the_sampling_correction(ctx):
+    """Strength 1 is the full log-Q correction (the default, the same run folder), 0 is none
+    (log_q off), and a strength between them is a third loss and a new run."""
+    tower = ctx.build_tower(SMALL)
+    batch = first_batch(ctx)
+
+    def loss(**overrides: object) -> float:
+        return float(SSMTLModel(tower, LossConfig(**overrides), seed=1).compute_loss(batch))
+
+    full, none, half = loss(), loss(log_q=False), loss(log_q_strength=0.5)
+    assert loss(log_q_strength=1.0) == full and loss(log_q_strength=0.0) == none
+    assert len({full, none, half}) == 3
+    assert loss_config(SMALL.model_copy(update={"log_q_strength": 0.5})).log_q_strength == 0.5
+    assert run_name(SMALL) == run_name(SMALL.model_copy(update={"log_q_strength": 1.0}))
+    assert run_name(SMALL) != run_name(SMALL.model_copy(update={"log_q_strength": 0.5}))
+
+
 def test_cca_projector_is_trained_through_the_cca_loss_only(ctx):
     """With ``cca_projector_dim`` the CCA loss scores the projection: the projector gets gradients
     from it, the retrieval loss is untouched and the run keeps the settings' defaults' folder."""

@@ -24,6 +24,9 @@ class LossConfig:
 
     temperature: float = 0.05
     log_q: bool = True
+    # The log-Q correction subtracts strength * log(sampling probability) from each in-batch
+    # logit: 1 removes the popularity sampling bias fully, 0 not at all (the same as log_q off).
+    log_q_strength: float = 1.0
     cca_weight: float = 0.0
     cca_lambda: float = 5e-3
     cca_fraction: float = 0.5  # of the batch's anchors used for the CCA views
@@ -190,7 +193,11 @@ class SSMTLModel(tfrs.Model):
         query = split_inputs(batch, "q/")
         candidate = split_inputs(batch, "c/")
         q, c, q_friends, q_nbr = self.embed_pairs(query, candidate, training)
-        log_q = batch["c_sampling_prob"] if cfg.log_q else None
+        log_q = None
+        if cfg.log_q and cfg.log_q_strength > 0:
+            log_q = batch["c_sampling_prob"]
+            if cfg.log_q_strength != 1.0:  # TFRS subtracts log(p): p ** s subtracts s * log(p)
+                log_q = tf.pow(log_q, cfg.log_q_strength)
         candidates = self.tower.candidate_vectors(c, candidate, exclude=query)
         candidate_ids = batch["c_id"]
         replica = tf.distribute.get_replica_context()

@@ -42,6 +42,7 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
         for k in (
             "temperature",
             "log_q",
+            "log_q_strength",
             "cca_lambda",
             "cca_fraction",
             "cca_projector_dim",
@@ -68,6 +69,7 @@ ADDED_SETTINGS: dict[str, tuple[object, str | None]] = {
     # The global batch (workers x batch_size) and its in-batch negatives change the model.
     "workers": (1, None),
     "val_max_users": (None, None),
+    "log_q_strength": (1.0, None),
 }
 
 

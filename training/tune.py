@@ -3,10 +3,11 @@
 What works depends on the graph (docs/quality.md: CCA-SSG carries the Twitch gain, masked
 reconstruction GitHub's), so the choice is a command a team runs on its own graph. A bounded,
 ordered search: first the auxiliary-loss weights (the single-task baseline among them), then the
-temperature and the embedding width around the best so far. Each trial is an ordinary training
-run (early stopping on validation Recall@50, cached by its settings, so a second `tune` reuses
-finished trials); no trial starts once the time budget would be exceeded by a trial of average
-length. Then the blend of the best model with friends-of-friends is chosen on the same edges.
+log-Q strength, the temperature, the embedding and the id width around the best so far. Each
+trial is an ordinary training run (early stopping on validation Recall@50, cached by its
+settings, so a second `tune` reuses finished trials); no trial starts once the time budget would
+be exceeded by a trial of average length. Then the blend of the best model with
+friends-of-friends is chosen on the same edges.
 
 Writes a settings YAML (``friendrec --config tuned.yaml train`` takes it; ``friendrec up`` serves
 with its blend) and the table of what was tried (markdown and JSON beside it). Test edges are
@@ -47,11 +48,16 @@ WEIGHTS: tuple[tuple[float, float], ...] = (
     (0.05, 0.5),
     (0.5, 1.0),
 )
-# Stage 2, around the best weights: one setting changed at a time.
+# Stage 2, around the best weights: one setting changed at a time, in the order they are
+# worth a trial (a budget stops the list). Half the log-Q correction first: with the learned
+# popularity term the models over-shoot the popularity of cold-start users' friends
+# (docs/quality.md), and a weaker correction leaves popular candidates more penalised.
 NEIGHBOURS: tuple[dict[str, Any], ...] = (
+    {"log_q_strength": 0.5},
     {"temperature": 0.1},
     {"temperature": 0.03},
     {"embedding_dim": 128},
+    {"id_dim": 64},
 )
 
 
