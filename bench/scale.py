@@ -9,8 +9,9 @@ guesses. Both engines get their own workdir and the same prepared graph.
 
 Stages: prepare (once per size), features build, features materialize (sqlite), train (one
 epoch capped at ``--train-steps``; the distributed column runs ``--workers 2`` for half as many
-steps of a twice larger global batch, the same examples), export, index build (milvus-lite
-server), then the retrieval service's latency on the local engine's index.
+steps of a twice larger global batch, the same examples), export, index build (into a
+milvus-lite server, or with ``--milvus standalone`` a real Milvus server), then the retrieval
+service's latency on the local engine's index.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import psutil
 from friendrec.config import Settings
 from friendrec.local_services import (
     MilvusLiteProcess,
+    MilvusStandaloneProcess,
     TFServingProcess,
     child_environment,
     free_port,
@@ -63,6 +65,10 @@ class ScaleBenchConfig:
     # Keep each size's workdir from an earlier run and run only ``stages`` in it (no prepare):
     # a long size can be measured in pieces, e.g. the data stages first, training later.
     reuse: bool = False
+    # The vector database of the index build and serving stages: "lite" (the embedded default's
+    # milvus-lite server) or "standalone" (a real Milvus 2.3 server, the PyPI `milvus` package:
+    # what a deployment past one machine's milvus-lite runs, at one node).
+    milvus: str = "lite"
 
 
 @dataclass
@@ -71,20 +77,38 @@ class StageResult:
     peak_mb: float
     ok: bool
     log: str
+    server_peak_mb: float | None = None  # the Milvus server's own process tree, apart
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "seconds": round(self.seconds, 2),
             "peak_mb": round(self.peak_mb, 1),
             "ok": self.ok,
             "log": self.log,
         }
+        if self.server_peak_mb is not None:
+            out["server_peak_mb"] = round(self.server_peak_mb, 1)
+        return out
 
 
-def run_stage(settings: Settings, name: str, args: list[str], log_dir: Path) -> StageResult:
+def _tree_pss(root: psutil.Process) -> float:
+    try:
+        return sum(_pss(p) for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
+
+
+def run_stage(
+    settings: Settings,
+    name: str,
+    args: list[str],
+    log_dir: Path,
+    server: MilvusLiteProcess | None = None,
+) -> StageResult:
     """``friendrec <args>`` in a child process: wall time and the peak memory of its process
     tree, as the sum of each process's PSS (shared pages, such as Ray's object store mapped by
-    every worker, counted once in total), sampled every 0.5 s (short spikes can be missed)."""
+    every worker, counted once in total), sampled every 0.5 s (short spikes can be missed).
+    ``server``: a Milvus server the stage writes to, whose peak is reported apart."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     env = child_environment(settings, log_dir / f"{name}.settings.yaml")
@@ -96,14 +120,13 @@ def run_stage(settings: Settings, name: str, args: list[str], log_dir: Path) -> 
             stderr=subprocess.STDOUT,
             env=env,
         )
-        peak = 0.0
+        peak = server_peak = 0.0
         root = psutil.Process(proc.pid)
+        server_root = psutil.Process(server.proc.pid) if server and server.proc else None
         while proc.poll() is None:
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(_pss(p) for p in tree))
-            except psutil.Error:
-                pass
+            peak = max(peak, _tree_pss(root))
+            if server_root is not None:
+                server_peak = max(server_peak, _tree_pss(server_root))
             time.sleep(0.5)
     seconds = time.perf_counter() - started
     ok = proc.returncode == 0
@@ -115,7 +138,8 @@ def run_stage(settings: Settings, name: str, args: list[str], log_dir: Path) -> 
         peak / 2**20,
         log_path,
     )
-    return StageResult(seconds, peak / 2**20, ok, str(log_path))
+    server_mb = server_peak / 2**20 if server_root is not None else None
+    return StageResult(seconds, peak / 2**20, ok, str(log_path), server_mb)
 
 
 def _pss(process: psutil.Process) -> float:
@@ -199,6 +223,8 @@ def bench_engine(
             return results, data_dir
         if name == "train":  # a fresh run: an earlier run's folder would be resumed, not trained
             shutil.rmtree(s.workdir / "models", ignore_errors=True)
+        if name == "export":  # versions are immutable: an earlier run's version 1 goes first
+            shutil.rmtree(s.model_base_path / s.serving.model_name / "1", ignore_errors=True)
         results[name] = run_stage(s, name, args, logs)
         if not results[name].ok:
             return results, data_dir
@@ -206,27 +232,31 @@ def bench_engine(
     serve = "serving" in cfg.stages and engine == "local"
     if not (build or (serve and cfg.reuse)):  # serving alone measures an earlier run's index
         return results, data_dir
+    data = s.workdir / ("milvus_server" if cfg.milvus == "lite" else "milvus_standalone")
     if cfg.reuse and build:  # an earlier run's index holds version 1 live: build a fresh one
-        shutil.rmtree(s.workdir / "milvus_server", ignore_errors=True)
-    lite = MilvusLiteProcess(s.workdir / "milvus_server", free_port())
-    lite.start()
+        shutil.rmtree(data, ignore_errors=True)
+    server_type = MilvusLiteProcess if cfg.milvus == "lite" else MilvusStandaloneProcess
+    server = server_type(data, free_port(), timeout=180.0)
+    server.start()
     try:
-        s_lite = s.model_copy(update={"milvus": s.milvus.model_copy(update={"uri": lite.uri})})
+        s_db = s.model_copy(update={"milvus": s.milvus.model_copy(update={"uri": server.uri})})
         if build:
             results["index_build"] = run_stage(
-                s_lite,
+                s_db,
                 "index_build",
                 ["index", "build", "--model-version", "1", "--engine", engine],
                 logs,
+                server=server,
             )
         if serve and results.get("index_build", StageResult(0, 0, True, "")).ok:
             try:
-                results["serving"] = measure_serving(s_lite, size, cfg)  # type: ignore[assignment]
+                results["serving"] = measure_serving(s_db, size, cfg)  # type: ignore[assignment]
             except Exception as exc:  # the stages measured before it are still reported
                 log.error("serving: %s", exc)
                 results["serving"] = {"error": str(exc)}  # type: ignore[assignment]
+            results["serving"]["milvus"] = cfg.milvus  # type: ignore[index]
     finally:
-        lite.stop()
+        server.stop()
     return results, data_dir
 
 
@@ -335,7 +365,10 @@ def print_table(report: dict[str, Any]) -> None:
         serving = engines.get("local", {}).get("serving")
         if serving and "end_to_end" in serving:
             e2e = serving["end_to_end"]
-            table.caption = f"Recommend p50 {e2e['p50_ms']:.1f} ms, p99 {e2e['p99_ms']:.1f} ms"
+            table.caption = (
+                f"Recommend p50 {e2e['p50_ms']:.1f} ms, p99 {e2e['p99_ms']:.1f} ms "
+                f"(milvus {serving.get('milvus', 'lite')})"
+            )
         Console(stderr=True).print(table)
     if report.get("models"):
         Console(stderr=True).print(

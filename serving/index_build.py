@@ -75,21 +75,50 @@ class TFServingEmbedder:
 
 
 class LocalEmbedder:
-    """Runs the exported ``serving_default`` signature in-process (what TF Serving would run)."""
+    """Runs the exported signatures in-process (what TF Serving would run): ``serving_default``
+    per batch of users, and where the version has them (exports since 2026-12-06) the
+    layer-by-layer pair ``node_states`` / ``readout`` for a whole population."""
 
     def __init__(self, version_dir: Path) -> None:
         import tensorflow as tf
 
-        from training.export import OUTPUT, load_signature
+        from training.export import NODE_STATES, OUTPUT, READOUT, SIGNATURE, STATE
 
         self._tf = tf
-        self._fn = load_signature(version_dir)
-        self._output = OUTPUT
+        signatures = tf.saved_model.load(str(version_dir)).signatures
+        self._fn = signatures[SIGNATURE]
+        self._output, self._state = OUTPUT, STATE
         self._names = set(self._fn.structured_input_signature[1])
+        self._node_states = signatures.get(NODE_STATES)
+        self._readout = signatures.get(READOUT)
+        self._node_names = (
+            set(self._node_states.structured_input_signature[1]) if self._node_states else set()
+        )
+
+    @property
+    def layerwise(self) -> bool:
+        return self._node_states is not None and self._readout is not None
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         feed = {k: self._tf.constant(v) for k, v in inputs.items() if k in self._names}
         return self._fn(**feed)[self._output].numpy()
+
+    def node_states(self, node: dict[str, np.ndarray]) -> np.ndarray:
+        """Layer-1 states of nodes from their own rows (``training.features.node_features``)."""
+        feed = {k: self._tf.constant(v) for k, v in node.items() if k in self._node_names}
+        return self._node_states(**feed)[self._state].numpy()
+
+    def readout(
+        self, h_self: np.ndarray, friend_states: np.ndarray, mask: np.ndarray, degree: np.ndarray
+    ) -> np.ndarray:
+        """Index vectors from each user's state and its friends' states [batch, fanout, hidden]."""
+        tf = self._tf
+        return self._readout(
+            h_self=tf.constant(h_self),
+            friend_states=tf.constant(friend_states),
+            friend_mask=tf.constant(mask),
+            self_degree=tf.constant(degree.astype(np.int64, copy=False)),
+        )[self._output].numpy()
 
 
 @dataclass
@@ -211,6 +240,56 @@ class Population:
             embed_s=time.perf_counter() - t1,
         )
 
+    def node_states(
+        self, lo: int, hi: int, embedder: LocalEmbedder
+    ) -> tuple[np.ndarray, float, float]:
+        """Layer-1 states of rows ``lo:hi`` (the first pass of a layer-by-layer build), with the
+        seconds spent assembling their rows and running the signature."""
+        from training.features import node_features
+
+        t0 = time.perf_counter()
+        node = node_features(self.table, np.arange(lo, hi))
+        t1 = time.perf_counter()
+        states = embedder.node_states(node)
+        return states, t1 - t0, time.perf_counter() - t1
+
+    def all_node_states(
+        self, embedder: LocalEmbedder, batch: int
+    ) -> tuple[np.ndarray, float, float]:
+        """Every row's layer-1 state, filled in place batch by batch (and the seconds, as
+        ``node_states``)."""
+        states: np.ndarray | None = None
+        features_s = embed_s = 0.0
+        for lo in range(0, len(self), batch):
+            hi = min(lo + batch, len(self))
+            part, f, e = self.node_states(lo, hi, embedder)
+            if states is None:
+                states = np.empty((len(self), part.shape[1]), dtype=np.float32)
+            states[lo:hi] = part
+            features_s, embed_s = features_s + f, embed_s + e
+        assert states is not None, "an empty population"
+        return states, features_s, embed_s
+
+    def readout(
+        self, lo: int, hi: int, states: np.ndarray, embedder: LocalEmbedder
+    ) -> EmbeddedBatch:
+        """Rows ``lo:hi`` embedded from every row's layer-1 ``states``: the same vectors as
+        ``embed`` (each friend's state is a function of its own row alone), without
+        recomputing a friend's layer 1 for every user that samples it."""
+        t0 = time.perf_counter()
+        neighbours = self.neighbours[lo:hi]
+        mask = (neighbours >= 0).astype(np.float32)
+        friends = states[np.maximum(neighbours, 0)]
+        t1 = time.perf_counter()
+        vectors = embedder.readout(states[lo:hi], friends, mask, self.table.degree[lo:hi])
+        return EmbeddedBatch(
+            user_ids=self.table.user_ids[lo:hi],
+            vectors=np.asarray(vectors, dtype=np.float32),
+            unknown=int((~self.known[lo:hi]).sum()),
+            features_s=t1 - t0,
+            embed_s=time.perf_counter() - t1,
+        )
+
 
 def read_population(
     settings: Settings, user_ids: np.ndarray, spec: InputSpec, contract: Contract
@@ -234,13 +313,25 @@ def embed_batches_local(
     settings: Settings, user_ids: np.ndarray, embedder: Embedder, spec: Any, contract: Contract
 ) -> Iterator[EmbeddedBatch]:
     """The users (sorted, unique) read in bulk, then embedded in ``milvus.build_batch`` batches
-    in this process. The read's seconds count in the first batch's ``features_s``."""
+    in this process: layer by layer where the embedder can (``LocalEmbedder.layerwise``), every
+    user's layer-1 state first. The read's (and that first pass's) seconds count in the first
+    batch's."""
     population, read_s = read_population(settings, user_ids, spec, contract)
     batch = settings.milvus.build_batch
+    states, embed_s = None, 0.0
+    if getattr(embedder, "layerwise", False):
+        states, features_s, embed_s = population.all_node_states(embedder, batch)
+        read_s += features_s
+        log.info("layer-1 states of %d users in %.1fs", len(population), features_s + embed_s)
     for lo in range(0, len(population), batch):
-        embedded = population.embed(lo, min(lo + batch, len(population)), embedder)
+        hi = min(lo + batch, len(population))
+        if states is None:
+            embedded = population.embed(lo, hi, embedder)
+        else:
+            embedded = population.readout(lo, hi, states, embedder)  # type: ignore[arg-type]
         embedded.features_s += read_s
-        read_s = 0.0
+        embedded.embed_s += embed_s
+        read_s = embed_s = 0.0
         yield embedded
 
 

@@ -60,6 +60,7 @@ class EmbedWorker:
         self.spec, self.contract = spec, contract
         self.embedder = LocalEmbedder(version_dir(settings, model_version))
         self.population: Population | None = None
+        self.states: np.ndarray | None = None  # every user's layer-1 state, once attached
 
     def read(self, user_ids: np.ndarray) -> tuple[Any, ...]:
         """(its seconds, known, friend_ids, *TABLE_ARRAYS) of ``user_ids``, rows in their order;
@@ -81,8 +82,23 @@ class EmbedWorker:
         known, neighbours = arrays.pop("known"), arrays.pop("neighbours")
         self.population = Population(FeatureTable(**arrays), known, neighbours)
 
-    def embed(self, lo: int, hi: int) -> EmbeddedBatch:
+    def layerwise(self) -> bool:
+        return self.embedder.layerwise
+
+    def node_states(self, lo: int, hi: int) -> tuple[int, np.ndarray, float, float]:
+        """(lo, the layer-1 states of rows ``lo:hi``, features seconds, embed seconds)."""
         assert self.population is not None, "attach() first"
+        return (lo, *self.population.node_states(lo, hi, self.embedder))
+
+    def attach_states(self, states: np.ndarray) -> None:
+        """Every user's layer-1 state (mapped zero-copy from the object store)."""
+        self.states = states
+
+    def embed(self, lo: int, hi: int) -> EmbeddedBatch:
+        """Rows ``lo:hi`` embedded: from the attached states where there are, else per user."""
+        assert self.population is not None, "attach() first"
+        if self.states is not None:
+            return self.population.readout(lo, hi, self.states, self.embedder)
         return self.population.embed(lo, hi, self.embedder)
 
 
@@ -150,29 +166,54 @@ def embed_batches_ray(
         try:
             t0 = time.perf_counter()
             shared, read_s = gather_population(workers, user_ids, spec)
+            first_embed_s = 0.0
             ray.get([worker.attach.remote(shared) for worker in workers])
             log.info(
                 "read the online rows of %d users on Ray in %.1fs (model loads included)",
                 len(user_ids),
                 time.perf_counter() - t0,
             )
-            pending: dict[Any, int] = {}  # object ref -> worker
-            queue = iter(batches)
-            for w in range(workers_n):
-                for _ in range(IN_FLIGHT_PER_WORKER):
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        pending[workers[w].embed.remote(*nxt)] = w
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                w = pending.pop(done[0])
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending[workers[w].embed.remote(*nxt)] = w
-                embedded = ray.get(done[0])
+            layerwise = ray.get(workers[0].layerwise.remote())
+            if layerwise:
+                t0 = time.perf_counter()
+                states = np.empty((0, 0), np.float32)
+                for lo, part, features_s, embed_s in _map_batches(workers, "node_states", batches):
+                    if not states.size:
+                        states = np.empty((len(user_ids), part.shape[1]), np.float32)
+                    states[lo : lo + len(part)] = part
+                    read_s += features_s
+                    first_embed_s += embed_s
+                states_ref = ray.put(states)
+                del states
+                ray.get([worker.attach_states.remote(states_ref) for worker in workers])
+                log.info("layer-1 states on Ray in %.1fs", time.perf_counter() - t0)
+            for embedded in _map_batches(workers, "embed", batches):
                 embedded.features_s += read_s
-                read_s = 0.0
+                embedded.embed_s += first_embed_s
+                read_s = first_embed_s = 0.0
                 yield embedded
         finally:
             for worker in workers:
                 ray.kill(worker)
+
+
+def _map_batches(workers: list[Any], method: str, batches: list[tuple[int, int]]) -> Iterator[Any]:
+    """``worker.<method>(lo, hi)`` for every batch over the workers, at most
+    ``IN_FLIGHT_PER_WORKER`` calls each at a time (bounded memory); results as they finish."""
+    import ray
+
+    pending: dict[Any, int] = {}  # object ref -> worker
+    queue = iter(batches)
+
+    def submit(w: int) -> None:
+        nxt = next(queue, None)
+        if nxt is not None:
+            pending[getattr(workers[w], method).remote(*nxt)] = w
+
+    for w in range(len(workers)):
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            submit(w)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        submit(pending.pop(done[0]))
+        yield ray.get(done[0])

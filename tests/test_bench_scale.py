@@ -53,6 +53,8 @@ def test_cli_rejects_unknown_stages_and_engines():
     assert bad.exit_code != 0 and "nope" in bad.output
     bad = runner.invoke(app, ["bench", "scale", "--engines", "spark"])
     assert bad.exit_code != 0 and "spark" in bad.output
+    bad = runner.invoke(app, ["bench", "scale", "--milvus", "cluster"])
+    assert bad.exit_code != 0 and "cluster" in bad.output
 
 
 def test_previous_reports_merge_stage_by_stage(tmp_path, settings):

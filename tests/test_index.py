@@ -534,7 +534,10 @@ def test_bulk_read_gives_the_serving_inputs_and_vectors(streamed_store, exported
     assert population.neighbours[row[who["a"]], 0] == row[who["new"]]
 
     embedder = LocalEmbedder(version_dir(settings, 1))
+    assert embedder.layerwise  # the export's node_states/readout signatures
     batch = 2048
+    states, _, _ = population.all_node_states(embedder, batch=1500)
+    assert states.shape == (len(ids), exported_models.settings.training.hidden_dim)
     for lo in range(0, len(ids), batch):
         rows = np.arange(lo, min(lo + batch, len(ids)))
         served, known = fetch_online_inputs(store, ids[rows].tolist(), spec, contract)
@@ -548,6 +551,10 @@ def test_bulk_read_gives_the_serving_inputs_and_vectors(streamed_store, exported
         np.testing.assert_array_equal(embedded.user_ids, reference.user_ids)
         np.testing.assert_allclose(embedded.vectors, reference.vectors, rtol=0, atol=1e-6)
         assert embedded.unknown == reference.unknown
+        layered = population.readout(int(rows[0]), int(rows[-1]) + 1, states, embedder)
+        np.testing.assert_array_equal(layered.user_ids, reference.user_ids)
+        np.testing.assert_allclose(layered.vectors, reference.vectors, rtol=0, atol=1e-5)
+        assert layered.unknown == reference.unknown
 
     through_provider = read_online_table(store, ids, spec, contract, chunk=700, direct=False)
     np.testing.assert_array_equal(through_provider.known, population.known)
@@ -556,15 +563,34 @@ def test_bulk_read_gives_the_serving_inputs_and_vectors(streamed_store, exported
             np.testing.assert_array_equal(getattr(through_provider.table, name), array, name)
 
 
-def test_build_indexes_stream_created_users_as_served(streamed_store, tmp_path) -> None:
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layer-by-layer", "per-user"])
+def test_build_indexes_stream_created_users_as_served(
+    streamed_store, tmp_path, monkeypatch, layerwise
+) -> None:
     """The local build over the streamed store: every prepared and stream-created user indexed
-    with the serving path's vector, the user without rows counted unknown."""
+    with the serving path's vector, the user without rows counted unknown; layer by layer, and
+    per user as for a version exported without the layer signatures."""
     from friendrec.feast_store import open_store
     from serving.index_build import input_spec, read_model_card
 
     settings, who = streamed_store
     settings = with_milvus(settings, str(tmp_path / "m.db"))
+    calls = {"readout": 0, "per_user": 0}
+    readout, embed = Population.readout, Population.embed
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Population, "readout", counted("readout", readout))
+    monkeypatch.setattr(Population, "embed", counted("per_user", embed))
+    if not layerwise:
+        monkeypatch.setattr(LocalEmbedder, "layerwise", property(lambda self: False))
     report = build_index(settings, 1, show_progress=False)
+    assert (calls["readout"] > 0, calls["per_user"] > 0) == (layerwise, not layerwise)
     contract = load_contract(settings, "twitch/ENGB")
     store = open_store(settings)
     spec = input_spec(read_model_card(settings, 1, "twitch/ENGB", contract))

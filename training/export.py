@@ -26,18 +26,21 @@ from training.features import InputSpec
 from training.tower import UserTower
 
 SIGNATURE = "serving_default"
+# Layer-by-layer inference over a whole population (the index build): every user's layer-1
+# state once (NODE_STATES), then each user's index vector from its friends' states (READOUT).
+NODE_STATES = "node_states"
+READOUT = "readout"
+STATE = "state"  # NODE_STATES' output
 OUTPUT = "embedding"  # the index vector (what Milvus stores)
 QUERY_OUTPUT = "query_embedding"  # the vector a search is made with (tower.py: the two forms)
 WARMUP_FILE = "tf_serving_warmup_requests"
 MODEL_CARD = "model_card.json"
 
 
-def input_signature(spec: InputSpec, profile_width: int) -> dict[str, tf.TensorSpec]:
-    """The serving inputs: the user's own features (``self_*``), its ``fanout`` friends'
-    (``friend_*``, a fanout axis after the batch axis) and ``friend_mask``; ``profile`` and
-    ``nbr_profile`` are ``profile_width`` wide (the contract's profile scalars)."""
+def node_signature(spec: InputSpec, profile_width: int) -> dict[str, tuple[list[int], tf.DType]]:
+    """One node's inputs (its feature row): name -> (shape without the batch axis, dtype)."""
     p = int(profile_width)
-    node = {
+    return {
         "user_id": ([], tf.int64),
         "profile": ([p], tf.float32),
         "sparse_ids": ([spec.sparse_len], tf.int64),
@@ -47,8 +50,14 @@ def input_signature(spec: InputSpec, profile_width: int) -> dict[str, tf.TensorS
         "degree": ([], tf.int64),
         "friend_ids": ([spec.friend_len], tf.int64),
     }
+
+
+def input_signature(spec: InputSpec, profile_width: int) -> dict[str, tf.TensorSpec]:
+    """The serving inputs: the user's own features (``self_*``), its ``fanout`` friends'
+    (``friend_*``, a fanout axis after the batch axis) and ``friend_mask``; ``profile`` and
+    ``nbr_profile`` are ``profile_width`` wide (the contract's profile scalars)."""
     out = {}
-    for key, (shape, dtype) in node.items():
+    for key, (shape, dtype) in node_signature(spec, profile_width).items():
         out[f"self_{key}"] = tf.TensorSpec([None, *shape], dtype, name=f"self_{key}")
         out[f"friend_{key}"] = tf.TensorSpec(
             [None, spec.fanout, *shape], dtype, name=f"friend_{key}"
@@ -58,12 +67,28 @@ def input_signature(spec: InputSpec, profile_width: int) -> dict[str, tf.TensorS
 
 
 class ServingModule(tf.Module):
-    """What TF Serving loads: the tower and one signature, nothing of the training heads."""
+    """What TF Serving loads: the tower and its inference signatures, nothing of the training
+    heads. ``serving_default`` embeds users from their own and their friends' rows (a query);
+    ``node_states`` and ``readout`` are the same function split in its two layers, for a job
+    that embeds a whole population (each user's layer 1 once instead of 1 + fanout times)."""
 
     def __init__(self, tower: UserTower) -> None:
         super().__init__()
         self.tower = tower
         signature = input_signature(tower.spec, tower.profile_width)
+        node = {
+            k: tf.TensorSpec([None, *shape], dtype, name=k)
+            for k, (shape, dtype) in node_signature(tower.spec, tower.profile_width).items()
+        }
+        hidden = tower.layer1.units
+        layers = {
+            "h_self": tf.TensorSpec([None, hidden], tf.float32, name="h_self"),
+            "friend_states": tf.TensorSpec(
+                [None, tower.spec.fanout, hidden], tf.float32, name="friend_states"
+            ),
+            "friend_mask": tf.TensorSpec([None, tower.spec.fanout], tf.float32, name="friend_mask"),
+            "self_degree": tf.TensorSpec([None], tf.int64, name="self_degree"),
+        }
 
         @tf.function(input_signature=[signature])
         def serve(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -73,7 +98,23 @@ class ServingModule(tf.Module):
                 QUERY_OUTPUT: self.tower.query_vectors(unit),
             }
 
+        @tf.function(input_signature=[node])
+        def node_states(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {STATE: self.tower.node_states(inputs)}
+
+        @tf.function(input_signature=[layers])
+        def readout(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            unit = self.tower.readout(
+                inputs["h_self"], inputs["friend_states"], inputs["friend_mask"]
+            )
+            return {OUTPUT: self.tower.candidate_vectors(unit, inputs)}
+
         self.serve = serve
+        self.node_states = node_states
+        self.readout = readout
+
+    def signatures(self) -> dict[str, Any]:
+        return {SIGNATURE: self.serve, NODE_STATES: self.node_states, READOUT: self.readout}
 
 
 def next_version(model_root: Path) -> int:
@@ -112,7 +153,7 @@ def export_tower(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=model_root))
     try:
         module = ServingModule(tower)
-        tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
+        tf.saved_model.save(module, str(staging), signatures=module.signatures())
         extra = staging / "assets.extra"
         extra.mkdir()
         with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:
@@ -124,6 +165,7 @@ def export_tower(
             "signature": SIGNATURE,
             "output": OUTPUT,
             "query_output": QUERY_OUTPUT,
+            "layerwise_signatures": [NODE_STATES, READOUT],
             "dim": tower.output_dim,
             "popularity_bias": tower.popularity_bias,
             "inputs": {

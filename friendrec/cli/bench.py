@@ -283,6 +283,13 @@ def scale(
         help="Run only --stages, in each size's workdir from an earlier run (no prepare): a "
         "long size measured in pieces.",
     ),
+    milvus: str = typer.Option(
+        "lite",
+        "--milvus",
+        help="Vector database of the index build and serving stages: 'lite' (milvus-lite "
+        "server, the embedded default) or 'standalone' (a real Milvus 2.3 server, the `milvus` "
+        "package; what serves past a million users).",
+    ),
     output: Path = typer.Option(
         Path("bench/results/scale.json"), "--output", "-o", help="JSON result."
     ),
@@ -301,6 +308,8 @@ def scale(
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
     if not set(names) <= {"local", "ray"} or not names:
         raise typer.BadParameter(f"engines are 'local' and/or 'ray', got {engines!r}")
+    if milvus not in ("lite", "standalone"):
+        raise typer.BadParameter(f"--milvus is 'lite' or 'standalone', got {milvus!r}")
     cfg = ScaleBenchConfig(
         sizes=tuple(_sizes(sizes)),
         train_steps=train_steps,
@@ -308,6 +317,7 @@ def scale(
         engines=names,
         stages=tuple(chosen),
         reuse=reuse,
+        milvus=milvus,
     )
     run(load_settings(), cfg, output, previous)
 
