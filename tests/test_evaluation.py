@@ -166,7 +166,38 @@ def test_recall_by_training_degree_bucket():
 # ------------------------------------------------------------------------------------ retrieval
 
 
-def test_embedding_topk_excludes_self_and_training_friends():
+@pytest.fixture(params=["dense", "blocked"])
+def topk_path(request, monkeypatch) -> str:
+    """Embedding top-k through the dense rows, or through the running top k over blocks of
+    candidates that graphs past ``BLOCKED_TOPK_USERS`` use (here on small graphs)."""
+    from training import evaluation
+
+    if request.param == "blocked":
+        monkeypatch.setattr(evaluation, "BLOCKED_TOPK_USERS", 0)
+    return request.param
+
+
+def test_blocked_topk_is_the_dense_topk():
+    """Small blocks and query batches (many merges, rows whose bar is never reached in a block)
+    give the dense path's lists, and its scores to float rounding (BLAS sums a product in an
+    order that depends on the block's shape)."""
+    from training.evaluation import _dense_topk, blocked_topk
+
+    n, k = 2_000, 50
+    train_src, train_dst, held_src, held_dst = _random_graph(n, 12_000, 2_000, seed=3)
+    evalset = EvalSet.from_edges(n, train_src, train_dst, held_src, held_dst)
+    emb = np.random.default_rng(4).standard_normal((n, 17)).astype(np.float32)
+    queries = np.random.default_rng(5).standard_normal((n, 17)).astype(np.float32)
+    dense, dense_score = _dense_topk(evalset, k, 64, lambda rows: queries[rows] @ emb.T)
+    for query_batch, block in ((7, 97), (256, 1 << 17), (33, 512)):
+        got, score = blocked_topk(evalset, k, queries, emb, query_batch=query_batch, block=block)
+        np.testing.assert_array_equal(got, dense)
+        np.testing.assert_allclose(score, dense_score, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="k must be"):
+        blocked_topk(evalset, 0, queries, emb)
+
+
+def test_embedding_topk_excludes_self_and_training_friends(topk_path):
     n, k = 300, 20
     train_src, train_dst, held_src, held_dst = _random_graph(n, 900, 300, seed=1)
     evalset = EvalSet.from_edges(n, train_src, train_dst, held_src, held_dst)
@@ -202,7 +233,7 @@ def test_embedding_topk_excludes_self_and_training_friends():
     np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)  # float32 noise-level ties
 
 
-def test_embedding_topk_pads_with_minus_one_when_candidates_run_out():
+def test_embedding_topk_pads_with_minus_one_when_candidates_run_out(topk_path):
     # 4 users, user 0 befriends 1 and 2 in training: only user 3 can be recommended to user 0.
     evalset = _hand_evalset(4, train=[(0, 1), (0, 2)], held=[(0, 3)])
     emb = np.eye(4, dtype=np.float32)
