@@ -107,10 +107,13 @@ def evaluate_dataset(
     epochs: int | None,
     out_dir: Path,
     tune_budget_s: float = 0.0,
+    workers: int = 1,
 ) -> dict[str, Any]:
     ensure_features(settings, dataset)
     ctx = TrainingContext.load(settings, dataset)
     variants: list[tuple[str, dict[str, Any]]] = [(o, {"objective": o}) for o in objectives]
+    if workers > 1:  # data-parallel training must keep the single-process model's quality
+        variants.append((workers_variant(workers), {"objective": "baseline", "workers": workers}))
     tuned = None
     if tune_budget_s > 0:  # `friendrec tune` on validation edges, then trained per seed
         tuned = tune(ctx, tune_budget_s, epochs, show_progress=False)
@@ -138,6 +141,10 @@ def evaluate_dataset(
             for table in (per_seed, step_seconds, val_recall, popularity):
                 table.setdefault(objective, [])
             started = time.perf_counter()
+            if cfg.workers > 1:  # the worker group trains the run; ``train`` then reads it back
+                from training.distributed import train_distributed
+
+                train_distributed(settings.model_copy(update={"training": cfg}), dataset)
             result, tower = train(ctx, cfg, show_progress=False)
             emb = embed_all(tower, ctx.table, cfg.fanout)
             topk = ev.topk_from_embeddings(emb, evalset, queries=tower.query_form(emb))
@@ -204,6 +211,12 @@ def evaluate_dataset(
         "step_seconds": interleaved,
         "step_ratio_vs_baseline": {o: t / interleaved["baseline"] for o, t in interleaved.items()},
     }
+
+
+def workers_variant(workers: int) -> str:
+    """The report's name of the single-task model trained by ``workers`` processes
+    (``train --workers``: a global batch of workers x batch_size)."""
+    return f"baseline, {workers} workers"
 
 
 def blend_gains(results: dict[str, Any], objectives: list[str]) -> dict[str, dict[str, float]]:
@@ -273,6 +286,7 @@ def run_quality(
     epochs: int | None,
     output: Path,
     tune_budget_s: float = 0.0,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     # Its own workdir: runs made by hand (other timings, other settings) are never reused, and an
     # interrupted benchmark resumes its finished runs.
@@ -282,7 +296,9 @@ def run_quality(
     for dataset in datasets:
         out_dir = output.parent / "quality"
         report.append(
-            evaluate_dataset(settings, dataset, seeds, objectives, epochs, out_dir, tune_budget_s)
+            evaluate_dataset(
+                settings, dataset, seeds, objectives, epochs, out_dir, tune_budget_s, workers
+            )
         )
         output.parent.mkdir(parents=True, exist_ok=True)
         payload = _payload(settings, report, seeds, epochs)

@@ -111,6 +111,13 @@ def quality(
         help="Also run `friendrec tune` per graph within this budget (validation edges) and "
         "report the tuned model beside the fixed defaults (0: off).",
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        help="> 1: also train the single-task model with this many data-parallel processes "
+        "(`train --workers`) and compare it with the one-process model.",
+    ),
     output: Path = typer.Option(
         Path("bench/results/quality.json"), "--output", "-o", help="JSON result."
     ),
@@ -128,7 +135,9 @@ def quality(
     if unknown or "baseline" not in chosen:
         raise typer.BadParameter(f"objectives must include baseline and be among {OBJECTIVES}")
     names = None if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
-    run_quality(load_settings(), names, _counts(seeds), chosen, epochs, output, tune_minutes * 60)
+    run_quality(
+        load_settings(), names, _counts(seeds), chosen, epochs, output, tune_minutes * 60, workers
+    )
 
 
 @app.command()
