@@ -11,6 +11,13 @@ with serving's own rules (``Population``): the same inputs, tested against the s
 Stream-created users (online rows only) are read like any other. ``embed_users`` is that serving
 path per batch, kept as the reference.
 
+A batch of users through ``serving_default`` recomputes each sampled friend's layer-1 state for
+every user that samples it: (1 + fanout) times the work of a whole population. Versions exported
+since 2026-12-06 carry the same function in two signatures (``training.export``), and the build
+runs them layer by layer: every user's layer-1 state once, then each user's vector from its
+friends' states (``Population.all_node_states`` / ``Population.readout``; the same vectors, tested
+against the serving path user by user). Older versions are embedded per batch as before.
+
 No partial state: the collection is created on the first embedded batch, and if anything fails
 before the alias has moved, it is dropped and the alias stays where it was. A version whose
 collection is live is refused (build a new version, or roll back first); a non-live leftover of

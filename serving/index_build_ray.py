@@ -10,10 +10,12 @@ exported signature and opens the online store once, then:
    time, dropping the pieces as it goes, computes the neighbour rows (they need every user) and
    puts each array into the object store once: the store holds about one table at a time.
 2. Embeds: each actor maps the arrays zero-copy and embeds ``milvus.build_batch`` rows per call
-   (``Population.embed``, the same function the local build runs). The driver keeps at most two
-   batches in flight per actor (bounded memory), inserts each finished batch into the new
-   collection, and nothing is promoted until its ``finish`` has counted every user
-   (serving/index_build.py).
+   (the same functions the local build runs). Layer by layer where the version has the
+   signatures: the actors first compute every user's layer-1 state by batches, the driver puts
+   the whole state array into the object store once, and each actor maps it for the readout.
+   The driver keeps at most two batches in flight per actor (bounded memory), inserts each
+   finished batch into the new collection, and nothing is promoted until its ``finish`` has
+   counted every user (serving/index_build.py).
 
 The actors read too (rather than separate tasks) so that no second set of worker processes
 starts and competes with them for CPUs and memory. Plain actors rather than a Ray Data pipeline:
