@@ -165,3 +165,26 @@ def test_blend_and_per_degree_tables_where_recorded(tmp_path: Path):
     assert "| g/E | (users) | (3) | (10) |" in text
     assert "| g/E | baseline (retrieval only) | n/a | 0.5000 |" in text  # NaN: no such users
     assert "| g/E | random |" not in text and "| g/F | (users)" not in text
+
+
+def test_the_tuned_model_is_judged_where_tune_ran(tmp_path: Path):
+    """A graph run with ``--tune-minutes`` gets a row: tune's choice (without the fixed
+    settings), its validation figure and trial count, and the tuned model judged on test."""
+    tuned = _entry("g/T", 0.21, 0.10)
+    tuned["results"]["tuned"] = _slices(0.22, 0.08)
+    tuned["comparisons"] += [
+        {"a": "tuned", "b": "baseline", "metric": "recall@50", "slice": s, "diff": d,
+         "lo": d - 0.005, "hi": d + 0.005}
+        for s, d in (("all", 0.02), ("cold_start", -0.02))
+    ]  # fmt: skip
+    tuned["tuned"] = {
+        "best": {"objective": "ssmtl", "cca_weight": 0.05, "popularity_bias": True, "epochs": 8},
+        "val_recall50": 0.4321,
+        "trials": [{}, {}, {}],
+    }
+    source = _write(tmp_path / "t.json", [0], "2026-01-01", tuned, _entry("g/U", 0.2, 0.1))
+    text = markdown(load_results([source]))
+    row = next(line for line in text.splitlines() if line.startswith("| g/T | 1 | objective"))
+    assert row.startswith("| g/T | 1 | objective ssmtl, cca_weight 0.05 (3) | 0.4321 | +10.0% [")
+    assert "popularity_bias" not in row and row.endswith("| met | missed | missed |")
+    assert not any(line.startswith("| g/U | 1 | objective") for line in text.splitlines())
