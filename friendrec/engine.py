@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 Engine = Literal["local", "ray"]
 
 
+# Starting a local Ray waits a fixed time for its GCS to come up; on a machine busy with other
+# jobs that start timed out once in a measured run (bench scale, 2 loaded cores). A joined
+# cluster is not retried: an address that does not answer is a configuration error.
+LOCAL_START_ATTEMPTS = 3
+
+
 class EngineError(FriendrecError):
     """The engine could not be reached or started."""
 
@@ -58,10 +64,20 @@ def ray_session(settings: Settings) -> Iterator[None]:
         kwargs["num_cpus"] = cfg.num_cpus
         kwargs["object_store_memory"] = cfg.object_store_mb * 1024 * 1024
         where = "a local Ray"
-    try:
-        ray.init(**kwargs)
-    except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError, ...
-        raise EngineError(f"could not start or reach {where}: {exc}") from exc
+    attempts = 1 if cfg.ray_address else LOCAL_START_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            break
+        except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError, ...
+            with contextlib.suppress(Exception):  # what a failed start left behind
+                ray.shutdown()
+            if attempt == attempts:
+                tries = f" ({attempts} attempts)" if attempts > 1 else ""
+                raise EngineError(f"could not start or reach {where}{tries}: {exc}") from exc
+            log.warning(
+                "could not start a local Ray (attempt %d of %d): %s", attempt, attempts, exc
+            )
     log.info("ray: joined %s (%s CPUs)", where, int(ray.cluster_resources().get("CPU", 0)))
     try:
         yield
