@@ -168,15 +168,14 @@ def embed_batches_ray(
         try:
             t0 = time.perf_counter()
             shared, read_s = gather_population(workers, user_ids, spec)
-            first_embed_s = 0.0
             ray.get([worker.attach.remote(shared) for worker in workers])
             log.info(
                 "read the online rows of %d users on Ray in %.1fs (model loads included)",
                 len(user_ids),
                 time.perf_counter() - t0,
             )
-            layerwise = ray.get(workers[0].layerwise.remote())
-            if layerwise:
+            first_embed_s = 0.0  # the layer-1 pass's, counted in the first batch's embed_s
+            if ray.get(workers[0].layerwise.remote()):
                 t0 = time.perf_counter()
                 states = np.empty((0, 0), np.float32)
                 for lo, part, features_s, embed_s in _map_batches(workers, "node_states", batches):
