@@ -111,6 +111,12 @@ class TrainingSettings(BaseModel):
         description="How much of the in-batch sampling bias log-Q removes: logits minus "
         "strength x log(candidate frequency); 1: all of it, 0: none (as log_q off).",
     )
+    uniform_negatives: int = Field(
+        0,
+        ge=0,
+        description="Mixed negatives: users drawn uniformly per batch, candidates for every "
+        "query beside the in-batch ones (log-Q corrected for the mixture); 0: in-batch only.",
+    )
     popularity_bias: bool = Field(
         True,
         description="Score candidates by cosine + w * log(1 + degree), w learned: the index "

@@ -144,6 +144,38 @@ def test_log_q_strength_scales_the_sampling_correction(ctx):
     assert run_name(SMALL) != run_name(SMALL.model_copy(update={"log_q_strength": 0.5}))
 
 
+def test_uniform_negatives_join_every_querys_softmax(ctx):
+    """Mixed negatives: the same pairs (and query/candidate inputs) plus users drawn uniformly;
+    each column's sampling weight is the mixture's expected count; with the correction off the
+    extra columns can only add to each softmax's denominator, so the loss rises."""
+    n_extra, size = 16, SMALL.batch_size
+    plain = PairSampler(ctx.data, ctx.table, SMALL.fanout, size, seed=0)
+    mixed = PairSampler(ctx.data, ctx.table, SMALL.fanout, size, seed=0, uniform_negatives=n_extra)
+    a, b = next(plain.epoch()), next(mixed.epoch())
+    for key, value in a.items():
+        if key != "c_sampling_prob":
+            np.testing.assert_array_equal(b[key], value, err_msg=key)
+    assert b["n_id"].shape == (n_extra,) and b["n/friend_mask"].shape == (n_extra, SMALL.fanout)
+    users = len(ctx.table)
+    expected = size * plain.sampling_prob + n_extra / users
+    np.testing.assert_allclose(b["c_sampling_prob"], expected[a["c_id"]], rtol=1e-6)
+    np.testing.assert_allclose(b["n_sampling_prob"], expected[b["n_id"]], rtol=1e-6)
+
+    tower = ctx.build_tower(SMALL)
+    model = SSMTLModel(tower, LossConfig(log_q=False), seed=1)
+    without = float(model.compute_loss({k: tf.constant(v) for k, v in a.items()}))
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss({k: tf.constant(v) for k, v in b.items()})
+    assert float(loss) > without
+    corrected = SSMTLModel(tower, LossConfig(), seed=1)
+    assert np.isfinite(float(corrected.compute_loss({k: tf.constant(v) for k, v in b.items()})))
+    grads = tape.gradient(loss, tower.trainable_variables)
+    assert any(g is not None and float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(g)))) > 0
+               for g in grads)  # fmt: skip
+    assert run_name(SMALL) == run_name(SMALL.model_copy(update={"uniform_negatives": 0}))
+    assert run_name(SMALL) != run_name(SMALL.model_copy(update={"uniform_negatives": 64}))
+
+
 def test_cca_projector_is_trained_through_the_cca_loss_only(ctx):
     """With ``cca_projector_dim`` the CCA loss scores the projection: the projector gets gradients
     from it, the retrieval loss is untouched and the run keeps the settings' defaults' folder."""

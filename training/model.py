@@ -193,11 +193,7 @@ class SSMTLModel(tfrs.Model):
         query = split_inputs(batch, "q/")
         candidate = split_inputs(batch, "c/")
         q, c, q_friends, q_nbr = self.embed_pairs(query, candidate, training)
-        log_q = None
-        if cfg.log_q and cfg.log_q_strength > 0:
-            log_q = batch["c_sampling_prob"]
-            if cfg.log_q_strength != 1.0:  # TFRS subtracts log(p): p ** s subtracts s * log(p)
-                log_q = tf.pow(log_q, cfg.log_q_strength)
+        log_q = self._log_q_weights(batch["c_sampling_prob"])
         candidates = self.tower.candidate_vectors(c, candidate, exclude=query)
         candidate_ids = batch["c_id"]
         replica = tf.distribute.get_replica_context()
@@ -205,6 +201,15 @@ class SSMTLModel(tfrs.Model):
             candidates, log_q, candidate_ids = global_candidates(
                 replica, candidates, log_q, candidate_ids
             )
+        if "n_id" in batch:  # mixed negatives: uniformly drawn users after the in-batch ones
+            negatives = split_inputs(batch, "n/")
+            unit = self.tower.embed(negatives, training=training)
+            candidates = tf.concat(
+                [candidates, self.tower.candidate_vectors(unit, negatives)], axis=0
+            )
+            candidate_ids = tf.concat([candidate_ids, batch["n_id"]], axis=0)
+            if log_q is not None:
+                log_q = tf.concat([log_q, self._log_q_weights(batch["n_sampling_prob"])], 0)
         retrieval = self.task(
             self.tower.query_vectors(q),
             candidates,
@@ -225,6 +230,16 @@ class SSMTLModel(tfrs.Model):
             self.loss_trackers["mae"].update_state(mae)
             total += cfg.mae_weight * mae
         return total
+
+    def _log_q_weights(self, sampling_prob: tf.Tensor) -> tf.Tensor | None:
+        """What TFRS' log-Q correction takes (it subtracts log of it): the candidates' sampling
+        probabilities to the power ``log_q_strength`` (p ** s subtracts s * log p); None: off."""
+        cfg = self.loss_config
+        if not cfg.log_q or cfg.log_q_strength <= 0:
+            return None
+        if cfg.log_q_strength != 1.0:
+            return tf.pow(sampling_prob, cfg.log_q_strength)
+        return sampling_prob
 
     @staticmethod
     def _heads(

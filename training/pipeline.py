@@ -44,6 +44,7 @@ class PairSampler:
         seed: int,
         shard: int = 0,
         num_shards: int = 1,
+        uniform_negatives: int = 0,
     ) -> None:
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} is not in [0, {num_shards})")
@@ -62,10 +63,18 @@ class PairSampler:
         self.batch_size = batch_size
         self.seed = seed
         self.shard, self.num_shards = shard, num_shards
+        self.uniform_negatives = int(uniform_negatives)
         self.restart(None)
         # How often each user is an in-batch candidate: proportional to its training degree.
         counts = np.bincount(a, minlength=len(table)) + np.bincount(b, minlength=len(table))
         self.sampling_prob = (counts / counts.sum()).astype(np.float32)
+        if self.uniform_negatives:
+            # Mixed negatives: a user is a candidate column as an in-batch positive (expected
+            # global batch x p times) or as a uniform draw (uniform_negatives / users times);
+            # every column of the user gets that sum as its sampling weight, the mixture's
+            # log-Q correction (Yang et al. 2020). Softmax does not see the common scale.
+            in_batch = batch_size * num_shards * counts / counts.sum()
+            self.sampling_prob = (in_batch + self.uniform_negatives / len(table)).astype(np.float32)
 
     @property
     def num_pairs(self) -> int:
@@ -106,6 +115,12 @@ class PairSampler:
         out.update({f"c/{k}": v for k, v in self.side(c_rows, q_rows).items()})
         out["c_id"] = c_rows.astype(np.int64)
         out["c_sampling_prob"] = self.sampling_prob[c_rows]
+        if self.uniform_negatives:  # users drawn uniformly, candidates for every query
+            rows = self.rng.integers(0, len(self.table), self.uniform_negatives)
+            neighbours = sample_neighbours(self.table, rows, self.fanout, self.rng)
+            out.update({f"n/{k}": v for k, v in tower_inputs(self.table, rows, neighbours).items()})
+            out["n_id"] = rows.astype(np.int64)
+            out["n_sampling_prob"] = self.sampling_prob[rows]
         return out
 
     def epoch(self) -> Iterator[dict[str, np.ndarray]]:

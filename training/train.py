@@ -70,6 +70,7 @@ ADDED_SETTINGS: dict[str, tuple[object, str | None]] = {
     "workers": (1, None),
     "val_max_users": (None, None),
     "log_q_strength": (1.0, None),
+    "uniform_negatives": (0, None),
 }
 
 
@@ -283,6 +284,7 @@ def _train(
         seed=cfg.seed,
         shard=shard,
         num_shards=shards,
+        uniform_negatives=cfg.uniform_negatives,
     )
     evalset = (
         EvalSet.from_prepared(ctx.data, "val", max_queries=cfg.val_max_users, seed=cfg.seed)
