@@ -3,10 +3,10 @@
 What works depends on the graph (docs/quality.md: CCA-SSG carries the Twitch gain, masked
 reconstruction GitHub's), so the choice is a command a team runs on its own graph. A bounded,
 ordered search: first the auxiliary-loss weights (the single-task baseline among them), then the
-log-Q strength, the temperature, the embedding and the id width around the best so far. Each
-trial is an ordinary training run (early stopping on validation Recall@50, cached by its
-settings, so a second `tune` reuses finished trials); no trial starts once the time budget would
-be exceeded by a trial of average length. Then the blend of the best model with
+log-Q strength, the temperature, the embedding and id widths and mixed negatives around the best
+so far. Each trial is an ordinary training run (early stopping on validation Recall@50, cached
+by its settings, so a second `tune` reuses finished trials); no trial starts once the time
+budget would be exceeded by a trial of average length. Then the blend of the best model with
 friends-of-friends is chosen on the same edges.
 
 Writes a settings YAML (``friendrec --config tuned.yaml train`` takes it; ``friendrec up`` serves
@@ -58,6 +58,7 @@ NEIGHBOURS: tuple[dict[str, Any], ...] = (
     {"temperature": 0.03},
     {"embedding_dim": 128},
     {"id_dim": 64},
+    {"uniform_negatives": 256},
 )
 
 
