@@ -34,6 +34,7 @@ LABELS = {
     "mae": "retrieval + masked reconstruction",
     "adamic_adar": "Adamic-Adar",
     "random": "random",
+    "tuned": "the model friendrec tune chose on validation edges",
 }
 
 
@@ -363,11 +364,11 @@ def plot(results: list[GraphResult], path: Path) -> None:
     """Forest plot: relative Recall@50 change vs the baseline per graph and method, with CIs."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(results) + 2.8), sharey=True)
     gains = results[0].targets.get("relative_recall50_gain", {"all": 0.05, "cold_start": 0.02})
-    offsets = {"ssmtl": 0.0, "cca": 0.22, "mae": -0.22}
-    colours = {"ssmtl": "tab:blue", "cca": "tab:orange", "mae": "tab:green"}
+    offsets = {"ssmtl": 0.0, "cca": 0.22, "mae": -0.22, "tuned": 0.33}
+    colours = {"ssmtl": "tab:blue", "cca": "tab:orange", "mae": "tab:green", "tuned": "tab:red"}
     for ax, (slice_name, title) in zip(axes, SLICES.items(), strict=True):
         for y, r in enumerate(results):
-            for m in METHODS:
+            for m in (*METHODS, "tuned"):  # the tuned model where `tune` ran
                 c = r.comparison(m, slice_name)
                 if c is None:
                     continue
