@@ -144,7 +144,7 @@ def evaluate_dataset(
             if cfg.workers > 1:  # the worker group trains the run; ``train`` then reads it back
                 from training.distributed import train_distributed
 
-                train_distributed(settings.model_copy(update={"training": cfg}), dataset)
+                train_distributed(settings.model_copy(update={"training": cfg}), ctx=ctx)
             result, tower = train(ctx, cfg, show_progress=False)
             emb = embed_all(tower, ctx.table, cfg.fanout)
             topk = ev.topk_from_embeddings(emb, evalset, queries=tower.query_form(emb))

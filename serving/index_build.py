@@ -283,10 +283,10 @@ class Population:
         """Rows ``lo:hi`` embedded from every row's layer-1 ``states``: the same vectors as
         ``embed`` (each friend's state is a function of its own row alone), without
         recomputing a friend's layer 1 for every user that samples it."""
+        from training.features import friend_states_of
+
         t0 = time.perf_counter()
-        neighbours = self.neighbours[lo:hi]
-        mask = (neighbours >= 0).astype(np.float32)
-        friends = states[np.maximum(neighbours, 0)]
+        friends, mask = friend_states_of(states, self.neighbours[lo:hi])
         t1 = time.perf_counter()
         vectors = embedder.readout(states[lo:hi], friends, mask, self.table.degree[lo:hi])
         return EmbeddedBatch(

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from friendrec.config import PROJECT_ROOT, Settings, TrainingSettings
 from friendrec.local_services import free_ports
 
 if TYPE_CHECKING:
-    from training.train import TrainResult
+    from training.train import TrainingContext, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,12 @@ def train_distributed(
     workers: int | None = None,
     max_restarts: int | None = None,
     on_launch: Callable[[int, list[subprocess.Popen]], None] | None = None,
+    ctx: TrainingContext | None = None,
 ) -> DistributedRun:
     """Train with ``workers`` processes (default: ``training.workers``), relaunching the group
     after a worker dies, at most ``max_restarts`` times (default: ``training.max_restarts``).
+    ``ctx``: the dataset's training context when the caller has it loaded already (the workers
+    get it with these settings); else it is loaded here.
 
     ``on_launch(launch, processes)`` is called after each launch (tests kill a worker with it).
     Returns the chief's result (read back from the run folder) and what happened to the group.
@@ -165,7 +168,10 @@ def train_distributed(
     # Loaded once here (a missing dataset or feature store fails before any worker starts) and
     # handed to the workers as a shared context: each would otherwise repeat the offline-store
     # join and hold its own copy of the feature table.
-    ctx = TrainingContext.load(settings, dataset)
+    if ctx is None:
+        ctx = TrainingContext.load(settings, dataset)
+    else:
+        ctx = replace(ctx, settings=settings)
     model_dir = settings.workdir / "models" / ctx.paths.slug / run_name(cfg)
 
     run = DistributedRun(result=None, launches=0)  # type: ignore[arg-type]

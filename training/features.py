@@ -325,6 +325,14 @@ def sample_neighbours(
     return out
 
 
+def friend_states_of(
+    states: np.ndarray, neighbour_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Layer-by-layer inference's second-layer inputs: the layer-1 ``states`` of each user's
+    neighbour rows [batch, fanout, hidden] and which of them count (row -1: absent, masked)."""
+    return states[np.maximum(neighbour_rows, 0)], (neighbour_rows >= 0).astype(np.float32)
+
+
 def tower_inputs(
     table: FeatureTable,
     rows: np.ndarray,

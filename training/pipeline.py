@@ -17,6 +17,7 @@ import tensorflow as tf
 from friendrec.data.canonical import PreparedDataset
 from training.features import (
     FeatureTable,
+    friend_states_of,
     node_features,
     row_dtype,
     sample_neighbours,
@@ -173,8 +174,6 @@ def embed_all(
 
     out = np.empty((n, tower.output_dim), dtype=np.float32)
     for rows in chunks:
-        neighbours = sample_neighbours(table, rows, fanout, rng=None)
-        mask = (neighbours >= 0).astype(np.float32)
-        friends = states[np.maximum(neighbours, 0)]
+        friends, mask = friend_states_of(states, sample_neighbours(table, rows, fanout, rng=None))
         out[rows] = vectors(states[rows], friends, mask, table.degree[rows]).numpy()
     return out
