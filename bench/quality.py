@@ -77,7 +77,17 @@ def interleaved_step_times(
     from training.train import loss_config, make_train_step
 
     cfg0 = ctx.settings.training
-    sampler = PairSampler(ctx.data, ctx.table, cfg0.fanout, cfg0.batch_size, seed=cfg0.seed)
+    # The batches of the settings' sampler (mixed negatives, uniformly drawn auxiliary users):
+    # an objective ignores the inputs it does not use.
+    sampler = PairSampler(
+        ctx.data,
+        ctx.table,
+        cfg0.fanout,
+        cfg0.batch_size,
+        seed=cfg0.seed,
+        uniform_negatives=cfg0.uniform_negatives,
+        aux_users=cfg0.batch_size if cfg0.aux_users == "uniform" else 0,
+    )
     fixed = [
         {k: tf.constant(v) for k, v in b.items()}
         for _, b in zip(range(batches), sampler.epoch(), strict=False)

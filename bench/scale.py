@@ -42,10 +42,23 @@ from friendrec.paths import DatasetPaths
 log = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
+# Feast's stock local engine (friendrec's writer off) materializing the same views into an empty
+# sqlite file, local column only: the baseline of the materialization ratio, measured in the same
+# run. Opt-in (not in "all"): it holds ~11 GB per million users.
+FEAST_STOCK = "materialize_feast"
+MATERIALIZE_STAGES = (FEAST_STOCK, "materialize")
 # The batch stages, each its own timed process; then "serving": the service's latency over the
 # index the build left (local column only).
-BATCH_STAGES = ("prepare", "features_build", "materialize", "train", "export", "index_build")
+BATCH_STAGES = (
+    "prepare",
+    "features_build",
+    *MATERIALIZE_STAGES,
+    "train",
+    "export",
+    "index_build",
+)
 STAGES = (*BATCH_STAGES, "serving")
+DEFAULT_STAGES = tuple(s for s in STAGES if s != FEAST_STOCK)
 # How long a `friendrec serve` may take to report SERVING, per million users: at 5M users
 # milvus-lite loaded the collection and its HNSW graph in 295 s, and a new friend-set state is
 # seeded with 85M directed friendships (~6 min) before the service answers.
@@ -61,7 +74,7 @@ class ScaleBenchConfig:
     engines: tuple[str, ...] = ENGINES
     # Stages to run (prepare runs unless ``reuse``: the others need its graph); skipped stages and
     # those after them are absent from the report.
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     # Keep each size's workdir from an earlier run and run only ``stages`` in it (no prepare):
     # a long size can be measured in pieces, e.g. the data stages first, training later.
     reuse: bool = False
@@ -193,10 +206,11 @@ def bench_engine(
     else:  # the same prepared graph for every engine
         shutil.rmtree(s.workdir, ignore_errors=True)
         shutil.copytree(prepared, data_dir)
+    materialize = ["features", "materialize", "-d", dataset]
     steps: list[tuple[str, list[str]]] = [
         ("features_build", ["features", "build", "-d", dataset, "--engine", engine]),
-        ("apply", ["features", "apply", "-d", dataset]),
-        ("materialize", ["features", "materialize", "-d", dataset, "--engine", engine]),
+        (FEAST_STOCK, [*materialize, "--engine", "local"]),
+        ("materialize", [*materialize, "--engine", engine]),
         (
             "train",
             [
@@ -216,17 +230,24 @@ def bench_engine(
         ("export", ["export", "-d", dataset, "-o", "baseline", "--version", "1"]),
     ]
     for name, args in steps:
-        if cfg.reuse:  # only the chosen stages (and the registry a materialization needs)
-            if name not in cfg.stages and not (name == "apply" and "materialize" in cfg.stages):
+        if name == FEAST_STOCK and (engine != "local" or name not in cfg.stages):
+            continue  # opt-in, local column only; the stages after it do not depend on it
+        if name not in cfg.stages:
+            if cfg.reuse:  # only the chosen stages
                 continue
-        elif name != "apply" and name not in cfg.stages:
             return results, data_dir
+        if name in MATERIALIZE_STAGES:  # a first load, as a fresh deployment's
+            applied = fresh_online_store(s, name, logs)
+            if not applied.ok:
+                results["apply"] = applied
+                return results, data_dir
         if name == "train":  # a fresh run: an earlier run's folder would be resumed, not trained
             shutil.rmtree(s.workdir / "models", ignore_errors=True)
         if name == "export":  # versions are immutable: an earlier run's version 1 goes first
             shutil.rmtree(s.model_base_path / s.serving.model_name / "1", ignore_errors=True)
-        results[name] = run_stage(s, name, args, logs)
-        if not results[name].ok:
+        stage_settings = stock_materialize_settings(s) if name == FEAST_STOCK else s
+        results[name] = run_stage(stage_settings, name, args, logs)
+        if not results[name].ok and name != FEAST_STOCK:  # nothing depends on the baseline
             return results, data_dir
     build = "index_build" in cfg.stages
     serve = "serving" in cfg.stages and engine == "local"
@@ -258,6 +279,20 @@ def bench_engine(
     finally:
         server.stop()
     return results, data_dir
+
+
+def stock_materialize_settings(s: Settings) -> Settings:
+    """The same workdir and store with Feast's stock local engine (friendrec's writer off)."""
+    engine = s.engine.model_copy(update={"materialize_fast_write": False})
+    return s.model_copy(update={"engine": engine})
+
+
+def fresh_online_store(s: Settings, stage: str, logs: Path) -> StageResult:
+    """Removes the sqlite online store and applies the definitions again (Feast creates the
+    tables), so that every materialization stage is timed as a first load, not as upserts over
+    an earlier stage's rows. Not timed in the stage's figure."""
+    DatasetPaths.of(s, s.data.dataset).feast_online_sqlite.unlink(missing_ok=True)
+    return run_stage(s, f"apply_{stage}", ["features", "apply", "-d", s.data.dataset], logs)
 
 
 def measure_serving(s: Settings, size: int, cfg: ScaleBenchConfig) -> dict[str, Any]:
@@ -315,6 +350,7 @@ def run(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2))  # partial results survive a long run
     report["models"] = fitted_models(report, cfg)
+    report["materialize_rates"] = materialize_rates(report)
     output.write_text(json.dumps(report, indent=2))
     print_table(report)
     return report
@@ -335,6 +371,28 @@ def fitted_models(report: dict[str, Any], cfg: ScaleBenchConfig) -> dict[str, An
             if model:
                 models[f"{engine}/{stage}"] = model
     return models
+
+
+def materialize_rates(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Users per second of every materialization stage (wall time of its process, start-up
+    included), and each friendrec engine's ratio to Feast's stock engine measured in the same
+    run, per size."""
+    rates: dict[str, dict[str, float]] = {}
+    for size, engines in report["sizes"].items():
+        row: dict[str, float] = {}
+        for engine, stages in engines.items():
+            for stage in MATERIALIZE_STAGES:
+                r = stages.get(stage)
+                if r and r.get("ok") and r["seconds"] > 0:
+                    key = "feast_stock" if stage == FEAST_STOCK else engine
+                    row[key] = round(int(size) / r["seconds"], 1)
+        if "feast_stock" in row:
+            for engine in ENGINES:
+                if engine in row:
+                    row[f"{engine}_vs_feast_stock"] = round(row[engine] / row["feast_stock"], 2)
+        if row:
+            rates[size] = row
+    return rates
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -370,6 +428,11 @@ def print_table(report: dict[str, Any]) -> None:
                 f"(milvus {serving.get('milvus', 'lite')})"
             )
         Console(stderr=True).print(table)
+    for size, rates in materialize_rates(report).items():
+        Console(stderr=True).print(
+            f"materialize into sqlite, {int(size):,} users (users/s): "
+            + ", ".join(f"{k} {v:,}" for k, v in rates.items())
+        )
     if report.get("models"):
         Console(stderr=True).print(
             "model fitted to the measured sizes (t = fixed + per-million x users/1M):",

@@ -117,6 +117,12 @@ class TrainingSettings(BaseModel):
         description="Mixed negatives: users drawn uniformly per batch, candidates for every "
         "query beside the in-batch ones (log-Q corrected for the mixture); 0: in-batch only.",
     )
+    aux_users: Literal["pairs", "uniform"] = Field(
+        "pairs",
+        description="Whom CCA-SSG and masked reconstruction train on: 'pairs', the first "
+        "anchors of the batch's friendships (drawn by degree, so low-degree users are rare); "
+        "'uniform', a batch of users drawn uniformly, mostly low-degree ones (docs/quality.md).",
+    )
     popularity_bias: bool = Field(
         True,
         description="Score candidates by cosine + w * log(1 + degree), w learned: the index "

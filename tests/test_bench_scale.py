@@ -87,3 +87,29 @@ def test_reuse_needs_an_earlier_workdir_and_halves_distributed_steps(settings, t
             run(settings.model_copy(update={"workdir": tmp_path}), cfg, tmp_path / "r.json")
     assert train_steps_per_worker(ScaleBenchConfig(train_steps=200, train_workers=2)) == 100
     assert train_steps_per_worker(ScaleBenchConfig(train_steps=1, train_workers=4)) == 1
+
+
+def test_materialize_rates_compare_each_engine_with_feast_stock_of_the_same_size(capsys):
+    from bench.scale import DEFAULT_STAGES, FEAST_STOCK, materialize_rates
+
+    report = {
+        "sizes": {
+            "1000000": {
+                "local": {FEAST_STOCK: _stage(200), "materialize": _stage(50)},
+                "ray": {"materialize": _stage(40)},
+            },
+            "5000000": {"local": {FEAST_STOCK: _stage(900, ok=False), "materialize": _stage(250)}},
+        }
+    }
+    rates = materialize_rates(report)
+    assert rates["1000000"] == {
+        "feast_stock": 5000.0,
+        "local": 20000.0,
+        "ray": 25000.0,
+        "local_vs_feast_stock": 4.0,
+        "ray_vs_feast_stock": 5.0,
+    }
+    assert rates["5000000"] == {"local": 20000.0}  # a failed baseline gives no ratio
+    print_table(report)
+    assert "local_vs_feast_stock 4.0" in capsys.readouterr().err
+    assert FEAST_STOCK not in DEFAULT_STAGES and "materialize" in DEFAULT_STAGES  # opt-in

@@ -31,6 +31,7 @@ from training.pipeline import PairSampler, embed_all
 from training.tower import UserTower, transform_constants, transform_profile_tf
 from training.train import (
     TrainingContext,
+    aux_user_count,
     loss_config,
     make_train_step,
     read_run_config,
@@ -174,6 +175,46 @@ def test_uniform_negatives_join_every_querys_softmax(ctx):
                for g in grads)  # fmt: skip
     assert run_name(SMALL) == run_name(SMALL.model_copy(update={"uniform_negatives": 0}))
     assert run_name(SMALL) != run_name(SMALL.model_copy(update={"uniform_negatives": 64}))
+
+
+def test_aux_users_uniform_moves_the_auxiliary_losses_off_the_pairs(ctx):
+    """``aux_users: uniform``: the sampler adds a batch of uniformly drawn users (only when an
+    auxiliary loss is on), the retrieval part is unchanged, the auxiliary losses are computed on
+    those users (no pair to guard) and train the tower through them."""
+    uniform = SMALL.model_copy(update={"objective": "ssmtl", "aux_users": "uniform"})
+    count = aux_user_count(uniform, loss_config(uniform))
+    assert count == SMALL.batch_size
+    baseline = uniform.model_copy(update={"objective": "baseline"})
+    assert aux_user_count(baseline, loss_config(baseline)) == 0  # no loss to feed: no draw
+    assert aux_user_count(SMALL, loss_config(SMALL.model_copy(update={"objective": "ssmtl"}))) == 0
+
+    plain = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, 0)
+    drawn = PairSampler(ctx.data, ctx.table, SMALL.fanout, SMALL.batch_size, 0, aux_users=count)
+    a, b = next(plain.epoch()), next(drawn.epoch())
+    assert set(b) - set(a) == {f"u/{k[2:]}" for k in a if k.startswith("q/")}
+    for key, value in a.items():
+        np.testing.assert_array_equal(b[key], value, err_msg=key)
+    assert b["u/friend_mask"].shape == (count, SMALL.fanout)
+
+    tower = ctx.build_tower(SMALL)
+    tensors = {k: tf.constant(v) for k, v in b.items()}
+    only_mae = SSMTLModel(tower, LossConfig(mae_weight=1.0), seed=1)
+    on_pairs = float(only_mae.compute_loss({k: v for k, v in tensors.items() if k[:2] != "u/"}))
+    with tf.GradientTape() as tape:
+        on_users = only_mae.compute_loss(tensors)
+    assert float(on_users) != pytest.approx(on_pairs)  # other users, another reconstruction
+    retrieval = SSMTLModel(tower, LossConfig(), seed=1)  # no auxiliary loss: u/ is ignored
+    assert float(retrieval.compute_loss(tensors)) == pytest.approx(
+        float(retrieval.compute_loss({k: v for k, v in tensors.items() if k[:2] != "u/"}))
+    )
+    grads = tape.gradient(on_users, only_mae.decoder.trainable_variables)
+    assert all(g is not None for g in grads)
+    cca = SSMTLModel(tower, LossConfig(cca_weight=1.0), seed=1)
+    assert np.isfinite(float(cca.compute_loss(tensors)))
+    pairs = uniform.model_copy(update={"aux_users": "pairs"})
+    assert run_name(pairs) == run_name(pairs.model_copy(update={"aux_users": "pairs"}))
+    assert run_name(pairs) != run_name(uniform)
+    assert run_name(baseline) == run_name(baseline.model_copy(update={"aux_users": "pairs"}))
 
 
 def test_cca_projector_is_trained_through_the_cca_loss_only(ctx):

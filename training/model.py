@@ -150,10 +150,10 @@ class SSMTLModel(tfrs.Model):
         }
 
     def embed_pair_side(
-        self, side: dict[str, tf.Tensor], other: dict[str, tf.Tensor], **hooks: Any
+        self, side: dict[str, tf.Tensor], other: dict[str, tf.Tensor] | None, **hooks: Any
     ) -> tf.Tensor:
         """Embed one side of the training pairs with the other side removed from its
-        neighbourhood (the leakage guard)."""
+        neighbourhood (the leakage guard; ``other`` None: no pair)."""
         return self.tower.embed(side, exclude=other, **hooks)
 
     def embed_pairs(
@@ -221,12 +221,19 @@ class SSMTLModel(tfrs.Model):
             retrieval = _batch_mean(retrieval)
         total = retrieval
         self.loss_trackers["retrieval"].update_state(retrieval)
+        if cfg.cca_weight <= 0 and cfg.mae_weight <= 0:
+            return total
+        aux: tuple[Any, ...] = (query, candidate, q_friends, training)
+        if "u/friend_mask" in batch:  # users drawn uniformly (``aux_users``), no pair to guard
+            users = split_inputs(batch, "u/")
+            (friends,) = self.tower.shared_friend_states([users], training)
+            aux, q_nbr = (users, None, friends, training), None
         if cfg.cca_weight > 0:
-            cca = self.cca_loss(query, candidate, q_friends, training, neighbourhood=q_nbr)
+            cca = self.cca_loss(*aux, neighbourhood=q_nbr)
             self.loss_trackers["cca"].update_state(cca)
             total += cfg.cca_weight * cca
         if cfg.mae_weight > 0:
-            mae = self.mae_loss(query, candidate, q_friends, training, neighbourhood=q_nbr)
+            mae = self.mae_loss(*aux, neighbourhood=q_nbr)
             self.loss_trackers["mae"].update_state(mae)
             total += cfg.mae_weight * mae
         return total
@@ -243,17 +250,19 @@ class SSMTLModel(tfrs.Model):
 
     @staticmethod
     def _heads(
-        query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor], fraction: float
-    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], dict[str, tf.Tensor]]:
-        """The first M = fraction * batch pairs (the users an auxiliary objective sees)."""
+        query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor] | None, fraction: float
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], dict[str, tf.Tensor] | None]:
+        """The first M = fraction * batch pairs (the users an auxiliary objective sees);
+        ``candidate`` None: users without a pair (``aux_users: uniform``)."""
         batch = tf.shape(query["friend_mask"])[0]
         m = tf.maximum(tf.cast(tf.cast(batch, tf.float32) * fraction, tf.int32), 2)
-        return m, {k: v[:m] for k, v in query.items()}, {k: v[:m] for k, v in candidate.items()}
+        heads = None if candidate is None else {k: v[:m] for k, v in candidate.items()}
+        return m, {k: v[:m] for k, v in query.items()}, heads
 
     def cca_loss(
         self,
         query: dict[str, tf.Tensor],
-        candidate: dict[str, tf.Tensor],
+        candidate: dict[str, tf.Tensor] | None,
         friend_states: tf.Tensor,
         training: bool = False,
         neighbourhood: tf.Tensor | None = None,
@@ -300,7 +309,7 @@ class SSMTLModel(tfrs.Model):
     def mae_loss(
         self,
         query: dict[str, tf.Tensor],
-        candidate: dict[str, tf.Tensor],
+        candidate: dict[str, tf.Tensor] | None,
         friend_states: tf.Tensor,
         training: bool = False,
         neighbourhood: tf.Tensor | None = None,

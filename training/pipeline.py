@@ -46,6 +46,7 @@ class PairSampler:
         shard: int = 0,
         num_shards: int = 1,
         uniform_negatives: int = 0,
+        aux_users: int = 0,
     ) -> None:
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} is not in [0, {num_shards})")
@@ -65,6 +66,7 @@ class PairSampler:
         self.seed = seed
         self.shard, self.num_shards = shard, num_shards
         self.uniform_negatives = int(uniform_negatives)
+        self.aux_users = int(aux_users)
         self.restart(None)
         # How often each user is an in-batch candidate: proportional to its training degree.
         counts = np.bincount(a, minlength=len(table)) + np.bincount(b, minlength=len(table))
@@ -122,6 +124,10 @@ class PairSampler:
             out.update({f"n/{k}": v for k, v in tower_inputs(self.table, rows, neighbours).items()})
             out["n_id"] = rows.astype(np.int64)
             out["n_sampling_prob"] = self.sampling_prob[rows]
+        if self.aux_users:  # users drawn uniformly, for the auxiliary losses only
+            rows = self.rng.integers(0, len(self.table), self.aux_users)
+            neighbours = sample_neighbours(self.table, rows, self.fanout, self.rng)
+            out.update({f"u/{k}": v for k, v in tower_inputs(self.table, rows, neighbours).items()})
         return out
 
     def epoch(self) -> Iterator[dict[str, np.ndarray]]:

@@ -59,18 +59,27 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
     return LossConfig.for_objective(cfg.objective, **overrides)
 
 
-# Settings added after runs were cached: the value every earlier run had, and the loss weight
-# they act through (None: every run). A setting at that value, or whose loss is off, is left out
-# of a run's identity, so earlier runs (and every run it cannot change) keep their folders.
-ADDED_SETTINGS: dict[str, tuple[object, str | None]] = {
-    "cca_projector_dim": (0, "cca_weight"),
-    "cca_id_drop": (None, "cca_weight"),
+def aux_user_count(cfg: TrainingSettings, losses: LossConfig) -> int:
+    """Users drawn uniformly per batch for the auxiliary losses (``aux_users: uniform`` with an
+    auxiliary loss on: a batch's worth, of which each loss takes its fraction); else 0."""
+    aux = losses.cca_weight > 0 or losses.mae_weight > 0
+    return cfg.batch_size if cfg.aux_users == "uniform" and aux else 0
+
+
+# Settings added after runs were cached: the value every earlier run had, and the loss weights
+# they act through (None: every run). A setting at that value, or whose losses are all off, is
+# left out of a run's identity, so earlier runs (and every run it cannot change) keep their
+# folders.
+ADDED_SETTINGS: dict[str, tuple[object, tuple[str, ...] | None]] = {
+    "cca_projector_dim": (0, ("cca_weight",)),
+    "cca_id_drop": (None, ("cca_weight",)),
     "popularity_bias": (False, None),
     # The global batch (workers x batch_size) and its in-batch negatives change the model.
     "workers": (1, None),
     "val_max_users": (None, None),
     "log_q_strength": (1.0, None),
     "uniform_negatives": (0, None),
+    "aux_users": ("pairs", ("cca_weight", "mae_weight")),
 }
 
 
@@ -89,8 +98,9 @@ def run_name(cfg: TrainingSettings) -> str:
     losses = loss_config(cfg)
     unset = {
         name
-        for name, (earlier, weight) in ADDED_SETTINGS.items()
-        if getattr(cfg, name) == earlier or (weight is not None and getattr(losses, weight) == 0)
+        for name, (earlier, weights) in ADDED_SETTINGS.items()
+        if getattr(cfg, name) == earlier
+        or (weights is not None and all(getattr(losses, w) == 0 for w in weights))
     }
     identity = cfg.model_dump_json(exclude={"epochs", "patience", "max_restarts", *unset})
     digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
@@ -285,6 +295,7 @@ def _train(
         shard=shard,
         num_shards=shards,
         uniform_negatives=cfg.uniform_negatives,
+        aux_users=aux_user_count(cfg, model.loss_config),
     )
     evalset = (
         EvalSet.from_prepared(ctx.data, "val", max_queries=cfg.val_max_users, seed=cfg.seed)
