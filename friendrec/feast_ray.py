@@ -21,10 +21,13 @@ in-process engine runs serially):
    it into partitions of at most ``partition_rows`` users, at least 4 per CPU, in the order of the
    stored entity keys.
 2. Ray tasks turn the partitions into Feast's values in parallel, by column.
-3. sqlite (one writer): each task returns the rows in Feast's table layout, serialized, and the
-   driver writes them as they arrive with Feast's own upsert statement
-   (``feast_sqlite.upsert_rows``) while at most CPUs + 1 tasks convert the next partitions. Redis
-   and any other store: each task writes its partition with ``online_write_batch``, in parallel.
+3. sqlite (one writer): each task returns its partition (one row per user: the stored key,
+   ``event_ts``, each feature's serialized value and text) as a small sqlite file, the values
+   bound into sqlite in the task, in parallel; the driver gathers the files as they arrive while
+   at most CPUs + 1 tasks encode the next partitions, then sqlite unpivots them into the view's
+   table with Feast's own upsert statement in one ``INSERT ... SELECT`` and one transaction
+   (``feast_sqlite.upsert_rows``). Redis and any other store: each task writes its partition
+   with ``online_write_batch``, in parallel.
 
 The bytes stored are Feast's: ``tests/test_materialize_engine.py`` compares them with what the
 stock local engine writes, row by row (sqlite) and hash by hash (Redis).
@@ -81,8 +84,9 @@ class FriendrecRayComputeEngineConfig(RayComputeEngineConfig):
     """False: the stock Ray engine's DAG for every view (kept for comparison)."""
 
 
-def _sqlite_rows_task(part: pa.Table, spec: ViewSpec) -> pa.Table:
-    return sqlite_rows(part, spec)
+def _sqlite_rows_task(part: pa.Table, spec: ViewSpec) -> bytes:
+    """A partition encoded for sqlite, in a sqlite file of its own (the bytes)."""
+    return feast_sqlite.partition_file(sqlite_rows(part, spec))
 
 
 def _write_task(part: pa.Table, spec: ViewSpec, artifacts: SerializedArtifacts) -> int:
@@ -138,15 +142,15 @@ class FriendrecRayComputeEngine(RayComputeEngine):
         return written
 
     def _write_sqlite(self, view: Any, spec: ViewSpec, parts: list[Any], in_flight: int) -> int:
-        """sqlite takes one writer: the driver writes partitions in key order while at most
-        ``in_flight`` tasks convert the next ones."""
+        """sqlite takes one writer: the driver gathers the tasks' partition files in key order
+        while at most ``in_flight`` tasks encode the next ones, then upserts them at once."""
         import ray
 
         task_fn = ray.remote(_sqlite_rows_task)
         pending = [task_fn.remote(p, spec) for p in parts[:in_flight]]
         queued = iter(parts[in_flight:])
 
-        def batches() -> Iterator[pa.Table]:
+        def batches() -> Iterator[bytes]:
             while pending:
                 rows = ray.get(pending.pop(0))
                 following = next(queued, None)

@@ -22,9 +22,11 @@ stock read stays in use for the store's vector, text-search and versioned-table 
 
 from __future__ import annotations
 
-import itertools
+import sqlite3
+import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
@@ -100,11 +102,27 @@ class FriendrecSqliteOnlineStore(SqliteOnlineStore):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bulk writes (the Ray engine's sqlite path, friendrec/feast_ray.py)
+# Bulk writes (friendrec's engines' sqlite path: friendrec/feast_write.py, friendrec/feast_ray.py)
 
 # The columns Feast's ``online_write_batch`` fills without vector or value_num columns; created_ts
 # is always NULL for our views (no created timestamp column).
 ROW_COLUMNS = ("entity_key", "feature_name", "value", "value_text", "event_ts")
+STAGE_TABLE = "rows"
+FEATURE_TABLE = "features"
+_STAGE_ALIAS = "friendrec_stage"
+
+
+def wide_columns(features: Sequence[str]) -> list[str]:
+    """The columns of a partition ``upsert_rows`` takes: one row per entity (its stored key and
+    ``event_ts``), then per feature its serialized value and Feast's ``value_text``. Binding
+    one row per entity instead of one per (entity, feature) is ~2.4x less Python per value
+    (measured: 250k 6-feature rows in 1.0 s against 1.5M narrow ones in 2.5 s)."""
+    return ["entity_key", "event_ts", *(f"{c}:{n}" for n in features for c in ("value", "text"))]
+
+
+def _stage_schema(features: int) -> str:
+    values = ", ".join(f"v{j}, t{j}" for j in range(features))
+    return f"CREATE TABLE {STAGE_TABLE} (entity_key, event_ts, {values})"
 
 
 def bulk_writable(config: RepoConfig) -> bool:
@@ -122,39 +140,134 @@ def value_texts(values: Sequence[ValueProto]) -> list[str | None]:
     return [extract_text_and_num(v, False)[0] for v in values]
 
 
-def upsert_sql(config: RepoConfig, table: FeatureView) -> str:
-    """Feast's upsert statement (``SqliteOnlineStore.online_write_batch``) for ``ROW_COLUMNS``."""
+def upsert_sql(config: RepoConfig, table: FeatureView, stage: str) -> str:
+    """Feast's upsert statement (``SqliteOnlineStore.online_write_batch``, the same conflict
+    target and updates) over every entity of ``stage``'s wide table (an attached scratch
+    database), unpivoted into one row per feature in key and feature order (``CROSS JOIN``
+    keeps the entities the outer loop), ``created_ts`` NULL."""
     name = _quote_id(
         _table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
     )
     columns = [*ROW_COLUMNS, "created_ts"]
     updates = ", ".join(f"{c} = excluded.{c}" for c in columns[2:])
-    return (
-        f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+    value, text = (
+        "CASE f.j " + " ".join(f"WHEN {j} THEN w.{c}{j}" for j in range(len(table.features)))
+        for c in ("v", "t")
+    )
+    return (  # WHERE true: an upsert's SELECT needs a WHERE (sqlite's parser)
+        f"INSERT INTO {name} ({', '.join(columns)}) "
+        f"SELECT w.entity_key, f.name, {value} END, {text} END, w.event_ts, NULL "
+        f"FROM {stage}.{STAGE_TABLE} AS w CROSS JOIN {stage}.{FEATURE_TABLE} AS f WHERE true "
         f"ON CONFLICT(entity_key, feature_name) DO UPDATE SET {updates};"
     )
 
 
-def upsert_rows(
-    store: SqliteOnlineStore, config: RepoConfig, table: FeatureView, batches: Iterable[pa.Table]
-) -> int:
-    """Write rows already in Feast's layout (``ROW_COLUMNS``, values serialized, ``event_ts`` as
-    Feast's adapter stores it) with Feast's statement, one ``executemany`` per batch and one
-    transaction in all (as Feast's single-batch write). Returns the entities written.
+def _insert_rows(conn: sqlite3.Connection, batch: pa.Table) -> None:
+    columns = [column.to_pylist() for column in batch.columns]
+    with conn:
+        conn.executemany(
+            f"INSERT INTO {STAGE_TABLE} VALUES ({', '.join('?' * len(columns))})",
+            zip(*columns, strict=True),
+        )
 
-    Feast's own write runs one ``execute`` per entity and feature, serializing as it goes: about
-    half of a materialization (docs/benchmarks.md). Here the values arrive serialized (by Ray
-    tasks, in parallel) and sqlite gets them in one call per batch.
+
+def _scratch(path: Path, features: int) -> sqlite3.Connection:
+    """A new sqlite file holding the stage table: scratch data, so no journal and no fsync."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = OFF")
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute(_stage_schema(features))
+    return conn
+
+
+def _features_of(batch: pa.Table) -> int:
+    return (batch.num_columns - 2) // 2
+
+
+def partition_file(batch: pa.Table) -> bytes:
+    """A partition (``wide_columns``) as the bytes of a sqlite file: what a Ray task returns, so
+    that binding the values runs in the tasks, in parallel, and the single sqlite writer only
+    copies rows from file to file."""
+    with tempfile.TemporaryDirectory(prefix="friendrec-part-") as scratch:
+        path = Path(scratch) / "part.db"
+        conn = _scratch(path, _features_of(batch))
+        try:
+            _insert_rows(conn, batch)
+        finally:
+            conn.close()
+        return path.read_bytes()
+
+
+class _Stage:
+    """Entities gathered in a scratch sqlite file next to the online store, before one upsert."""
+
+    def __init__(self, directory: Path, features: Sequence[str]) -> None:
+        self.directory = directory
+        self.path = directory / "stage.db"
+        self.features = list(features)
+        self.conn = _scratch(self.path, len(self.features))
+        with self.conn:
+            self.conn.execute(f"CREATE TABLE {FEATURE_TABLE} (j INTEGER, name TEXT)")
+            self.conn.executemany(
+                f"INSERT INTO {FEATURE_TABLE} VALUES (?, ?)", enumerate(self.features)
+            )
+        self.parts = 0
+
+    def add(self, batch: pa.Table | bytes) -> None:
+        if isinstance(batch, pa.Table):
+            if batch.column_names != wide_columns(self.features):
+                raise ValueError(
+                    f"partition columns {batch.column_names[:4]}... are not "
+                    f"wide_columns({self.features})"
+                )
+            _insert_rows(self.conn, batch)
+            return
+        part = self.directory / f"part{self.parts}.db"
+        self.parts += 1
+        part.write_bytes(batch)
+        self.conn.execute("ATTACH DATABASE ? AS part", (str(part),))
+        try:
+            with self.conn:
+                self.conn.execute(f"INSERT INTO {STAGE_TABLE} SELECT * FROM part.{STAGE_TABLE}")
+        finally:
+            self.conn.execute("DETACH DATABASE part")
+            part.unlink()
+
+
+def upsert_rows(
+    store: SqliteOnlineStore,
+    config: RepoConfig,
+    table: FeatureView,
+    batches: Iterable[pa.Table | bytes],
+) -> int:
+    """Write a view's entities, already encoded (``wide_columns``: values serialized,
+    ``event_ts`` as Feast's adapter stores it), with Feast's own upsert statement. Returns the
+    entities written.
+
+    ``batches``: Arrow tables, or sqlite files made by ``partition_file`` (Ray tasks). They are
+    gathered in a scratch file beside the online store (a plain table: no key, no index, no
+    journal), then moved into the view's table by one ``INSERT ... SELECT`` in one transaction:
+    sqlite unpivots and copies the rows itself, ~4x faster than binding Feast's rows from
+    Python (``executemany``: ~300k rows/s here, docs/scaling.md), and a failure anywhere before
+    the commit leaves the online store as it was. The scratch files are removed either way.
     """
     if not bulk_writable(config):
         raise ValueError("upsert_rows does not fill vector or value_num columns")
     conn = store._get_conn(config)
-    sql = upsert_sql(config, table)
-    features = len(table.features)
-    rows = 0
-    with conn:
-        for batch in batches:
-            columns = [batch.column(c).to_pylist() for c in ROW_COLUMNS]
-            conn.executemany(sql, zip(*columns, itertools.repeat(None)))
-            rows += batch.num_rows
-    return rows // max(1, features)
+    db_path = Path(store._get_db_path(config))
+    scratch_root = db_path.parent if db_path.parent.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix=".friendrec-stage-", dir=scratch_root) as scratch:
+        stage = _Stage(Path(scratch), [f.name for f in table.features])
+        try:
+            for batch in batches:
+                stage.add(batch)
+            (entities,) = stage.conn.execute(f"SELECT count(*) FROM {STAGE_TABLE}").fetchone()
+        finally:
+            stage.conn.close()
+        conn.execute(f"ATTACH DATABASE ? AS {_STAGE_ALIAS}", (str(stage.path),))
+        try:
+            with conn:
+                conn.execute(upsert_sql(config, table, _STAGE_ALIAS))
+        finally:
+            conn.execute(f"DETACH DATABASE {_STAGE_ALIAS}")
+    return int(entities)

@@ -8,9 +8,11 @@ At 1M synthetic users that held 11 GB and wrote 5.1k users/s into sqlite (docs/s
 5M users did not fit this 23 GB machine at all. Here a view's window is read once (Feast's own
 ``pull_latest_from_table_or_query``: the rows the stock engine writes), ordered by stored entity
 key, and written in partitions of at most ``partition_rows`` users: each partition is encoded by
-column (sqlite: straight to Feast's wire bytes, ``serialized_values``) and written before the next
-is built, so memory is the window plus one partition. The Ray engine (``friendrec/feast_ray.py``)
-runs the same encoding in parallel tasks.
+column (sqlite: straight to Feast's wire bytes, ``serialized_values``, one row per user) and
+handed to the writer before the next is built, so memory is the window plus one partition. Into
+sqlite the partitions are gathered in a scratch file and upserted at once, in one transaction
+(``feast_sqlite.upsert_rows``). The Ray engine (``friendrec/feast_ray.py``) runs the same
+encoding in parallel tasks.
 
 ``FeatureStore.materialize`` drives the engine as any Feast engine: Feast resolves the views,
 records each view's materialization interval in the registry (what ``--incremental`` continues
@@ -286,32 +288,24 @@ def _feature_rows(part: pa.Table, spec: ViewSpec) -> list[tuple[Any, ...]]:
 
 
 def sqlite_rows(part: pa.Table, spec: ViewSpec) -> pa.Table:
-    """A partition as rows of Feast's sqlite table (``feast_sqlite.ROW_COLUMNS``), in the order
-    Feast writes them: per entity, its features in the view's order."""
-    n = part.num_rows
+    """A partition as ``feast_sqlite.upsert_rows`` takes it: one row per entity, its stored key
+    and ``event_ts``, then per feature (the view's order) the serialized value and Feast's
+    ``value_text`` (``feast_sqlite.wide_columns``); sqlite unpivots it into Feast's rows."""
     keys = entity_key_bytes(part, spec.join_keys, spec.key_version)
     stamps, index = event_datetimes(part.column(spec.timestamp_field))
     # Feast's sqlite adapter stores int(naive_utc.timestamp()) (feast.infra.online_stores.sqlite).
     epochs = pa.array([int(to_naive_utc(s).timestamp()) for s in stamps], pa.int64())
-    event_ts = pc.take(epochs, index).to_numpy()
-    width = len(spec.features)
-    columns = [serialized_values(part.column(name), vt) for name, vt in spec.features]
-    # Row r * width + j = entity r, feature j: Feast's order (per entity, the view's features).
-    order = (np.arange(width)[None, :] * n + np.arange(n)[:, None]).ravel()
-    values = pa.concat_arrays(columns).take(pa.array(order))
-    texts: list[str | None] = [None] * (n * width)
-    for j, (name, value_type) in enumerate(spec.features):
-        if value_type not in _LIST_TYPES:  # Feast stores no text for lists
-            texts[j::width] = value_texts(part.column(name), value_type)
-    return pa.table(
-        {
-            "entity_key": pa.array(np.repeat(np.array(keys, dtype=object), width), pa.binary()),
-            "feature_name": pa.array([name for name, _ in spec.features] * n, pa.string()),
-            "value": values,
-            "value_text": pa.array(texts, pa.string()),
-            "event_ts": pa.array(np.repeat(event_ts, width), pa.int64()),
-        }
-    )
+    columns: list[pa.Array] = [pa.array(keys, pa.binary()), pc.take(epochs, index)]
+    for name, value_type in spec.features:
+        columns.append(serialized_values(part.column(name), value_type))
+        texts = (
+            [None] * part.num_rows  # Feast stores no text for lists
+            if value_type in _LIST_TYPES
+            else value_texts(part.column(name), value_type)
+        )
+        columns.append(pa.array(texts, pa.string()))
+    names = feast_sqlite.wide_columns([name for name, _ in spec.features])
+    return pa.table(dict(zip(names, columns, strict=True)))
 
 
 def _key_order(table: pa.Table, join_keys: dict[str, ValueType]) -> pa.Table:

@@ -221,3 +221,58 @@ def test_entity_keys_are_feasts():
     ordered = feast_write._key_order(table, keys)  # the order the sqlite writer gets
     ordered_keys = feast_write.entity_key_bytes(ordered, keys, 3)
     assert ordered_keys == sorted(fast)
+
+
+def test_sqlite_bulk_upsert_is_one_transaction_and_leaves_no_scratch_files(engb_t1):
+    """``feast_sqlite.upsert_rows`` gathers Arrow batches and tasks' partition files in a
+    scratch file, then upserts them at once: a failure while gathering changes nothing online
+    and removes the scratch files; a whole run updates the rows it carries (Feast's upsert)."""
+    settings, _ = engb_t1
+    apply(settings, DATASET)
+    materialize(settings, DATASET, engine="local")
+    before = sqlite_online_rows(settings, DATASET)
+    fs = open_store(settings, DATASET)
+    store, config = fs._get_provider().online_store, fs.config
+    view = fs.get_feature_view(contract.GRAPH_VIEW)
+    (name,) = [t for t in before if t.endswith(contract.GRAPH_VIEW)]
+    features = [f.name for f in view.features]
+    stored = {(r[0], r[1]): r for r in before[name]}
+    keys = sorted({r[0] for r in before[name]})[:30]  # 30 users, every feature changed
+    columns = {
+        "entity_key": pa.array(keys, pa.binary()),
+        "event_ts": pa.array([stored[(k, features[0])][6] + 1 for k in keys], pa.int64()),
+    }
+    for f in features:
+        columns[f"value:{f}"] = pa.array([b"new" + stored[(k, f)][2] for k in keys], pa.binary())
+        columns[f"text:{f}"] = pa.array([stored[(k, f)][3] for k in keys], pa.string())
+    batch = pa.table(columns)
+    assert batch.column_names == feast_sqlite.wide_columns(features)
+    halves = batch.slice(0, 15), batch.slice(15)
+    feast_dir = DatasetPaths.of(settings, DATASET).feast_dir
+
+    def failing():
+        yield feast_sqlite.partition_file(halves[0])
+        yield halves[1]
+        raise RuntimeError("a task failed")
+
+    with pytest.raises(RuntimeError, match="a task failed"):
+        feast_sqlite.upsert_rows(store, config, view, failing())
+    assert sqlite_online_rows(settings, DATASET) == before
+    assert not list(feast_dir.glob(".friendrec-stage-*"))
+
+    written = feast_sqlite.upsert_rows(
+        store, config, view, [feast_sqlite.partition_file(halves[0]), halves[1]]
+    )
+    assert written == 30
+    after = sqlite_online_rows(settings, DATASET)
+    assert len(after[name]) == len(before[name])  # updated in place, nothing added
+    for row in after[name]:
+        old = stored[(row[0], row[1])]
+        if row[0] in keys:  # Feast's upsert: the new value and time, the same text and type
+            assert row[2] == b"new" + old[2] and row[6] == old[6] + 1, row[1]
+            assert row[3] == old[3] and row[5] == old[5]
+        else:
+            assert row == old
+    assert not list(feast_dir.glob(".friendrec-stage-*"))
+    with pytest.raises(ValueError, match="wide_columns"):  # another view's layout
+        feast_sqlite.upsert_rows(store, config, view, [batch.drop_columns(["text:degree"])])
