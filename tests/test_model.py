@@ -183,7 +183,9 @@ def test_aux_users_uniform_moves_the_auxiliary_losses_off_the_pairs(ctx):
     those users (no pair to guard) and train the tower through them."""
     uniform = SMALL.model_copy(update={"objective": "ssmtl", "aux_users": "uniform"})
     count = aux_user_count(uniform, loss_config(uniform))
-    assert count == SMALL.batch_size
+    assert count == -(-SMALL.batch_size // 2)  # the larger fraction an auxiliary loss takes
+    mae_only = uniform.model_copy(update={"mae_fraction": 0.75, "cca_weight": 0.0})
+    assert aux_user_count(mae_only, loss_config(mae_only)) == -(-SMALL.batch_size * 3 // 4)
     baseline = uniform.model_copy(update={"objective": "baseline"})
     assert aux_user_count(baseline, loss_config(baseline)) == 0  # no loss to feed: no draw
     assert aux_user_count(SMALL, loss_config(SMALL.model_copy(update={"objective": "ssmtl"}))) == 0
@@ -209,6 +211,16 @@ def test_aux_users_uniform_moves_the_auxiliary_losses_off_the_pairs(ctx):
     )
     grads = tape.gradient(on_users, only_mae.decoder.trainable_variables)
     assert all(g is not None for g in grads)
+
+    # Each loss takes its fraction of the *pairs'* batch from the drawn users: rows past them
+    # are unused (a fraction of all the rows given would take some of the other users appended
+    # here too; inference mode: no random draws).
+    exact = float(only_mae.compute_loss(tensors))
+    extended = {
+        k: tf.concat([v, tensors[f"q/{k[2:]}"]], 0) if k[:2] == "u/" else v
+        for k, v in tensors.items()
+    }
+    assert float(only_mae.compute_loss(extended)) == pytest.approx(exact, rel=1e-6)
     cca = SSMTLModel(tower, LossConfig(cca_weight=1.0), seed=1)
     assert np.isfinite(float(cca.compute_loss(tensors)))
     pairs = uniform.model_copy(update={"aux_users": "pairs"})

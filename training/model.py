@@ -224,16 +224,18 @@ class SSMTLModel(tfrs.Model):
         if cfg.cca_weight <= 0 and cfg.mae_weight <= 0:
             return total
         aux: tuple[Any, ...] = (query, candidate, q_friends, training)
+        pairs = None
         if "u/friend_mask" in batch:  # users drawn uniformly (``aux_users``), no pair to guard
             users = split_inputs(batch, "u/")
             (friends,) = self.tower.shared_friend_states([users], training)
             aux, q_nbr = (users, None, friends, training), None
+            pairs = tf.shape(query["friend_mask"])[0]  # each loss takes its fraction of these
         if cfg.cca_weight > 0:
-            cca = self.cca_loss(*aux, neighbourhood=q_nbr)
+            cca = self.cca_loss(*aux, neighbourhood=q_nbr, pairs=pairs)
             self.loss_trackers["cca"].update_state(cca)
             total += cfg.cca_weight * cca
         if cfg.mae_weight > 0:
-            mae = self.mae_loss(*aux, neighbourhood=q_nbr)
+            mae = self.mae_loss(*aux, neighbourhood=q_nbr, pairs=pairs)
             self.loss_trackers["mae"].update_state(mae)
             total += cfg.mae_weight * mae
         return total
@@ -250,11 +252,16 @@ class SSMTLModel(tfrs.Model):
 
     @staticmethod
     def _heads(
-        query: dict[str, tf.Tensor], candidate: dict[str, tf.Tensor] | None, fraction: float
+        query: dict[str, tf.Tensor],
+        candidate: dict[str, tf.Tensor] | None,
+        fraction: float,
+        batch: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, dict[str, tf.Tensor], dict[str, tf.Tensor] | None]:
         """The first M = fraction * batch pairs (the users an auxiliary objective sees);
-        ``candidate`` None: users without a pair (``aux_users: uniform``)."""
-        batch = tf.shape(query["friend_mask"])[0]
+        ``candidate`` None: users without a pair (``aux_users: uniform``), of which there are
+        at least M for the pairs' ``batch`` size."""
+        if batch is None:
+            batch = tf.shape(query["friend_mask"])[0]
         m = tf.maximum(tf.cast(tf.cast(batch, tf.float32) * fraction, tf.int32), 2)
         heads = None if candidate is None else {k: v[:m] for k, v in candidate.items()}
         return m, {k: v[:m] for k, v in query.items()}, heads
@@ -266,12 +273,13 @@ class SSMTLModel(tfrs.Model):
         friend_states: tf.Tensor,
         training: bool = False,
         neighbourhood: tf.Tensor | None = None,
+        pairs: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """Two independently augmented views of the first M anchors: feature masking of their own
         ids and neighbour dropping (their friends' states, and their guarded neighbourhood where
         given, are shared with the main pass)."""
         cfg = self.loss_config
-        m, q, c = self._heads(query, candidate, cfg.cca_fraction)
+        m, q, c = self._heads(query, candidate, cfg.cca_fraction, pairs)
         views = []
         for _ in range(2):
             id_keep = tf.cast(
@@ -313,10 +321,11 @@ class SSMTLModel(tfrs.Model):
         friend_states: tf.Tensor,
         training: bool = False,
         neighbourhood: tf.Tensor | None = None,
+        pairs: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """Replace M anchors' own features by [MASK], encode, decode, score with SCE."""
         cfg = self.loss_config
-        m, q, c = self._heads(query, candidate, cfg.mae_fraction)
+        m, q, c = self._heads(query, candidate, cfg.mae_fraction, pairs)
         masked = tf.tile(self.tower.mask_token[None, :], [m, 1])
         z = self.embed_pair_side(
             q,

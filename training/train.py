@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -60,10 +61,20 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
 
 
 def aux_user_count(cfg: TrainingSettings, losses: LossConfig) -> int:
-    """Users drawn uniformly per batch for the auxiliary losses (``aux_users: uniform`` with an
-    auxiliary loss on: a batch's worth, of which each loss takes its fraction); else 0."""
-    aux = losses.cca_weight > 0 or losses.mae_weight > 0
-    return cfg.batch_size if cfg.aux_users == "uniform" and aux else 0
+    """Users drawn uniformly per batch for the auxiliary losses (``aux_users: uniform``): as many
+    as the larger fraction of the batch an auxiliary loss takes (each takes its own fraction of
+    the batch size from them); 0 with no auxiliary loss on, or ``aux_users: pairs``."""
+    fractions = [
+        fraction
+        for weight, fraction in (
+            (losses.cca_weight, losses.cca_fraction),
+            (losses.mae_weight, losses.mae_fraction),
+        )
+        if weight > 0
+    ]
+    if cfg.aux_users != "uniform" or not fractions:
+        return 0
+    return max(2, math.ceil(cfg.batch_size * max(fractions)))
 
 
 # Settings added after runs were cached: the value every earlier run had, and the loss weights
