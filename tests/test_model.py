@@ -556,6 +556,37 @@ def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, m
     assert loaded.serving.blend_fof_weight == result.blend["fof_weight"]
 
 
+def test_tune_skips_a_change_that_leaves_the_model_as_it_is(ctx, monkeypatch, tmp_path):
+    """A second-stage change that cannot act on the best trial (uniformly drawn auxiliary users
+    around the single-task model) is no new trial; one that can is trained."""
+    from types import SimpleNamespace
+
+    from training import tune as tune_module
+
+    trained: list[dict] = []
+
+    def fake_train(ctx, cfg, show_progress=True):
+        trained.append({"objective": cfg.objective, "aux_users": cfg.aux_users,
+                        "temperature": cfg.temperature})  # fmt: skip
+        result = SimpleNamespace(
+            best_val_recall50=0.1 + 0.01 * len(trained), best_epoch=1, model_dir=tmp_path / "r"
+        )
+        return result, None
+
+    monkeypatch.setattr(tune_module, "train", fake_train)
+    monkeypatch.setattr(tune_module, "_choose_blend", lambda ctx, cfg: {})
+    monkeypatch.setattr(tune_module, "WEIGHTS", ((0.0, 0.0),))
+    monkeypatch.setattr(tune_module, "NEIGHBOURS", ({"aux_users": "uniform"}, {"temperature": 0.1}))
+    tctx = replace(ctx, settings=ctx.settings.model_copy(update={"training": SMALL}))
+    result = tune_module.tune(tctx, budget_s=3600, show_progress=False)
+    assert [t["temperature"] for t in trained] == [SMALL.temperature, 0.1]
+    assert {t["objective"] for t in trained} == {"baseline"}
+    assert [t.settings for t in result.trials] == [
+        {"objective": "baseline"},
+        {"objective": "baseline", "temperature": 0.1},
+    ]
+
+
 def _per_user_neighbours(table, rows, fanout, rng, exclude=None):
     """The per-user loop ``sample_neighbours`` replaced (the reference for its random stream)."""
     out = np.full((len(rows), fanout), -1, dtype=np.int64)
