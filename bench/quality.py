@@ -73,21 +73,14 @@ def interleaved_step_times(
     import tensorflow as tf
 
     from training.model import SSMTLModel
-    from training.pipeline import PairSampler
-    from training.train import aux_user_count, loss_config, make_train_step
+    from training.train import aux_user_count, loss_config, make_sampler, make_train_step
 
     cfg0 = ctx.settings.training
     configs = [cfg0.model_copy(update={"objective": o}) for o in objectives]
     # The batches of the settings' sampler (mixed negatives, uniformly drawn auxiliary users):
     # an objective ignores the inputs it does not use.
-    sampler = PairSampler(
-        ctx.data,
-        ctx.table,
-        cfg0.fanout,
-        cfg0.batch_size,
-        seed=cfg0.seed,
-        uniform_negatives=cfg0.uniform_negatives,
-        aux_users=max(aux_user_count(c, loss_config(c)) for c in configs),
+    sampler = make_sampler(
+        ctx, cfg0, aux_users=max(aux_user_count(c, loss_config(c)) for c in configs)
     )
     fixed = [
         {k: tf.constant(v) for k, v in b.items()}

@@ -77,6 +77,30 @@ def aux_user_count(cfg: TrainingSettings, losses: LossConfig) -> int:
     return max(2, math.ceil(cfg.batch_size * max(fractions)))
 
 
+def make_sampler(
+    ctx: TrainingContext,
+    cfg: TrainingSettings,
+    shard: int = 0,
+    shards: int = 1,
+    aux_users: int | None = None,
+) -> PairSampler:
+    """The training batches ``cfg`` asks for (mixed negatives, uniformly drawn auxiliary users:
+    ``aux_users``, by default what ``cfg``'s own losses take)."""
+    if aux_users is None:
+        aux_users = aux_user_count(cfg, loss_config(cfg))
+    return PairSampler(
+        ctx.data,
+        ctx.table,
+        cfg.fanout,
+        cfg.batch_size,
+        seed=cfg.seed,
+        shard=shard,
+        num_shards=shards,
+        uniform_negatives=cfg.uniform_negatives,
+        aux_users=aux_users,
+    )
+
+
 # Settings added after runs were cached: the value every earlier run had, and the loss weights
 # they act through (None: every run). A setting at that value, or whose losses are all off, is
 # left out of a run's identity, so earlier runs (and every run it cannot change) keep their
@@ -297,17 +321,7 @@ def _train(
         tower = ctx.build_tower(cfg)
         model = SSMTLModel(tower, loss_config(cfg), seed=cfg.seed + 7919 * shard)
         optimizer = make_optimizer(cfg.learning_rate)
-    sampler = PairSampler(
-        ctx.data,
-        ctx.table,
-        cfg.fanout,
-        cfg.batch_size,
-        seed=cfg.seed,
-        shard=shard,
-        num_shards=shards,
-        uniform_negatives=cfg.uniform_negatives,
-        aux_users=aux_user_count(cfg, model.loss_config),
-    )
+    sampler = make_sampler(ctx, cfg, shard, shards)
     evalset = (
         EvalSet.from_prepared(ctx.data, "val", max_queries=cfg.val_max_users, seed=cfg.seed)
         if chief
