@@ -228,7 +228,9 @@ class SSMTLModel(tfrs.Model):
         if "u/friend_mask" in batch:  # users drawn uniformly (``aux_users``), no pair to guard
             users = split_inputs(batch, "u/")
             (friends,) = self.tower.shared_friend_states([users], training)
-            aux, q_nbr = (users, None, friends, training), None
+            # Their neighbourhood once for every view (augmentations do not touch it).
+            q_nbr = self.tower.pair_neighbourhood(users, pooled=True)
+            aux = (users, None, friends, training)
             pairs = tf.shape(query["friend_mask"])[0]  # each loss takes its fraction of these
         if cfg.cca_weight > 0:
             cca = self.cca_loss(*aux, neighbourhood=q_nbr, pairs=pairs)
