@@ -87,8 +87,7 @@ def interleaved_step_times(
         for _, b in zip(range(batches), sampler.epoch(), strict=False)
     ]
     steps = {}
-    for objective in objectives:
-        cfg = cfg0.model_copy(update={"objective": objective})
+    for objective, cfg in zip(objectives, configs, strict=True):
         model = SSMTLModel(ctx.build_tower(cfg), loss_config(cfg), seed=cfg.seed)
         step = make_train_step(model, make_optimizer(cfg.learning_rate))
         step(fixed[0])  # trace

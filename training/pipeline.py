@@ -119,16 +119,21 @@ class PairSampler:
         out["c_id"] = c_rows.astype(np.int64)
         out["c_sampling_prob"] = self.sampling_prob[c_rows]
         if self.uniform_negatives:  # users drawn uniformly, candidates for every query
-            rows = self.rng.integers(0, len(self.table), self.uniform_negatives)
-            neighbours = sample_neighbours(self.table, rows, self.fanout, self.rng)
-            out.update({f"n/{k}": v for k, v in tower_inputs(self.table, rows, neighbours).items()})
+            rows = self.uniform_users(self.uniform_negatives, "n/", out)
             out["n_id"] = rows.astype(np.int64)
             out["n_sampling_prob"] = self.sampling_prob[rows]
         if self.aux_users:  # users drawn uniformly, for the auxiliary losses only
-            rows = self.rng.integers(0, len(self.table), self.aux_users)
-            neighbours = sample_neighbours(self.table, rows, self.fanout, self.rng)
-            out.update({f"u/{k}": v for k, v in tower_inputs(self.table, rows, neighbours).items()})
+            self.uniform_users(self.aux_users, "u/", out)
         return out
+
+    def uniform_users(self, count: int, prefix: str, out: dict[str, np.ndarray]) -> np.ndarray:
+        """``count`` users drawn uniformly (with their own sampled friends, no pair to guard),
+        their tower inputs added to ``out`` under ``prefix``; returns their rows."""
+        rows = self.rng.integers(0, len(self.table), count)
+        neighbours = sample_neighbours(self.table, rows, self.fanout, self.rng)
+        inputs = tower_inputs(self.table, rows, neighbours)
+        out.update({f"{prefix}{k}": v for k, v in inputs.items()})
+        return rows
 
     def epoch(self) -> Iterator[dict[str, np.ndarray]]:
         # ``permutation(n)`` shuffles an int64 ``arange(n)``; shuffling a narrower one draws the
