@@ -147,6 +147,26 @@ def test_two_replicas_score_against_the_global_batch(engb_store):
     assert got["grad_max_abs_diff"] <= 1e-5 * max(1.0, got["grad_max_abs"])
 
 
+def test_group_validation_in_blocks_is_one_process_validation(ctx, monkeypatch):
+    """``group_topk`` (layer-1 states all-gathered in blocks, candidates scored per range and
+    merged) gives ``embed_all`` + ``topk_from_embeddings``'s lists; here a group of one whose
+    states travel in 7 blocks (the two-worker test below checks a group of two)."""
+    import tensorflow as tf
+
+    from training import train as train_module
+    from training.evaluation import EvalSet, topk_from_embeddings
+    from training.pipeline import embed_all
+    from training.train import Cluster, group_topk
+
+    tower = ctx.build_tower(TINY)
+    evalset = EvalSet.from_prepared(ctx.data, "val", max_queries=300, seed=0)
+    emb = embed_all(tower, ctx.table, ctx.spec.fanout)
+    expected = topk_from_embeddings(emb, evalset, k=50, queries=tower.query_form(emb))
+    monkeypatch.setattr(train_module, "GATHER_ROWS", len(ctx.table) // 7 + 1)
+    cluster = Cluster(tf.distribute.MirroredStrategy(["/cpu:0"]), index=0, size=1)
+    np.testing.assert_array_equal(group_topk(tower, ctx, evalset, cluster, k=50), expected)
+
+
 def test_two_workers_train_and_resume_after_a_worker_is_killed(engb_store, ctx):
     """2 worker processes train ENGB; worker 1 is SIGKILLed once the chief checkpointed epoch 1;
     the launcher relaunches the group, which resumes at epoch >= 1 and finishes; the chief's run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -181,7 +182,7 @@ def test_blocked_topk_is_the_dense_topk():
     """Small blocks and query batches (many merges, rows whose bar is never reached in a block)
     give the dense path's lists, and its scores to float rounding (BLAS sums a product in an
     order that depends on the block's shape)."""
-    from training.evaluation import _dense_topk, blocked_topk
+    from training.evaluation import _dense_topk, blocked_topk, merge_topk
 
     n, k = 2_000, 50
     train_src, train_dst, held_src, held_dst = _random_graph(n, 12_000, 2_000, seed=3)
@@ -190,11 +191,23 @@ def test_blocked_topk_is_the_dense_topk():
     queries = np.random.default_rng(5).standard_normal((n, 17)).astype(np.float32)
     dense, dense_score = _dense_topk(evalset, k, 64, lambda rows: queries[rows] @ emb.T)
     for query_batch, block in ((7, 97), (256, 1 << 17), (33, 512)):
-        got, score = blocked_topk(evalset, k, queries, emb, query_batch=query_batch, block=block)
+        got, score = blocked_topk(
+            evalset, k, queries[evalset.queries], emb, query_batch=query_batch, block=block
+        )
         np.testing.assert_array_equal(got, dense)
         np.testing.assert_allclose(score, dense_score, rtol=1e-6, atol=0)
+    # Disjoint ranges of candidates (a data-parallel group's workers), merged: the same lists.
+    for cuts in ((0, 1000, n), (0, 7, 1500, n), (0, n - 30, n)):
+        parts = [
+            blocked_topk(evalset, k, queries[evalset.queries], emb[a:b], block=97, first_user=a)
+            for a, b in itertools.pairwise(cuts)
+        ]
+        merged = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+        np.testing.assert_array_equal(merged, dense)
     with pytest.raises(ValueError, match="k must be"):
-        blocked_topk(evalset, 0, queries, emb)
+        blocked_topk(evalset, 0, queries[evalset.queries], emb)
+    with pytest.raises(ValueError, match="one per query"):
+        blocked_topk(evalset, k, queries, emb)
 
 
 def test_embedding_topk_excludes_self_and_training_friends(topk_path):

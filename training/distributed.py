@@ -67,6 +67,16 @@ def tf_config(ports: Sequence[int], index: int) -> str:
     return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
 
 
+def blas_threads(workers_here: int) -> dict[str, str]:
+    """numpy's BLAS threads per worker: the machine's cores shared out among its workers, as
+    ``make_strategy`` shares TensorFlow's (set before numpy loads; a variable the caller set
+    wins). Each worker's validation scores its candidates with numpy: two workers of two
+    threads each on two cores made that slower than one process scoring them all."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers_here))
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    return {name: os.environ.get(name, threads) for name in names}
+
+
 class _Group:
     """One launch: N worker processes and the threads that forward their output."""
 
@@ -86,6 +96,7 @@ class _Group:
                 [sys.executable, "-m", "training.distributed", str(context_path)],
                 env={
                     **env_base,
+                    **blas_threads(workers),
                     "TF_CONFIG": tf_config(ports, index),
                     # At least INFO: the supervisor keeps the lines (resumes, epochs) either way.
                     "TRAINING_WORKER_LOG_LEVEL": logging.getLevelName(

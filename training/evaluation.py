@@ -299,7 +299,7 @@ def topk_from_embeddings(
         raise ValueError("embeddings contain NaN or inf")
     start = time.perf_counter()
     if evalset.num_users > BLOCKED_TOPK_USERS:
-        out, _ = blocked_topk(evalset, k, queries, emb)
+        out, _ = blocked_topk(evalset, k, queries[evalset.queries], emb)
     else:
         out, _ = _dense_topk(evalset, k, batch, lambda rows: queries[rows] @ emb.T)
     log.info(
@@ -318,31 +318,38 @@ def blocked_topk(
     emb: np.ndarray,
     query_batch: int = 256,
     block: int = 1 << 17,
+    first_user: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``_dense_topk`` of inner products, for graphs of millions of users: candidates scored in
     blocks of ``block`` users against a batch of queries, each query keeping a running top k.
     A candidate counts only if it beats its query's k-th best so far, so after the first block
     almost nothing reaches a sort: the dense path partitioned every [6 queries, 5M users] row
     (171 s for 2,000 queries at 5M users, docs/scaling.md). The same lists (the exact top k;
-    ties at the k-th score are cut arbitrarily by both)."""
+    ties at the k-th score are cut arbitrarily by both).
+
+    ``queries``: the query vectors of ``evalset.queries`` [q, d]; ``emb``: the index vectors of
+    the users ``first_user ..`` (all of them by default; a worker of a data-parallel group
+    passes its range, and ``merge_topk`` joins the groups' lists)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    n, q = evalset.num_users, evalset.num_queries
+    q = evalset.num_queries
+    if len(queries) != q:
+        raise ValueError(f"query vectors must be [{q}, d] (one per query), got {queries.shape}")
     top = np.full((q, k), NO_RECOMMENDATION, dtype=np.int64)
     top_score = np.full((q, k), -np.inf, dtype=np.float32)
     for lo in range(0, q, query_batch):
         hi = min(lo + query_batch, q)
         m = hi - lo
-        vectors = queries[evalset.queries[lo:hi]]
+        vectors = queries[lo:hi]
         excluded_rows, excluded_users = _exclusion_coords(evalset, lo, hi)
         order = np.argsort(excluded_users, kind="stable")
         excluded_rows, excluded_users = excluded_rows[order], excluded_users[order]
         # The running best: users [m, k] (-1 empty) and their scores (-inf empty).
         best = np.full((m, k), NO_RECOMMENDATION, dtype=np.int64)
         best_score = np.full((m, k), -np.inf, dtype=np.float32)
-        for c0 in range(0, n, block):
-            c1 = min(c0 + block, n)
-            scores = vectors @ emb[c0:c1].T
+        for c0 in range(first_user, first_user + len(emb), block):
+            c1 = min(c0 + block, first_user + len(emb))
+            scores = vectors @ emb[c0 - first_user : c1 - first_user].T
             a, b = np.searchsorted(excluded_users, [c0, c1])
             scores[excluded_rows[a:b], excluded_users[a:b] - c0] = -np.inf
             # Beat the k-th best so far (-inf while a row has fewer than k): one pass over the
@@ -374,6 +381,23 @@ def blocked_topk(
         top[lo:hi] = best
         top_score[lo:hi] = best_score
     return top, top_score
+
+
+def merge_topk(users: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """The top ``k`` of each row over several lists of the same queries (``blocked_topk`` over
+    disjoint ranges of users): best score first, the lower user on ties, as one list over all
+    of them would rank them. Empty slots (-1) are dropped, and pad the end."""
+    users_all = np.concatenate(users, axis=1)
+    scores_all = np.concatenate(scores, axis=1)
+    empty = users_all < 0
+    keys = np.where(empty, np.iinfo(np.int64).max, users_all)
+    cost = np.where(empty, np.inf, -scores_all.astype(np.float64))
+    order = np.lexsort((keys, cost), axis=1)[:, :k]
+    return np.where(
+        np.take_along_axis(empty, order, axis=1),
+        NO_RECOMMENDATION,
+        np.take_along_axis(users_all, order, axis=1),
+    )
 
 
 def topk_random(evalset: EvalSet, k: int = 100, seed: int = 0, batch: int = 1024) -> np.ndarray:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from training.variable_rows import gather_variable_rows
+
 
 class LazyAdam(tf.keras.optimizers.Adam):
     """Adam; a sparse gradient updates its rows' moments and weights only (duplicates summed)."""
@@ -36,8 +38,8 @@ class LazyAdam(tf.keras.optimizers.Adam):
         )
         key = self._index_dict[self._var_key(variable)]
         m, v = self._momentums[key], self._velocities[key]
-        m_rows = beta_1 * tf.gather(m, indices) + (1 - beta_1) * values
-        v_rows = beta_2 * tf.gather(v, indices) + (1 - beta_2) * tf.square(values)
+        m_rows = beta_1 * gather_variable_rows(m, indices) + (1 - beta_1) * values
+        v_rows = beta_2 * gather_variable_rows(v, indices) + (1 - beta_2) * tf.square(values)
         m.scatter_update(tf.IndexedSlices(m_rows, indices))
         v.scatter_update(tf.IndexedSlices(v_rows, indices))
         variable.scatter_sub(

@@ -169,22 +169,46 @@ def embed_all(
     n = len(table)
     if not n:
         return np.zeros((0, tower.output_dim), np.float32)
-    chunks = [np.arange(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
+    states = layer1_states(tower, table, 0, n, batch)
+    return readout_rows(tower, table, states, np.arange(n), fanout, batch)
+
+
+def layer1_states(
+    tower: tf.keras.Model, table: FeatureTable, start: int, stop: int, batch: int = 8192
+) -> np.ndarray:
+    """The layer-1 states of users ``start..stop-1`` (``embed_all``'s first pass; a worker of a
+    data-parallel group computes its range and the group all-gathers them)."""
     node_states = tf.function(tower.node_states, reduce_retracing=True)
     states: np.ndarray | None = None  # filled in place: a list of chunks held it twice
-    for rows in chunks:
+    for lo in range(start, stop, batch):
+        rows = np.arange(lo, min(lo + batch, stop))
         part = node_states(node_features(table, rows)).numpy()
         if states is None:
-            states = np.empty((n, part.shape[1]), dtype=part.dtype)
-        states[rows] = part
+            states = np.empty((stop - start, part.shape[1]), dtype=part.dtype)
+        states[rows - start] = part
+    assert states is not None, "an empty range of users"
+    return states
+
+
+def readout_rows(
+    tower: tf.keras.Model,
+    table: FeatureTable,
+    states: np.ndarray,
+    rows: np.ndarray,
+    fanout: int,
+    batch: int = 8192,
+) -> np.ndarray:
+    """Index vectors of the users ``rows`` from every user's layer-1 ``states`` [n, h]
+    (``embed_all``'s second pass)."""
 
     @tf.function(reduce_retracing=True)
     def vectors(h_self, friend_states, mask, degree):
         unit = tower.readout(h_self, friend_states, mask)
         return tower.candidate_vectors(unit, {"self_degree": degree})
 
-    out = np.empty((n, tower.output_dim), dtype=np.float32)
-    for rows in chunks:
-        friends, mask = friend_states_of(states, sample_neighbours(table, rows, fanout, rng=None))
-        out[rows] = vectors(states[rows], friends, mask, table.degree[rows]).numpy()
+    out = np.empty((len(rows), tower.output_dim), dtype=np.float32)
+    for lo in range(0, len(rows), batch):
+        part = rows[lo : lo + batch]
+        friends, mask = friend_states_of(states, sample_neighbours(table, part, fanout, rng=None))
+        out[lo : lo + len(part)] = vectors(states[part], friends, mask, table.degree[part]).numpy()
     return out

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from training.features import InputSpec
+from training.variable_rows import gather_variable_rows
 
 TRANSFORM_KEYS = ("clip_min", "clip_max", "log1p", "standardise", "mean", "std")
 
@@ -109,7 +110,7 @@ def gather_rows(table: tf.Variable, rows: tf.Tensor) -> tf.Tensor:
     """``table[rows]``; a small table's gradient is dense (``_gather_dense_gradient``)."""
     if table.shape.num_elements() <= DENSE_GRADIENT_MAX:
         return _gather_dense_gradient(tf.convert_to_tensor(table), rows)
-    return tf.gather(table, rows)
+    return gather_variable_rows(table, rows)
 
 
 def pooled_lookup(
@@ -241,7 +242,10 @@ class UserTower(tf.keras.Model):
     def user_vectors(self, user_ids: tf.Tensor, pooled: bool = False) -> tf.Tensor:
         if pooled:
             return gather_rows(self.built_embeddings(self.id_embedding), self.id_rows_of(user_ids))
-        return self.id_embedding(self.id_rows_of(user_ids))
+        # Not the layer's call: tf.nn.embedding_lookup reads a distributed table whole.
+        return gather_variable_rows(
+            self.built_embeddings(self.id_embedding), self.id_rows_of(user_ids)
+        )
 
     def encode_features(
         self, node: dict[str, tf.Tensor], id_keep: tf.Tensor | None = None, pooled: bool = False
