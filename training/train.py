@@ -307,23 +307,24 @@ def group_topk(
     n, fanout = len(ctx.table), ctx.spec.fanout
     chunk = -(-n // cluster.size)
     start, stop = min(n, cluster.index * chunk), min(n, (cluster.index + 1) * chunk)
-    mine = layer1_states(tower, ctx.table, start, stop) if stop > start else None
+    width = tower.layer1.units
     # An empty range (fewer users than workers x chunk) still takes part, with zero rows.
-    width = (mine if mine is not None else layer1_states(tower, ctx.table, 0, 1)).shape[1]
+    mine = layer1_states(tower, ctx.table, start, stop) if stop > start else np.zeros((0, width))
     states = np.empty((cluster.size * chunk, width), np.float32)
     for lo in range(0, chunk, GATHER_ROWS):  # in blocks: the collective's buffers stay small
         hi = min(lo + GATHER_ROWS, chunk)
         block = np.zeros((hi - lo, width), np.float32)
-        if mine is not None and lo < len(mine):
-            block[: len(mine[lo:hi])] = mine[lo:hi]
+        block[: len(mine[lo:hi])] = mine[lo:hi]
         gathered = cluster.all_gather(block).reshape(cluster.size, hi - lo, width)
         for worker in range(cluster.size):
             states[worker * chunk + lo : worker * chunk + hi] = gathered[worker]
     del mine
     states = states[:n]
-    candidates = readout_rows(tower, ctx.table, states, np.arange(start, stop), fanout)
-    queries = tower.query_form(readout_rows(tower, ctx.table, states, evalset.queries, fanout))
+    # One readout for this worker's candidates and every query.
+    rows = np.concatenate([np.arange(start, stop), evalset.queries])
+    vectors = readout_rows(tower, ctx.table, states, rows, fanout)
     del states
+    candidates, queries = vectors[: stop - start], tower.query_form(vectors[stop - start :])
     users, scores = blocked_topk(evalset, k, queries, candidates, first_user=start)
     q = evalset.num_queries
     users = cluster.all_gather(users).reshape(cluster.size, q, k)
