@@ -124,11 +124,13 @@ def evaluate_dataset(
     evalset = ev.EvalSet.from_prepared(ctx.data, "test")
     # The service's friends-of-friends source, on validation (to choose the blend) and on test.
     valset = ev.EvalSet.from_prepared(ctx.data, "val")
-    cap = settings.serving.fof_max_friends
+    cap, depth = settings.serving.fof_max_friends, settings.serving.blend_depth
+    deepest = max(*KS, depth)
     fof = {
-        split: ev.topk_fof(es, ctx.data.user_ids, k=max(KS), cap=cap)
+        split: ev.topk_fof(es, ctx.data.user_ids, k=deepest, cap=cap)
         for split, es in (("val", valset), ("test", evalset))
     }
+    blend_fof = {split: (top[:, :depth], scores[:, :depth]) for split, (top, scores) in fof.items()}
     blends: dict[str, list[dict[str, Any]]] = {}
     per_seed: dict[str, list[dict[str, np.ndarray]]] = {o: [] for o in objectives}
     step_seconds: dict[str, list[float]] = {o: [] for o in objectives}
@@ -150,12 +152,15 @@ def evaluate_dataset(
                 train_distributed(settings.model_copy(update={"training": cfg}), ctx=ctx)
             result, tower = train(ctx, cfg, show_progress=False)
             emb = embed_all(tower, ctx.table, cfg.fanout)
-            topk = ev.topk_from_embeddings(emb, evalset, queries=tower.query_form(emb))
+            queries = tower.query_form(emb)
+            topk = ev.topk_from_embeddings(emb, evalset, k=deepest, queries=queries)
             per_seed[objective].append(ev.per_user_metrics(topk, evalset, ks=KS))
             name = f"blend ({objective})"
-            weights, chosen = blend_on_validation(ctx, tower, emb, valset, fof["val"])
+            weights, chosen = blend_on_validation(ctx, tower, emb, valset, blend_fof["val"])
+            top = topk[:, :depth]
+            embedding = (top, ev.embedding_topk_scores(top, emb, queries, evalset))
             blended = ev.topk_blend(
-                topk, *fof["test"], evalset, ctx.data.user_ids, weights, max(KS)
+                embedding, blend_fof["test"], evalset, ctx.data.user_ids, weights, max(KS)
             )
             per_seed.setdefault(name, []).append(ev.per_user_metrics(blended, evalset, ks=KS))
             popularity.setdefault(name, []).append(ev.retrieved_popularity(blended, evalset))

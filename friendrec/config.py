@@ -27,6 +27,15 @@ FEATURE_REPO_DIR = PROJECT_ROOT / "feature_repo"
 
 # 2024-01-01T00:00:00Z: the start of the synthetic timeline given to friendships (docs/data.md).
 DEFAULT_TIMELINE_START = 1_704_067_200
+# The blend's weights of friendrec.fof.BLEND_FEATURES per degree bucket, fitted on twitch/ENGB
+# validation edges (the single-task model, seed 0: `friendrec tune` prints a graph's own).
+DEFAULT_BLEND_WEIGHTS: dict[str, tuple[float, ...]] = {
+    "0": (0.0, 52.87, 1.135, 0.0, 0.0, 0.0, 0.0),
+    "1-2": (-4.016, 7.6, -0.4581, 2.117, 5.923, -0.2269, -3.647),
+    "3-5": (-3.541, 6.379, -0.5308, 2.362, 3.99, -0.0977, -2.681),
+    "6-20": (-0.5209, 1.306, -0.3551, 0.2835, 2.117, -0.2613, -0.4128),
+    ">20": (-0.01556, 0.377, -0.1771, 0.1046, 0.001362, -0.5929, 0.107),
+}
 
 
 class DataSettings(BaseModel):
@@ -203,13 +212,11 @@ class ServingSettings(BaseModel):
     blend_depth: int = Field(
         100, gt=0, description="Candidates taken from each source before blending (>= k used)."
     )
-    blend_k0: float = Field(
-        20.0, gt=0, description="Rank offset of the reciprocal-rank blend (friendrec/fof.py)."
-    )
-    blend_fof_weight: dict[str, float] = Field(
-        default_factory=lambda: {"0": 0.0, "1-2": 0.4, "3-5": 0.5, "6-20": 0.5, ">20": 0.6},
-        description="Friends-of-friends weight in the blend per training-degree bucket "
-        "(0, 1-2, 3-5, 6-20, >20); the default was chosen on twitch/ENGB validation edges.",
+    blend_weights: dict[str, list[float]] = Field(
+        default_factory=lambda: {b: list(w) for b, w in DEFAULT_BLEND_WEIGHTS.items()},
+        description="The blend's linear weights of its features (friendrec/fof.py, "
+        "BLEND_FEATURES) per training-degree bucket (0, 1-2, 3-5, 6-20, >20); the default was "
+        "fitted on twitch/ENGB validation edges, `friendrec tune` fits a graph's own.",
     )
     exclude_all_friends: bool = Field(
         True,
@@ -235,15 +242,13 @@ class ServingSettings(BaseModel):
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @field_validator("blend_fof_weight")
+    @field_validator("blend_weights")
     @classmethod
-    def _blend_buckets(cls, value: dict[str, float]) -> dict[str, float]:
-        from friendrec.fof import DEGREE_BUCKETS
+    def _blend_buckets(cls, value: dict[str, list[float]]) -> dict[str, list[float]]:
+        from friendrec.fof import DEGREE_BUCKETS, BlendWeights
 
-        want = [label for label, _, _ in DEGREE_BUCKETS]
-        if sorted(value) != sorted(want) or not all(0.0 <= w <= 1.0 for w in value.values()):
-            raise ValueError(f"needs a weight in [0, 1] for each of the buckets {want}")
-        return {label: float(value[label]) for label in want}
+        BlendWeights(value)  # the buckets and the weights' count, or a precise error
+        return {label: [float(w) for w in value[label]] for label, _, _ in DEGREE_BUCKETS}
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServingSettings:

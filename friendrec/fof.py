@@ -6,11 +6,13 @@ reads to exclude friends) and in the offline evaluation (``training.evaluation.t
 vectorised twin of ``adamic_adar``), so both return the same list: the same cap on the friends
 expanded, the same tie order (a hash of the user id) and the same rounding of scores.
 
-The blend is a weighted reciprocal-rank fusion: a candidate scores
-``w / (k0 + fof rank) + (1 - w) / (k0 + embedding rank)`` (ranks from 1; a list that misses it adds
-nothing), where the friends-of-friends weight ``w`` depends on the user's degree bucket: a user with
-no friends has no friends-of-friends, a well-connected one has many good ones. ``w`` per bucket and
-``k0`` are chosen on validation edges (``bench quality`` reports the choice).
+The blend scores each candidate of the two lists by a linear function of what the lists say of
+it (``BLEND_FEATURES``: found by which source, its score and rank in each), with one weight vector
+per degree bucket of the user: a user with no friends has no friends-of-friends, a
+well-connected one has many good ones. The weights are fitted on validation edges
+(``training.evaluation.fit_blend``, a listwise softmax over each user's candidates), so the blend
+learns how far an Adamic-Adar score of 3 outweighs an embedding rank of 40 on this graph; a
+reciprocal-rank fusion, which sees ranks only, cannot.
 """
 
 from __future__ import annotations
@@ -92,36 +94,87 @@ def _top(scores: dict[int, float], k: int, decimals: int, seed: int) -> list[tup
     return [(int(ids[i]), float(values[i])) for i in order]
 
 
+# The blend's features of a (user, candidate) pair, all read from the two ranked lists the service
+# has anyway: whether each source found the candidate, its score there and log of its rank there
+# (a missing candidate: score 0, rank ``depth + 1``), and whether both found it.
+BLEND_FEATURES: tuple[str, ...] = (
+    "embedding",
+    "embedding_score",
+    "embedding_log_rank",
+    "fof",
+    "fof_log1p_score",
+    "fof_log_rank",
+    "both",
+)
+
+
 @dataclass(frozen=True)
 class BlendWeights:
-    """The friends-of-friends weight per degree bucket and the rank offset ``k0``."""
+    """The blend's linear weights of ``BLEND_FEATURES`` per training-degree bucket."""
 
-    fof_weight: Mapping[str, float]
-    k0: float = 10.0
+    coef: Mapping[str, Sequence[float]]
 
-    def weight(self, degree: int) -> float:
-        return float(self.fof_weight[degree_bucket(degree)])
+    def __post_init__(self) -> None:
+        want = [label for label, _, _ in DEGREE_BUCKETS]
+        if sorted(self.coef) != sorted(want):
+            raise ValueError(f"blend weights need the buckets {want}, got {sorted(self.coef)}")
+        for label, values in self.coef.items():
+            if len(values) != len(BLEND_FEATURES) or not all(math.isfinite(v) for v in values):
+                raise ValueError(
+                    f"bucket {label!r} needs {len(BLEND_FEATURES)} finite weights "
+                    f"({', '.join(BLEND_FEATURES)}), got {list(values)}"
+                )
+
+    def for_degree(self, degree: int) -> np.ndarray:
+        return np.asarray(self.coef[degree_bucket(degree)], dtype=np.float64)
+
+
+def blend_features(
+    embedding: Sequence[tuple[int, float]],
+    fof: Sequence[tuple[int, float]],
+    depth: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The union of two ranked lists (embedding order, then the friends of friends it missed)
+    and its ``BLEND_FEATURES`` matrix; ``depth``: how many candidates each source was asked for."""
+    rank_e = {int(u): r for r, (u, _) in enumerate(embedding, start=1)}
+    rank_f = {int(u): r for r, (u, _) in enumerate(fof, start=1)}
+    score_e = {int(u): float(s) for u, s in embedding}
+    score_f = {int(u): float(s) for u, s in fof}
+    users = list(rank_e) + [u for u in rank_f if u not in rank_e]
+    x = np.zeros((len(users), len(BLEND_FEATURES)), dtype=np.float64)
+    missing = math.log(depth + 1)
+    for i, u in enumerate(users):
+        in_e, in_f = u in rank_e, u in rank_f
+        x[i] = (
+            in_e,
+            score_e.get(u, 0.0),
+            math.log(rank_e[u]) if in_e else missing,
+            in_f,
+            math.log1p(score_f.get(u, 0.0)),
+            math.log(rank_f[u]) if in_f else missing,
+            in_e and in_f,
+        )
+    return np.asarray(users, dtype=np.int64), x
 
 
 def blend(
     embedding: Sequence[tuple[int, float]],
     fof: Sequence[tuple[int, float]],
-    fof_weight: float,
-    k0: float,
+    coef: np.ndarray,
+    depth: int,
     k: int,
     seed: int = 0,
 ) -> list[tuple[int, float, str]]:
-    """Weighted reciprocal-rank fusion of two ranked lists: (user, blend score, source), source
+    """The two lists merged by a linear score of their ``blend_features`` (weights fitted on
+    validation edges, ``training.evaluation.fit_blend``): (user, blend score, source), source
     ``embedding``, ``fof`` or ``both``; ties in the tie-key order."""
-    scores: dict[int, float] = {}
-    source: dict[int, str] = {}
-    for weight, ranked, name in (
-        (1.0 - fof_weight, embedding, "embedding"),
-        (fof_weight, fof, "fof"),
-    ):
-        if weight <= 0:
-            continue
-        for rank, (user, _) in enumerate(ranked, start=1):
-            scores[user] = scores.get(user, 0.0) + weight / (k0 + rank)
-            source[user] = "both" if user in source and source[user] != name else name
-    return [(user, score, source[user]) for user, score in _top(scores, k, 12, seed)]
+    users, x = blend_features(embedding, fof, depth)
+    if not len(users):
+        return []
+    scores = dict(zip(users.tolist(), (x @ coef).tolist(), strict=True))
+    both, in_e = x[:, -1] > 0, x[:, 0] > 0
+    source = {
+        int(u): "both" if b else ("embedding" if e else "fof")
+        for u, b, e in zip(users, both, in_e, strict=True)
+    }
+    return [(user, score, source[user]) for user, score in _top(scores, k, SCORE_DECIMALS, seed)]

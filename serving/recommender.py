@@ -175,9 +175,7 @@ class Recommender:
         self.contract = contract if contract is not None else load_contract(settings)
         self.store = store
         self.friend_sets = friend_sets
-        self.blend_weights = BlendWeights(
-            settings.serving.blend_fof_weight, settings.serving.blend_k0
-        )
+        self.blend_weights = BlendWeights(settings.serving.blend_weights)
         self.tfserving = tfserving
         self.index = index
         self.metrics = metrics or ServingMetrics()
@@ -402,7 +400,8 @@ class Recommender:
         if query.source == "fof":
             return [Candidate(u, s, "fof", fof_score=s) for u, s in fof[: query.k]]
         emb_score, fof_score = dict(hits), dict(fof)
-        merged = blend(hits, fof, self.blend_weights.weight(degree), self.blend_weights.k0, query.k)
+        coef = self.blend_weights.for_degree(degree)
+        merged = blend(hits, fof, coef, self._depth(query), query.k)
         return [
             Candidate(
                 u,

@@ -46,6 +46,13 @@ def test_invalid_settings_are_rejected(monkeypatch, tmp_path):
         load_settings(features={"online_store": "cassandra"})
     with pytest.raises(ValidationError):
         load_settings(no_such_setting=1)
+    weights = {b: [0.0] * 7 for b in ("0", "1-2", "3-5", "6-20")}
+    with pytest.raises(ValidationError, match="need the buckets"):  # '>20' missing
+        load_settings(serving={"blend_weights": weights})
+    with pytest.raises(ValidationError, match="needs 7 finite weights"):
+        load_settings(
+            serving={"blend_weights": {**weights, ">20": [1.0, float("nan")] + [0.0] * 5}}
+        )
     monkeypatch.setenv("FRIENDREC_CONFIG", str(tmp_path / "missing.yaml"))
     with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
         load_settings()

@@ -7,17 +7,22 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from friendrec.config import load_settings
 from friendrec.data.canonical import load_prepared, prepare
+from friendrec.fof import BLEND_FEATURES, BlendWeights, blend, blend_features
 from friendrec.paths import DatasetPaths
 from training.evaluation import (
     EvalSet,
     adamic_adar_topk_with_scores,
+    embedding_topk_scores,
+    fit_blend,
     heldout_popularity,
     paired_bootstrap,
     per_user_metrics,
@@ -27,6 +32,8 @@ from training.evaluation import (
     summarise,
     summarise_slices,
     topk_adamic_adar,
+    topk_blend,
+    topk_fof,
     topk_from_embeddings,
     topk_random,
     write_report,
@@ -298,6 +305,74 @@ def test_adamic_adar_matches_brute_force():
     np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)  # float32 noise-level ties
     np.testing.assert_allclose(np.where(top >= 0, score, 0.0), reference, rtol=1e-5)
     assert ((top == -1) == (reference == 0)).all()  # zero-score users are never recommended
+
+
+def test_blend_features_and_merge_on_hand_lists():
+    embedding = [(7, 0.9), (3, 0.5), (5, 0.1)]
+    fof = [(3, 2.0), (8, 1.0)]
+    users, x = blend_features(embedding, fof, depth=4)
+    assert users.tolist() == [7, 3, 5, 8]  # embedding order, then what only fof found
+    col = {name: x[:, i].tolist() for i, name in enumerate(BLEND_FEATURES)}
+    missing = math.log(5)
+    assert col["embedding"] == [1, 1, 1, 0] and col["fof"] == [0, 1, 0, 1]
+    assert col["both"] == [0, 1, 0, 0]
+    np.testing.assert_allclose(col["embedding_score"], [0.9, 0.5, 0.1, 0.0])
+    np.testing.assert_allclose(col["embedding_log_rank"], [0.0, LN2, LN3, missing])
+    np.testing.assert_allclose(col["fof_log1p_score"], [0, math.log(3), 0, LN2])
+    np.testing.assert_allclose(col["fof_log_rank"], [missing, 0.0, missing, LN2])
+
+    def weight(**named: float) -> np.ndarray:
+        return np.array([named.get(name, 0.0) for name in BLEND_FEATURES])
+
+    only_embedding = blend(embedding, fof, weight(embedding_score=1.0), depth=4, k=3)
+    assert [(u, src) for u, _, src in only_embedding] == [
+        (7, "embedding"),
+        (3, "both"),
+        (5, "embedding"),
+    ]
+    only_fof = blend(embedding, fof, weight(fof_log1p_score=1.0), depth=4, k=2)
+    assert [u for u, _, _ in only_fof] == [3, 8]
+    np.testing.assert_allclose([s for _, s, _ in only_fof], [math.log(3), LN2])
+    assert blend([], [], weight(embedding=1.0), depth=4, k=3) == []
+
+
+def test_blend_weights_fitted_on_validation_learn_which_source_a_degree_bucket_needs():
+    """Held-out friends planted at the embedding's first candidate for users of degree <= 20 and
+    at friends-of-friends' first for the others: each source alone finds about half, the fitted
+    blend (a weight vector per degree bucket) finds nearly all, and says so on the same edges."""
+    n, depth = 2_000, 20
+    train_src, train_dst, held_src, held_dst = _random_graph(n, 20_000, 2_000, seed=11)
+    evalset = EvalSet.from_edges(n, train_src, train_dst, held_src, held_dst, split="val")
+    user_ids = np.arange(n, dtype=np.int64) + 1000
+    emb = np.random.default_rng(12).standard_normal((n, 8)).astype(np.float32)
+    top = topk_from_embeddings(emb, evalset, k=depth)
+    embedding = (top, embedding_topk_scores(top, emb, emb, evalset))
+    np.testing.assert_allclose(
+        embedding[1][:, 0], np.einsum("qd,qd->q", emb[evalset.queries], emb[top[:, 0]]), rtol=1e-5
+    )
+    fof = topk_fof(evalset, user_ids, k=depth)
+    high = evalset.train_degree[evalset.queries] > 20
+    assert 300 < high.sum() < evalset.num_queries - 300
+    planted = np.where(high, fof[0][:, 0], top[:, 0])
+    assert (planted >= 0).all()
+    rows = np.arange(evalset.num_queries)
+    heldout = sp.csr_array((np.ones(len(rows)), (rows, planted)), shape=evalset.heldout.shape)
+    evalset = replace(evalset, heldout=heldout)
+    weights, info = fit_blend(embedding, fof, evalset, user_ids)
+    assert set(weights.coef) == {"0", "1-2", "3-5", "6-20", ">20"}
+    assert info["users_per_bucket"]["6-20"] >= 300 and info["users_per_bucket"][">20"] >= 300
+
+    def recall_at(top_k: np.ndarray, k: int) -> float:
+        return float(per_user_metrics(top_k, evalset, ks=(k,), ndcg_k=k)[f"recall@{k}"].mean())
+
+    blended = topk_blend(embedding, fof, evalset, user_ids, weights, k=50)
+    assert recall_at(blended[:, :1], 1) >= 0.95
+    assert max(recall_at(top[:, :1], 1), recall_at(fof[0][:, :1], 1)) < 0.8
+    assert info["recall@50"] == pytest.approx(recall_at(blended, 50))
+    flat = BlendWeights({b: weights.coef[">20"] for b in weights.coef})  # one fit for everyone
+    assert recall_at(topk_blend(embedding, fof, evalset, user_ids, flat, k=1), 1) < 0.8
+    with pytest.raises(ValueError, match="no validation user has a held-out friend"):
+        fit_blend(embedding, fof, replace(evalset, heldout=sp.csr_array(heldout.shape)), user_ids)
 
 
 def test_random_baseline_excludes_and_recall_is_about_k_over_n():

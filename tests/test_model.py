@@ -546,14 +546,14 @@ def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, m
     result = tune(tctx, budget_s=1.0, show_progress=False)  # past the budget after one trial
     assert [t.settings["objective"] for t in result.trials] == ["baseline"]
     assert result.best["popularity_bias"] and result.best_run == result.trials[0].run
-    assert set(result.blend["fof_weight"]) == {"0", "1-2", "3-5", "6-20", ">20"}
+    assert set(result.blend["weights"]) == {"0", "1-2", "3-5", "6-20", ">20"}
     paths = write_outputs(result, tmp_path / "tuned.yaml")
     assert "**chosen**" in paths["table"].read_text()
     monkeypatch.setenv("FRIENDREC_CONFIG", str(paths["settings"]))
     loaded = load_settings(workdir=tmp_path)
     assert loaded.data.dataset == "twitch/ENGB" and loaded.training.popularity_bias
     assert loaded.training.objective == "baseline"
-    assert loaded.serving.blend_fof_weight == result.blend["fof_weight"]
+    assert loaded.serving.blend_weights == result.blend["weights"]
 
 
 def test_tune_skips_a_change_that_leaves_the_model_as_it_is(ctx, monkeypatch, tmp_path):

@@ -21,7 +21,7 @@ from tiny_models import ExportedModels
 from friendrec.config import Settings
 from friendrec.data.canonical import load_prepared
 from friendrec.feast_store import online_features, open_store
-from friendrec.fof import BlendWeights
+from friendrec.fof import BlendWeights, blend
 from friendrec.friend_sets import open_state
 from friendrec.local_services import MilvusLiteProcess, TFServingProcess, free_port
 from friendrec.paths import DatasetPaths, load_contract
@@ -179,35 +179,42 @@ def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
     data = load_prepared(DatasetPaths.of(stack.settings, "twitch/ENGB"))
     evalset = ev.EvalSet.from_prepared(data, "val")
     serving = stack.settings.serving
-    fof_top, fof_scores = ev.topk_fof(evalset, data.user_ids, k=100, cap=serving.fof_max_friends)
+    depth = serving.blend_depth
+    fof = ev.topk_fof(evalset, data.user_ids, k=depth, cap=serving.fof_max_friends)
     version = 1
-    emb_top = ev.topk_from_embeddings(
-        stack.models.embeddings[version], evalset, k=serving.blend_depth,
-        queries=stack.models.queries[version],
-    )  # fmt: skip
-    weights = BlendWeights(serving.blend_fof_weight, serving.blend_k0)
-    blend_top = ev.topk_blend(emb_top, fof_top, fof_scores, evalset, data.user_ids, weights, k=50)
+    emb, queries = stack.models.embeddings[version], stack.models.queries[version]
+    emb_top = ev.topk_from_embeddings(emb, evalset, k=depth, queries=queries)
+    embedding = (emb_top, ev.embedding_topk_scores(emb_top, emb, queries, evalset))
+    weights = BlendWeights(serving.blend_weights)
+    blend_top = ev.topk_blend(embedding, fof, evalset, data.user_ids, weights, k=50)
     rng = np.random.default_rng(5)
     rows = rng.choice(evalset.num_queries, 60, replace=False)
     same_blend = 0
     with stack.client() as client:
         for row in rows:
             user = int(data.user_ids[evalset.queries[row]])
-            fof = client.recommend(recommend_request(user, 50, source="fof")).candidates
-            want = [int(data.user_ids[u]) for u in fof_top[row, :50] if u >= 0]
-            assert [c.user_id for c in fof] == want, user
-            np.testing.assert_allclose([c.fof_score for c in fof], fof_scores[row, : len(want)],
+            served_fof = client.recommend(recommend_request(user, 50, source="fof")).candidates
+            want = [int(data.user_ids[u]) for u in fof[0][row, :50] if u >= 0]
+            assert [c.user_id for c in served_fof] == want, user
+            np.testing.assert_allclose([c.fof_score for c in served_fof], fof[1][row, : len(want)],
                                        rtol=1e-6)  # fmt: skip
-            assert all(c.source == recommender_pb2.FOF for c in fof)
+            assert all(c.source == recommender_pb2.FOF for c in served_fof)
             served = client.recommend(recommend_request(user, 50, source="blend")).candidates
             embedded = client.recommend(
-                recommend_request(user, serving.blend_depth, source="embedding")
+                recommend_request(user, depth, source="embedding")
             ).candidates
             exact = [int(data.user_ids[u]) for u in emb_top[row] if u >= 0]
             if [c.user_id for c in embedded] != exact:
                 continue  # the ANN search differs from exact search here: not comparable
             same_blend += 1
-            assert [c.user_id for c in served] == [int(data.user_ids[u]) for u in blend_top[row]]
+            np.testing.assert_allclose(  # Milvus' inner products are numpy's, to float32 noise
+                [c.embedding_score for c in embedded], embedding[1][row, : len(exact)], atol=1e-5
+            )
+            offline = [int(data.user_ids[u]) for u in blend_top[row] if u >= 0]
+            _assert_same_up_to_float_noise(
+                [c.user_id for c in served], offline, embedding, fof, data.user_ids, row,
+                weights.for_degree(int(evalset.train_degree[evalset.queries[row]])), depth,
+            )  # fmt: skip
             for c in served:  # each candidate names its source(s) and their own scores
                 assert (c.source == recommender_pb2.BLEND) == (
                     c.HasField("embedding_score") and c.HasField("fof_score")
@@ -215,6 +222,20 @@ def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
     # HNSW's top 100 equals exact search's, all 100 in order, for about half of the users (the
     # blend of the others is compared nowhere: its input differs, not its merge).
     assert same_blend >= 20
+
+
+def _assert_same_up_to_float_noise(served, offline, embedding, fof, user_ids, row, coef, depth):
+    """The served blend is the offline one; a position may differ only between two candidates
+    whose offline blend scores are within what float32 noise in the search scores can move
+    (|weight| x 1e-5), never by more."""
+    if served == offline:
+        return
+    scores = {u: s for u, s, _ in blend(*ev.blend_inputs(embedding, fof, user_ids, row), coef,
+                                        depth, k=10 * depth)}  # fmt: skip
+    noise = float(np.abs(coef).max()) * 1e-5
+    assert len(served) == len(offline)
+    for a, b in zip(served, offline, strict=True):
+        assert a == b or abs(scores[a] - scores[b]) <= noise, (a, b, scores.get(a), scores[b])
 
 
 def test_batch_answers_like_single_requests(stack: Stack):

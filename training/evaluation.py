@@ -26,10 +26,13 @@ import scipy.sparse as sp
 from friendrec.data.canonical import SPLITS, PreparedDataset
 from friendrec.data.graph import Adjacency
 from friendrec.fof import (
+    BLEND_FEATURES,
     DEGREE_BUCKETS,
     SCORE_DECIMALS,
     BlendWeights,
     blend,
+    blend_features,
+    degree_bucket,
     tie_keys,
 )
 
@@ -491,67 +494,130 @@ def topk_fof(
     return _dense_topk(evalset, k, batch, scores_for, tie_order=np.argsort(keys, kind="stable"))
 
 
+def embedding_topk_scores(
+    topk: np.ndarray, emb: np.ndarray, queries: np.ndarray, evalset: EvalSet
+) -> np.ndarray:
+    """The inner products of each query's top-k (``topk_from_embeddings``' list; -inf at empty
+    slots): the scores the index search returns with the same list."""
+    rows = np.where(topk >= 0, topk, 0)
+    q = np.asarray(queries, dtype=np.float32)[evalset.queries]
+    scores = np.einsum("qd,qkd->qk", q, np.asarray(emb, dtype=np.float32)[rows])
+    return np.where(topk >= 0, scores, -np.inf).astype(np.float32)
+
+
+def _ranked(users: np.ndarray, scores: np.ndarray, user_ids: np.ndarray) -> list[tuple[int, float]]:
+    return [(int(user_ids[u]), float(s)) for u, s in zip(users, scores, strict=True) if u >= 0]
+
+
+def blend_inputs(
+    embedding: tuple[np.ndarray, np.ndarray],
+    fof: tuple[np.ndarray, np.ndarray],
+    user_ids: np.ndarray,
+    row: int,
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """Query ``row``'s two ranked lists as the service holds them: (user id, score) pairs."""
+    return (
+        _ranked(embedding[0][row], embedding[1][row], user_ids),
+        _ranked(fof[0][row], fof[1][row], user_ids),
+    )
+
+
 def topk_blend(
-    embedding_topk: np.ndarray,
-    fof_topk: np.ndarray,
-    fof_scores: np.ndarray,
+    embedding: tuple[np.ndarray, np.ndarray],
+    fof: tuple[np.ndarray, np.ndarray],
     evalset: EvalSet,
     user_ids: np.ndarray,
     weights: BlendWeights,
     k: int = 100,
     seed: int = 0,
 ) -> np.ndarray:
-    """The service's blend, offline: ``friendrec.fof.blend`` of each query's two lists (dense
-    indices in, dense indices out), the weight by the query's training-degree bucket."""
+    """The service's blend, offline: ``friendrec.fof.blend`` of each query's two lists
+    (``embedding``: top-k users and their scores; ``fof``: ``topk_fof``'s), the weights by the
+    query's training-degree bucket, the depth the embedding list's."""
     out = np.full((evalset.num_queries, k), NO_RECOMMENDATION, dtype=np.int64)
     index_of = {int(u): i for i, u in enumerate(user_ids.tolist())}
     degree = evalset.train_degree[evalset.queries]
+    depth = embedding[0].shape[1]
     for i in range(evalset.num_queries):
-        emb = [(int(user_ids[u]), 0.0) for u in embedding_topk[i] if u >= 0]
-        fof = [
-            (int(user_ids[u]), float(s))
-            for u, s in zip(fof_topk[i], fof_scores[i], strict=True)
-            if u >= 0
-        ]
-        merged = blend(emb, fof, weights.weight(int(degree[i])), weights.k0, k, seed)
+        emb, fo = blend_inputs(embedding, fof, user_ids, i)
+        merged = blend(emb, fo, weights.for_degree(int(degree[i])), depth, k, seed)
         out[i, : len(merged)] = [index_of[u] for u, _, _ in merged]
     return out
 
 
-def tune_blend(
-    embedding_topk: np.ndarray,
-    fof_topk: np.ndarray,
-    fof_scores: np.ndarray,
+BLEND_MIN_USERS = 30  # a degree bucket with fewer validation users with a hit shares the pooled fit
+
+
+def _listwise_fit(groups: Sequence[tuple[np.ndarray, np.ndarray]], l2: float) -> np.ndarray:
+    """Weights maximising the mean log-softmax probability of each query's held-out friends
+    among its candidates (features standardised for the fit, returned in raw units)."""
+    from scipy.optimize import minimize
+
+    x = np.concatenate([g[0] for g in groups])
+    y = np.concatenate([g[1] for g in groups])
+    sizes = np.array([len(g[0]) for g in groups])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    seg = np.repeat(np.arange(len(groups)), sizes)
+    positives = np.array([g[1].sum() for g in groups])
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    xn = (x - mu) / sd
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        s = xn @ w
+        top = np.maximum.reduceat(s, starts)
+        e = np.exp(s - top[seg])
+        z = np.add.reduceat(e, starts)
+        logp = s - top[seg] - np.log(z[seg])
+        value = -np.sum(np.add.reduceat(y * logp, starts) / positives) / len(groups)
+        grad_s = -(y - positives[seg] * e / z[seg]) / positives[seg] / len(groups)
+        return value + l2 * w @ w, xn.T @ grad_s + 2 * l2 * w
+
+    w = minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B").x
+    return w / sd
+
+
+def fit_blend(
+    embedding: tuple[np.ndarray, np.ndarray],
+    fof: tuple[np.ndarray, np.ndarray],
     evalset: EvalSet,
     user_ids: np.ndarray,
-    grid: Sequence[float] = tuple(i / 10 for i in range(11)),
-    k0s: Sequence[float] = (5.0, 20.0, 60.0),
-    metric: str = "recall@50",
+    l2: float = 1e-3,
 ) -> tuple[BlendWeights, dict[str, Any]]:
-    """The blend's weights chosen on this (validation) eval set: per degree bucket the
-    friends-of-friends weight with the best mean ``metric`` of its users, for the best k0."""
-    buckets = degree_buckets(evalset)
-    best: tuple[float, BlendWeights, dict[str, Any]] | None = None
-    for k0 in k0s:
-        per_bucket: dict[str, tuple[float, float]] = {}
-        table: dict[str, dict[str, float]] = {}
-        for w in grid:
-            flat = BlendWeights({label: w for label, _, _ in DEGREE_BUCKETS}, k0)
-            top = topk_blend(embedding_topk, fof_topk, fof_scores, evalset, user_ids, flat, 50)
-            values = per_user_metrics(top, evalset, ks=(50,), ndcg_k=50)[metric]
-            for label, mask in buckets.items():
-                mean = float(values[mask].mean()) if mask.any() else 0.0
-                table.setdefault(label, {})[f"{w:.1f}"] = mean
-                if label not in per_bucket or mean > per_bucket[label][1]:
-                    per_bucket[label] = (w, mean)
-        weights = BlendWeights({b: per_bucket[b][0] for b in per_bucket}, k0)
-        total = sum(per_bucket[b][1] * int(m.sum()) for b, m in buckets.items()) / max(
-            evalset.num_queries, 1
-        )
-        if best is None or total > best[0]:
-            best = (total, weights, {"k0": k0, metric: total, "by_bucket": table})
-    assert best is not None
-    return best[1], best[2]
+    """The blend's weights fitted on this (validation) eval set: per degree bucket, a listwise
+    softmax over each query's candidates (``friendrec.fof.blend_features``) towards its held-out
+    friends; a bucket with fewer than ``BLEND_MIN_USERS`` queries with a held-out friend among
+    the candidates takes the fit over every bucket. Reports the fitted blend's ``recall@50``."""
+    depth = embedding[0].shape[1]
+    index_of = {int(u): i for i, u in enumerate(user_ids.tolist())}
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b, _, _ in DEGREE_BUCKETS}
+    degree = evalset.train_degree[evalset.queries]
+    for i in range(evalset.num_queries):
+        users, x = blend_features(*blend_inputs(embedding, fof, user_ids, i), depth)
+        held = evalset.heldout.indices[evalset.heldout.indptr[i] : evalset.heldout.indptr[i + 1]]
+        y = np.isin([index_of[int(u)] for u in users], held).astype(np.float64)
+        if y.any():
+            groups[degree_bucket(int(degree[i]))].append((x, y))
+    every = [g for gs in groups.values() for g in gs]
+    if not every:
+        raise ValueError("no validation user has a held-out friend among the candidates")
+    pooled = _listwise_fit(every, l2)
+    coef = {
+        b: (_listwise_fit(gs, l2) if len(gs) >= BLEND_MIN_USERS else pooled).tolist()
+        for b, gs in groups.items()
+    }
+    weights = BlendWeights(coef)
+    top = topk_blend(embedding, fof, evalset, user_ids, weights, k=50)
+    recall = per_user_metrics(top, evalset, ks=(50,), ndcg_k=50)["recall@50"]
+    return weights, {
+        "features": list(BLEND_FEATURES),
+        "users_per_bucket": {b: len(gs) for b, gs in groups.items()},
+        "recall@50": float(recall.mean()),
+        "by_bucket": {
+            b: float(recall[m].mean()) if m.any() else 0.0
+            for b, m in degree_buckets(evalset).items()
+        },
+    }
 
 
 # --------------------------------------------------------------------------- metrics

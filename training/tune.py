@@ -193,14 +193,17 @@ def blend_on_validation(
     valset: ev.EvalSet,
     fof_val: tuple[np.ndarray, np.ndarray],
 ) -> tuple[BlendWeights, dict[str, Any]]:
-    """A model's blend weights, chosen on validation edges only (``emb``: its index vectors;
-    ``fof_val``: ``topk_fof`` of the same eval set), and what was chosen, for reports."""
+    """A model's blend weights, fitted on validation edges only (``emb``: its index vectors;
+    ``fof_val``: ``topk_fof`` of the same eval set, as deep as the service's blend), and what
+    was fitted, for reports."""
     depth = ctx.settings.serving.blend_depth
-    top = ev.topk_from_embeddings(emb, valset, k=depth, queries=tower.query_form(emb))
-    weights, info = ev.tune_blend(top, *fof_val, valset, ctx.data.user_ids)
+    queries = tower.query_form(emb)
+    top = ev.topk_from_embeddings(emb, valset, k=depth, queries=queries)
+    embedding = (top, ev.embedding_topk_scores(top, emb, queries, valset))
+    weights, info = ev.fit_blend(embedding, fof_val, valset, ctx.data.user_ids)
     return weights, {
-        "fof_weight": dict(weights.fof_weight),
-        "k0": weights.k0,
+        "weights": {b: list(w) for b, w in weights.coef.items()},
+        "features": info["features"],
         "val_recall50": info["recall@50"],
         "by_bucket": info["by_bucket"],
     }
@@ -212,10 +215,7 @@ def write_outputs(result: TuneResult, output: Path) -> dict[str, Path]:
     settings = {
         "data": {"dataset": result.dataset},
         "training": result.best,
-        "serving": {
-            "blend_k0": result.blend["k0"],
-            "blend_fof_weight": result.blend["fof_weight"],
-        },
+        "serving": {"blend_weights": result.blend["weights"]},
     }
     header = (
         f"# friendrec tune {result.dataset}: chosen on validation edges "
@@ -238,11 +238,10 @@ def write_outputs(result: TuneResult, output: Path) -> dict[str, Path]:
             f"| {i} | {settings_text}{mark} | {t.val_recall50:.4f} | {t.best_epoch} | "
             f"{t.seconds / 60:.1f} |"
         )
-    weights = ", ".join(f"{b}: {w:.1f}" for b, w in result.blend["fof_weight"].items())
     lines += [
         "",
-        f"Blend with friends-of-friends (k0 {result.blend['k0']:g}; weight per degree bucket "
-        f"{weights}): val Recall@50 {result.blend['val_recall50']:.4f}.",
+        f"Blend with friends-of-friends (weights fitted per degree bucket, in the settings): "
+        f"val Recall@50 {result.blend['val_recall50']:.4f}.",
         "",
     ]
     table = output.with_suffix(".md")
