@@ -89,9 +89,18 @@ def _top(scores: dict[int, float], k: int, decimals: int, seed: int) -> list[tup
     if not scores:
         return []
     ids = np.fromiter(scores, dtype=np.int64, count=len(scores))
-    values = np.round(np.fromiter(scores.values(), dtype=np.float64, count=len(scores)), decimals)
-    order = np.lexsort((tie_keys(ids, seed), -values))[:k]
-    return [(int(ids[i]), float(values[i])) for i in order]
+    values = np.fromiter(scores.values(), dtype=np.float64, count=len(scores))
+    order, rounded = _best(ids, values, k, decimals, seed)
+    return [(int(ids[i]), float(rounded[i])) for i in order]
+
+
+def _best(
+    ids: np.ndarray, values: np.ndarray, k: int, decimals: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the ``k`` best values (rounded to ``decimals``; ties in tie-key order of
+    ``ids``), and the rounded values."""
+    rounded = np.round(values, decimals)
+    return np.lexsort((tie_keys(ids, seed), -rounded))[:k], rounded
 
 
 # The blend's features of a (user, candidate) pair, all read from the two ranked lists the service
@@ -136,24 +145,25 @@ def blend_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The union of two ranked lists (embedding order, then the friends of friends it missed)
     and its ``BLEND_FEATURES`` matrix; ``depth``: how many candidates each source was asked for."""
-    rank_e = {int(u): r for r, (u, _) in enumerate(embedding, start=1)}
-    rank_f = {int(u): r for r, (u, _) in enumerate(fof, start=1)}
-    score_e = {int(u): float(s) for u, s in embedding}
-    score_f = {int(u): float(s) for u, s in fof}
-    users = list(rank_e) + [u for u in rank_f if u not in rank_e]
-    x = np.zeros((len(users), len(BLEND_FEATURES)), dtype=np.float64)
-    missing = math.log(depth + 1)
-    for i, u in enumerate(users):
-        in_e, in_f = u in rank_e, u in rank_f
-        x[i] = (
-            in_e,
-            score_e.get(u, 0.0),
-            math.log(rank_e[u]) if in_e else missing,
-            in_f,
-            math.log1p(score_f.get(u, 0.0)),
-            math.log(rank_f[u]) if in_f else missing,
-            in_e and in_f,
-        )
+    e_users = [int(u) for u, _ in embedding]
+    seen = set(e_users)
+    f_rank = {int(u): r for r, (u, _) in enumerate(fof, start=1)}
+    f_score = {int(u): float(s) for u, s in fof}
+    users = e_users + [u for u in f_rank if u not in seen]
+    n_e, missing = len(e_users), math.log(depth + 1)
+    in_e = np.arange(len(users)) < n_e
+    rank_f = np.array([f_rank.get(u, 0) for u in users], dtype=np.float64)
+    in_f = rank_f > 0
+    x = np.empty((len(users), len(BLEND_FEATURES)), dtype=np.float64)
+    x[:, 0] = in_e
+    x[:, 1] = 0.0
+    x[:n_e, 1] = [s for _, s in embedding]
+    x[:, 2] = missing
+    x[:n_e, 2] = np.log(np.arange(1, n_e + 1))
+    x[:, 3] = in_f
+    x[:, 4] = np.log1p([f_score.get(u, 0.0) for u in users])
+    x[:, 5] = np.where(in_f, np.log(np.maximum(rank_f, 1)), missing)
+    x[:, 6] = in_e & in_f
     return np.asarray(users, dtype=np.int64), x
 
 
@@ -169,12 +179,6 @@ def blend(
     validation edges, ``training.evaluation.fit_blend``): (user, blend score, source), source
     ``embedding``, ``fof`` or ``both``; ties in the tie-key order."""
     users, x = blend_features(embedding, fof, depth)
-    if not len(users):
-        return []
-    scores = dict(zip(users.tolist(), (x @ coef).tolist(), strict=True))
-    both, in_e = x[:, -1] > 0, x[:, 0] > 0
-    source = {
-        int(u): "both" if b else ("embedding" if e else "fof")
-        for u, b, e in zip(users, both, in_e, strict=True)
-    }
-    return [(user, score, source[user]) for user, score in _top(scores, k, SCORE_DECIMALS, seed)]
+    order, scores = _best(users, x @ coef, k, SCORE_DECIMALS, seed)
+    names = np.where(x[:, 6] > 0, "both", np.where(x[:, 0] > 0, "embedding", "fof"))
+    return [(int(users[i]), float(scores[i]), str(names[i])) for i in order]

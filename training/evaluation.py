@@ -546,6 +546,12 @@ def topk_blend(
 
 
 BLEND_MIN_USERS = 30  # a degree bucket with fewer validation users with a hit shares the pooled fit
+# Blend weights that keep one source's order: its candidates first, by rank.
+ONE_SOURCE: dict[str, list[float]] = {
+    "embedding": [1e3 if f == "embedding" else -1.0 if f == "embedding_log_rank" else 0.0
+                  for f in BLEND_FEATURES],
+    "fof": [1e3 if f == "fof" else -1.0 if f == "fof_log_rank" else 0.0 for f in BLEND_FEATURES],
+}  # fmt: skip
 
 
 def _listwise_fit(groups: Sequence[tuple[np.ndarray, np.ndarray]], l2: float) -> np.ndarray:
@@ -587,7 +593,8 @@ def fit_blend(
     """The blend's weights fitted on this (validation) eval set: per degree bucket, a listwise
     softmax over each query's candidates (``friendrec.fof.blend_features``) towards its held-out
     friends; a bucket with fewer than ``BLEND_MIN_USERS`` queries with a held-out friend among
-    the candidates takes the fit over every bucket. Reports the fitted blend's ``recall@50``."""
+    the candidates takes the fit over every bucket, and one where a source alone has the better
+    Recall@50 keeps that source's order. Reports what each bucket chose and its ``recall@50``."""
     depth = embedding[0].shape[1]
     index_of = {int(u): i for i, u in enumerate(user_ids.tolist())}
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b, _, _ in DEGREE_BUCKETS}
@@ -602,21 +609,41 @@ def fit_blend(
     if not every:
         raise ValueError("no validation user has a held-out friend among the candidates")
     pooled = _listwise_fit(every, l2)
-    coef = {
+    fitted = {
         b: (_listwise_fit(gs, l2) if len(gs) >= BLEND_MIN_USERS else pooled).tolist()
         for b, gs in groups.items()
     }
-    weights = BlendWeights(coef)
-    top = topk_blend(embedding, fof, evalset, user_ids, weights, k=50)
-    recall = per_user_metrics(top, evalset, ks=(50,), ndcg_k=50)["recall@50"]
+    # A bucket where one source alone scores better on these edges keeps that source's order
+    # (the softmax fit is a surrogate of Recall@50, not Recall@50 itself).
+    options = {
+        "blend": fitted,
+        **{name: dict.fromkeys(fitted, w) for name, w in ONE_SOURCE.items()},
+    }
+    recall = {
+        name: per_user_metrics(
+            topk_blend(embedding, fof, evalset, user_ids, BlendWeights(coef), k=50),
+            evalset,
+            ks=(50,),
+            ndcg_k=50,
+        )["recall@50"]
+        for name, coef in options.items()
+    }
+    masks = degree_buckets(evalset)
+
+    def score(name: str, mask: np.ndarray) -> tuple[float, bool]:  # ties: the blend
+        return float(recall[name][mask].mean()) if mask.any() else 0.0, name == "blend"
+
+    chosen = {b: max(options, key=lambda name, m=m: score(name, m)) for b, m in masks.items()}
+    weights = BlendWeights({b: options[name][b] for b, name in chosen.items()})
+    best = np.zeros(evalset.num_queries)
+    for b, m in masks.items():
+        best[m] = recall[chosen[b]][m]
     return weights, {
         "features": list(BLEND_FEATURES),
         "users_per_bucket": {b: len(gs) for b, gs in groups.items()},
-        "recall@50": float(recall.mean()),
-        "by_bucket": {
-            b: float(recall[m].mean()) if m.any() else 0.0
-            for b, m in degree_buckets(evalset).items()
-        },
+        "chosen": chosen,
+        "recall@50": float(best.mean()),
+        "by_bucket": {b: float(best[m].mean()) if m.any() else 0.0 for b, m in masks.items()},
     }
 
 
