@@ -132,6 +132,7 @@ def evaluate_dataset(
     }
     blend_fof = {split: (top[:, :depth], scores[:, :depth]) for split, (top, scores) in fof.items()}
     blends: dict[str, list[dict[str, Any]]] = {}
+    ceilings: dict[str, list[np.ndarray]] = {}  # per seed: union recall of the blend's two lists
     per_seed: dict[str, list[dict[str, np.ndarray]]] = {o: [] for o in objectives}
     step_seconds: dict[str, list[float]] = {o: [] for o in objectives}
     val_recall: dict[str, list[float]] = {o: [] for o in objectives}
@@ -163,6 +164,9 @@ def evaluate_dataset(
                 embedding, blend_fof["test"], evalset, ctx.data.user_ids, weights, max(KS)
             )
             per_seed.setdefault(name, []).append(ev.per_user_metrics(blended, evalset, ks=KS))
+            ceilings.setdefault(objective, []).append(
+                ev.union_recall([top, blend_fof["test"][0]], evalset)
+            )
             popularity.setdefault(name, []).append(ev.retrieved_popularity(blended, evalset))
             blends.setdefault(objective, []).append(chosen)
             popularity[objective].append(ev.retrieved_popularity(topk, evalset))
@@ -195,6 +199,7 @@ def evaluate_dataset(
     slug = DatasetPaths.of(settings, dataset).slug
     ev.write_report(results, curves, comparisons, out_dir / slug, by_degree)
     interleaved = interleaved_step_times(ctx, objectives)
+    slices = evalset.slice_masks()
     return {
         "dataset": dataset,
         "users": ctx.data.meta.num_users,
@@ -206,6 +211,11 @@ def evaluate_dataset(
         "blend_weights": blends,
         "tuned": None if tuned is None else tuned.as_dict(),
         "blend_gain": blend_gains(results, [v for v, _ in variants]),
+        # Recall of the two lists the blend merges, all their candidates (its ceiling at any k)
+        "blend_ceiling": {
+            o: {name: float(np.mean(runs, axis=0)[m].mean()) for name, m in slices.items()}
+            for o, runs in ceilings.items()
+        },
         "seed_recall50": {
             o: [float(np.mean(run["recall@50"])) for run in runs] for o, runs in per_seed.items()
         },

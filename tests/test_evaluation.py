@@ -36,6 +36,7 @@ from training.evaluation import (
     topk_fof,
     topk_from_embeddings,
     topk_random,
+    union_recall,
     write_report,
 )
 
@@ -126,6 +127,16 @@ def test_metrics_on_hand_example():
     assert per_user_metrics(topk, evalset, ks=(1,), ndcg_k=1)["ndcg@1"][1] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="columns"):
         per_user_metrics(topk, evalset, ks=(10,), ndcg_k=4)
+
+
+def test_union_recall_counts_a_friend_in_both_lists_once():
+    evalset = _hand_evalset(10, train=[(5, 6)], held=[(0, 1), (0, 2), (3, 4), (1, 9)])
+    first = np.array([[1, 5], [0, -1], [-1, -1], [6, 7], [9, 8], [-1, -1]])
+    second = np.array([[1, 2], [0, 9], [-1, -1], [8, 7], [3, -1], [-1, -1]])
+    # user 0: 1 in both, 2 in the second; user 1: 0 in both, 9 in the second; user 4: 3.
+    got = union_recall([first, second], evalset)
+    np.testing.assert_allclose(got, [1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(union_recall([first], evalset), [0.5, 0.5, 0, 0, 0, 0])
 
 
 def test_popularity_of_retrieved_and_heldout_friends():

@@ -537,6 +537,34 @@ def test_train_resumes_and_evaluate_writes_the_report(ctx, tmp_path):
     assert "adamic_adar" in (tmp_path / "report" / "metrics.md").read_text()
 
 
+def test_bench_quality_reports_the_blend_its_ceiling_and_the_degree_buckets(engb_store, tmp_path):
+    """``bench quality``'s per-graph entry on a 3-step model: the blend fitted on validation and
+    judged on test, never above the recall of the two lists it merges."""
+    from bench.quality import evaluate_dataset
+
+    quick = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 3})
+    settings = engb_store.model_copy(update={"training": quick})
+    entry = evaluate_dataset(settings, "twitch/ENGB", [0], ["baseline"], 1, tmp_path)
+    results = entry["results"]
+    assert {"baseline", "blend (baseline)", "adamic_adar"} <= set(results)
+    for slice_name in ("all", "cold_start"):
+        ceiling = entry["blend_ceiling"]["baseline"][slice_name]
+        blend_r100 = results["blend (baseline)"][slice_name]["recall@100"]
+        sources = [
+            results[m][slice_name]["recall@100"] for m in ("baseline", "fof (service, cap 256)")
+        ]
+        assert max(sources) <= ceiling + 1e-12 and blend_r100 <= ceiling + 1e-12
+        gain = entry["blend_gain"]["baseline"][slice_name]
+        best = max(results[m][slice_name]["recall@50"] for m in ("baseline", "adamic_adar"))
+        assert gain == pytest.approx(
+            results["blend (baseline)"][slice_name]["recall@50"] / best - 1
+        )
+    chosen = entry["blend_weights"]["baseline"][0]
+    assert set(chosen["weights"]) == set(entry["by_degree"]["baseline"])
+    assert 0.0 < chosen["val_recall50"] <= 1.0
+    assert (tmp_path / "twitch_engb" / "metrics.md").exists()
+
+
 def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, monkeypatch):
     from friendrec.config import load_settings
     from training.tune import tune, write_outputs

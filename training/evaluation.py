@@ -666,6 +666,22 @@ def hit_matrix(topk: np.ndarray, evalset: EvalSet) -> np.ndarray:
     return valid & (held_keys[pos] == keys)
 
 
+def union_recall(lists: Sequence[np.ndarray], evalset: EvalSet) -> np.ndarray:
+    """Per query, the share of its held-out friends that any of the top-k ``lists`` holds: the
+    most a merge of them can reach at any cut (the blend's ceiling)."""
+    cat = np.concatenate(lists, axis=1)
+    hits = hit_matrix(cat, evalset)
+    # A user in several lists is one hit: keep its first appearance in the row.
+    order = np.argsort(cat, axis=1, kind="stable")
+    ranked = np.take_along_axis(cat, order, axis=1)
+    repeat = np.zeros(cat.shape, dtype=bool)
+    repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+    first = np.ones(cat.shape, dtype=bool)
+    np.put_along_axis(first, order, ~repeat, axis=1)
+    found = (hits & first).sum(axis=1)
+    return found / np.maximum(np.diff(evalset.heldout.indptr), 1)
+
+
 def per_user_metrics(
     topk: np.ndarray, evalset: EvalSet, ks: Sequence[int] = (10, 50, 100), ndcg_k: int = 50
 ) -> dict[str, np.ndarray]:
