@@ -204,6 +204,7 @@ def blend_on_validation(
     return weights, {
         "weights": {b: list(w) for b, w in weights.coef.items()},
         "features": info["features"],
+        "chosen": info["chosen"],
         "val_recall50": info["recall@50"],
         "by_bucket": info["by_bucket"],
     }
