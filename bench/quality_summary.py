@@ -279,16 +279,19 @@ def _blend_table(results: list[GraphResult]) -> list[str]:
     lines = [
         "",
         "The service's blend of embedding retrieval and friends-of-friends (weights chosen per "
-        "model on validation edges), test Recall@50; gain over the better of its two sources:",
+        "model on validation edges), test Recall@50; gain over the better of its two sources; "
+        "the share of held-out friends in either list the blend merges (its ceiling at any k):",
         "",
         "| graph | model | model R@50 all / cold | Adamic-Adar all / cold | blend all / cold |"
-        " blend gain, all | blend gain, cold-start |",
-        "|---|---|---|---|---|---:|---:|",
+        " blend gain, all | blend gain, cold-start | both lists' recall all / cold |",
+        "|---|---|---|---|---|---:|---:|---|",
     ]
     for r in measured:
         res = r.entry["results"]
         aa = res["adamic_adar"]
+        ceilings = r.entry.get("blend_ceiling", {})
         for objective, gain in r.entry["blend_gain"].items():
+            ceiling = ceilings.get(objective)
             model, blended = res[objective], res[f"blend ({objective})"]
             cells = [
                 LABELS.get(objective, objective),
@@ -297,6 +300,7 @@ def _blend_table(results: list[GraphResult]) -> list[str]:
                 f"{blended['all']['recall@50']:.4f} / {blended['cold_start']['recall@50']:.4f}",
                 f"{gain['all']:+.1%}",
                 f"{gain['cold_start']:+.1%}",
+                f"{ceiling['all']:.4f} / {ceiling['cold_start']:.4f}" if ceiling else "n/a",
             ]
             lines.append(f"| {r.dataset} | " + " | ".join(cells) + " |")
     return lines

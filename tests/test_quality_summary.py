@@ -151,6 +151,7 @@ def test_blend_and_per_degree_tables_where_recorded(tmp_path: Path):
     recorded = _entry("g/E", 0.21, 0.10)
     recorded["results"]["blend (baseline)"] = _slices(0.30, 0.12)
     recorded["blend_gain"] = {"baseline": {"all": 0.30 / 0.25 - 1, "cold_start": 0.12 / 0.10 - 1}}
+    recorded["blend_ceiling"] = {"baseline": {"all": 0.41, "cold_start": 0.2}}
     bucket = {"users": 10.0, "recall@50": 0.5}
     recorded["by_degree"] = {
         "baseline": {"0": {"users": 3.0, "recall@50": float("nan")}, ">20": bucket},
@@ -160,7 +161,7 @@ def test_blend_and_per_degree_tables_where_recorded(tmp_path: Path):
     text = markdown(load_results([source]))
     assert (
         "| g/E | baseline (retrieval only) | 0.2000 / 0.1000 | 0.2500 / 0.0500 | "
-        "0.3000 / 0.1200 | +20.0% | +20.0% |"
+        "0.3000 / 0.1200 | +20.0% | +20.0% | 0.4100 / 0.2000 |"
     ) in text
     assert "| g/E | (users) | (3) | (10) |" in text
     assert "| g/E | baseline (retrieval only) | n/a | 0.5000 |" in text  # NaN: no such users
