@@ -242,6 +242,20 @@ class ServingSettings(BaseModel):
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_blend_settings(cls, data: Any) -> Any:
+        """Settings files from before the fitted blend name its old knobs: say what replaced
+        them rather than only that they are unknown."""
+        old = sorted({"blend_fof_weight", "blend_k0"} & set(data)) if isinstance(data, dict) else []
+        if old:
+            raise ValueError(
+                f"serving.{' and '.join(old)} no longer exist: the blend is a fitted linear score "
+                "now, serving.blend_weights (rerun `friendrec tune` to write a graph's own, or "
+                "remove them for the defaults)"
+            )
+        return data
+
     @field_validator("blend_weights")
     @classmethod
     def _blend_buckets(cls, value: dict[str, list[float]]) -> dict[str, list[float]]:

@@ -49,6 +49,8 @@ def test_invalid_settings_are_rejected(monkeypatch, tmp_path):
     weights = {b: [0.0] * 7 for b in ("0", "1-2", "3-5", "6-20")}
     with pytest.raises(ValidationError, match="need the buckets"):  # '>20' missing
         load_settings(serving={"blend_weights": weights})
+    with pytest.raises(ValidationError, match=r"blend_k0 no longer exist.*serving.blend_weights"):
+        load_settings(serving={"blend_k0": 20.0})  # a settings file from before the fitted blend
     with pytest.raises(ValidationError, match="needs 7 finite weights"):
         load_settings(
             serving={"blend_weights": {**weights, ">20": [1.0, float("nan")] + [0.0] * 5}}
