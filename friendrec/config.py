@@ -28,7 +28,7 @@ FEATURE_REPO_DIR = PROJECT_ROOT / "feature_repo"
 # 2024-01-01T00:00:00Z: the start of the synthetic timeline given to friendships (docs/data.md).
 DEFAULT_TIMELINE_START = 1_704_067_200
 # The blend's weights of friendrec.fof.BLEND_FEATURES per degree bucket, fitted on twitch/ENGB
-# validation edges (the single-task model, seed 0: `friendrec tune` prints a graph's own).
+# validation edges (the single-task model, seed 0; `friendrec tune` writes a graph's own).
 DEFAULT_BLEND_WEIGHTS: dict[str, tuple[float, ...]] = {
     "0": (0.0, 52.87, 1.135, 0.0, 0.0, 0.0, 0.0),
     "1-2": (-4.016, 7.6, -0.4581, 2.117, 5.923, -0.2269, -3.647),

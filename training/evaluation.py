@@ -593,8 +593,9 @@ def fit_blend(
     """The blend's weights fitted on this (validation) eval set: per degree bucket, a listwise
     softmax over each query's candidates (``friendrec.fof.blend_features``) towards its held-out
     friends; a bucket with fewer than ``BLEND_MIN_USERS`` queries with a held-out friend among
-    the candidates takes the fit over every bucket, and one where a source alone has the better
-    Recall@50 keeps that source's order. Reports what each bucket chose and its ``recall@50``."""
+    the candidates takes the fit over every bucket; a bucket with enough of them where a source
+    alone has the better Recall@50 keeps that source's order. Reports what each bucket chose and
+    its ``recall@50``."""
     depth = embedding[0].shape[1]
     index_of = {int(u): i for i, u in enumerate(user_ids.tolist())}
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b, _, _ in DEGREE_BUCKETS}
@@ -633,7 +634,14 @@ def fit_blend(
     def score(name: str, mask: np.ndarray) -> tuple[float, bool]:  # ties: the blend
         return float(recall[name][mask].mean()) if mask.any() else 0.0, name == "blend"
 
-    chosen = {b: max(options, key=lambda name, m=m: score(name, m)) for b, m in masks.items()}
+    # Only where the bucket has enough users to tell: on a handful, one source's order would
+    # win by noise (and friends-of-friends' "order" for users without friends is a shuffle).
+    chosen = {
+        b: max(options, key=lambda name, m=m: score(name, m))
+        if len(groups[b]) >= BLEND_MIN_USERS
+        else "blend"
+        for b, m in masks.items()
+    }
     weights = BlendWeights({b: options[name][b] for b, name in chosen.items()})
     best = np.zeros(evalset.num_queries)
     for b, m in masks.items():
