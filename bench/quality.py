@@ -153,13 +153,12 @@ def evaluate_dataset(
                 train_distributed(settings.model_copy(update={"training": cfg}), ctx=ctx)
             result, tower = train(ctx, cfg, show_progress=False)
             emb = embed_all(tower, ctx.table, cfg.fanout)
-            queries = tower.query_form(emb)
-            topk = ev.topk_from_embeddings(emb, evalset, k=deepest, queries=queries)
+            topk, scores = ev.embedding_topk(emb, evalset, k=deepest, queries=tower.query_form(emb))
             per_seed[objective].append(ev.per_user_metrics(topk, evalset, ks=KS))
             name = f"blend ({objective})"
             weights, chosen = blend_on_validation(ctx, tower, emb, valset, blend_fof["val"])
             top = topk[:, :depth]
-            embedding = (top, ev.embedding_topk_scores(top, emb, queries, evalset))
+            embedding = (top, scores[:, :depth])
             blended = ev.topk_blend(
                 embedding, blend_fof["test"], evalset, ctx.data.user_ids, weights, max(KS)
             )

@@ -21,7 +21,7 @@ from friendrec.paths import DatasetPaths
 from training.evaluation import (
     EvalSet,
     adamic_adar_topk_with_scores,
-    embedding_topk_scores,
+    embedding_topk,
     fit_blend,
     heldout_popularity,
     paired_bootstrap,
@@ -357,8 +357,8 @@ def test_blend_weights_fitted_on_validation_learn_what_each_degree_bucket_needs(
     evalset = EvalSet.from_edges(n, train_src, train_dst, held_src, held_dst, split="val")
     user_ids = np.arange(n, dtype=np.int64) + 1000
     emb = np.random.default_rng(12).standard_normal((n, 8)).astype(np.float32)
-    top = topk_from_embeddings(emb, evalset, k=depth)
-    embedding = (top, embedding_topk_scores(top, emb, emb, evalset))
+    embedding = embedding_topk(emb, evalset, k=depth)
+    top = embedding[0]
     np.testing.assert_allclose(
         embedding[1][:, 0], np.einsum("qd,qd->q", emb[evalset.queries], emb[top[:, 0]]), rtol=1e-5
     )

@@ -183,8 +183,8 @@ def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
     fof = ev.topk_fof(evalset, data.user_ids, k=depth, cap=serving.fof_max_friends)
     version = 1
     emb, queries = stack.models.embeddings[version], stack.models.queries[version]
-    emb_top = ev.topk_from_embeddings(emb, evalset, k=depth, queries=queries)
-    embedding = (emb_top, ev.embedding_topk_scores(emb_top, emb, queries, evalset))
+    embedding = ev.embedding_topk(emb, evalset, k=depth, queries=queries)
+    emb_top = embedding[0]
     weights = BlendWeights(serving.blend_weights)
     blend_top = ev.topk_blend(embedding, fof, evalset, data.user_ids, weights, k=50)
     rng = np.random.default_rng(5)

@@ -292,6 +292,18 @@ def topk_from_embeddings(
 ) -> np.ndarray:
     """Exact inner-product top-k over all users (brute force: the reference for any ANN index).
     ``emb``: the index vectors; ``queries``: the users' query vectors (default: the same)."""
+    return embedding_topk(emb, evalset, k, batch, queries)[0]
+
+
+def embedding_topk(
+    emb: np.ndarray,
+    evalset: EvalSet,
+    k: int = 100,
+    batch: int = 1024,
+    queries: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``topk_from_embeddings`` with its inner products (float32; -inf at empty slots): the
+    scores the index search returns with the same list, which the blend reads."""
     if emb.ndim != 2 or emb.shape[0] != evalset.num_users:
         raise ValueError(f"embeddings must be [{evalset.num_users}, d], got {emb.shape}")
     emb = np.ascontiguousarray(emb, dtype=np.float32)
@@ -302,16 +314,16 @@ def topk_from_embeddings(
         raise ValueError("embeddings contain NaN or inf")
     start = time.perf_counter()
     if evalset.num_users > BLOCKED_TOPK_USERS:
-        out, _ = blocked_topk(evalset, k, queries[evalset.queries], emb)
+        out, scores = blocked_topk(evalset, k, queries[evalset.queries], emb)
     else:
-        out, _ = _dense_topk(evalset, k, batch, lambda rows: queries[rows] @ emb.T)
+        out, scores = _dense_topk(evalset, k, batch, lambda rows: queries[rows] @ emb.T)
     log.info(
         "embedding top-%d for %d queries in %.2fs",
         k,
         evalset.num_queries,
         time.perf_counter() - start,
     )
-    return out
+    return out, scores
 
 
 def blocked_topk(
@@ -494,17 +506,6 @@ def topk_fof(
     return _dense_topk(evalset, k, batch, scores_for, tie_order=np.argsort(keys, kind="stable"))
 
 
-def embedding_topk_scores(
-    topk: np.ndarray, emb: np.ndarray, queries: np.ndarray, evalset: EvalSet
-) -> np.ndarray:
-    """The inner products of each query's top-k (``topk_from_embeddings``' list; -inf at empty
-    slots): the scores the index search returns with the same list."""
-    rows = np.where(topk >= 0, topk, 0)
-    q = np.asarray(queries, dtype=np.float32)[evalset.queries]
-    scores = np.einsum("qd,qkd->qk", q, np.asarray(emb, dtype=np.float32)[rows])
-    return np.where(topk >= 0, scores, -np.inf).astype(np.float32)
-
-
 def _ranked(users: np.ndarray, scores: np.ndarray, user_ids: np.ndarray) -> list[tuple[int, float]]:
     return [(int(user_ids[u]), float(s)) for u, s in zip(users, scores, strict=True) if u >= 0]
 
@@ -546,12 +547,16 @@ def topk_blend(
 
 
 BLEND_MIN_USERS = 30  # a degree bucket with fewer validation users with a hit shares the pooled fit
-# Blend weights that keep one source's order: its candidates first, by rank.
-ONE_SOURCE: dict[str, list[float]] = {
-    "embedding": [1e3 if f == "embedding" else -1.0 if f == "embedding_log_rank" else 0.0
-                  for f in BLEND_FEATURES],
-    "fof": [1e3 if f == "fof" else -1.0 if f == "fof_log_rank" else 0.0 for f in BLEND_FEATURES],
-}  # fmt: skip
+
+
+def _one_source(source: str) -> list[float]:
+    """Blend weights that keep one source's order: its candidates first, by rank."""
+    return [
+        1e3 if f == source else -1.0 if f == f"{source}_log_rank" else 0.0 for f in BLEND_FEATURES
+    ]
+
+
+ONE_SOURCE = {source: _one_source(source) for source in ("embedding", "fof")}
 
 
 def _listwise_fit(groups: Sequence[tuple[np.ndarray, np.ndarray]], l2: float) -> np.ndarray:

@@ -197,9 +197,7 @@ def blend_on_validation(
     ``fof_val``: ``topk_fof`` of the same eval set, as deep as the service's blend), and what
     was fitted, for reports."""
     depth = ctx.settings.serving.blend_depth
-    queries = tower.query_form(emb)
-    top = ev.topk_from_embeddings(emb, valset, k=depth, queries=queries)
-    embedding = (top, ev.embedding_topk_scores(top, emb, queries, valset))
+    embedding = ev.embedding_topk(emb, valset, k=depth, queries=tower.query_form(emb))
     weights, info = ev.fit_blend(embedding, fof_val, valset, ctx.data.user_ids)
     return weights, {
         "weights": {b: list(w) for b, w in weights.coef.items()},
