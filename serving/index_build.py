@@ -15,8 +15,14 @@ A batch of users through ``serving_default`` recomputes each sampled friend's la
 every user that samples it: (1 + fanout) times the work of a whole population. Versions exported
 since 2026-12-06 carry the same function in two signatures (``training.export``), and the build
 runs them layer by layer: every user's layer-1 state once, then each user's vector from its
-friends' states (``Population.all_node_states`` / ``Population.readout``; the same vectors, tested
-against the serving path user by user). Older versions are embedded per batch as before.
+friends' states (``Partition``; the same vectors, tested against the serving path user by user).
+Older versions are embedded per batch as before.
+
+Layer by layer, a user's state is a function of its own row alone, so the build reads the
+population partition by partition (50k users, one key range of the online store each) and drops
+each partition's feature rows once its states are computed: it holds every user's state and a
+few numbers per user, not the whole population's rows (12.2 GB at 5M users before; the Ray build
+runs the same ``Partition`` per worker, serving/index_build_ray.py).
 
 No partial state: the collection is created on the first embedded batch, and if anything fails
 before the alias has moved, it is dropped and the alias stays where it was. A version whose
@@ -247,50 +253,116 @@ class Population:
             embed_s=time.perf_counter() - t1,
         )
 
-    def node_states(
-        self, lo: int, hi: int, embedder: LocalEmbedder
-    ) -> tuple[np.ndarray, float, float]:
-        """Layer-1 states of rows ``lo:hi`` (the first pass of a layer-by-layer build), with the
-        seconds spent assembling their rows and running the signature."""
-        from training.features import node_features
+
+PARTITION_USERS = 50_000
+"""Users per partition of a layer-by-layer build: one read each (~75 MB of feature rows, held
+only while its layer-1 states are computed)."""
+
+
+def partitions(user_ids: np.ndarray, size: int | None = None) -> list[np.ndarray]:
+    """Positions of the sorted ``user_ids`` cut into partitions of ``size`` (default
+    ``PARTITION_USERS``) in entity-key order: on sqlite each partition's read is one key range
+    of the online store."""
+    from friendrec.feast_read import key_order
+
+    size = size or PARTITION_USERS
+    order = key_order(user_ids)
+    return [order[lo : lo + size] for lo in range(0, len(user_ids), size)]
+
+
+def layer1_states(
+    table: FeatureTable, embedder: LocalEmbedder, batch: int
+) -> tuple[np.ndarray, float, float]:
+    """Every row's layer-1 state (the ``node_states`` signature over its own row), batch by
+    batch, with the seconds spent assembling the rows and running the signature."""
+    from training.features import node_features
+
+    states: np.ndarray | None = None
+    features_s = embed_s = 0.0
+    for lo in range(0, len(table), batch):
+        hi = min(lo + batch, len(table))
+        t0 = time.perf_counter()
+        node = node_features(table, np.arange(lo, hi))
+        t1 = time.perf_counter()
+        part = embedder.node_states(node)
+        if states is None:
+            states = np.empty((len(table), part.shape[1]), dtype=np.float32)
+        states[lo:hi] = part
+        features_s, embed_s = features_s + t1 - t0, embed_s + time.perf_counter() - t1
+    assert states is not None, "an empty partition"
+    return states, features_s, embed_s
+
+
+@dataclass
+class Partition:
+    """One partition of a population in a layer-by-layer build, after its layer-1 pass: what its
+    readout still needs. A user's layer-1 state is a function of its own row alone, so the
+    partition's feature rows are dropped as soon as its states are computed: a build holds one
+    partition's rows at a time, every user's state, and a few numbers per user.
+
+    The readout of a user takes its friends' states from every partition, and its neighbour rows
+    (``fetch_query_inputs``' rule: the first stored friends that the store knows) need to know
+    which users every partition's read found: ``link`` once all are read."""
+
+    rows: np.ndarray  # positions in the whole (sorted) population
+    user_ids: np.ndarray  # int64 [m]
+    known: np.ndarray  # bool [m]
+    degree: np.ndarray  # int64 [m]
+    first_friends: np.ndarray  # int64 [m, fanout]: the first stored friends, PAD_ID padded
+    neighbours: np.ndarray | None = None  # rows of the whole population, -1 padded
+
+    @classmethod
+    def read(
+        cls,
+        store: Any,
+        population: np.ndarray,
+        rows: np.ndarray,
+        spec: InputSpec,
+        contract: Contract,
+        embedder: LocalEmbedder,
+        batch: int,
+    ) -> tuple[Partition, np.ndarray, float, float]:
+        """The users ``population[rows]`` read (one bulk read) and their layer-1 states
+        computed: (the partition, its states, features seconds (the read included), embed
+        seconds)."""
+        from training.features import read_online_table
 
         t0 = time.perf_counter()
-        node = node_features(self.table, np.arange(lo, hi))
-        t1 = time.perf_counter()
-        states = embedder.node_states(node)
-        return states, t1 - t0, time.perf_counter() - t1
+        online = read_online_table(store, population[rows], spec, contract)
+        read_s = time.perf_counter() - t0
+        states, features_s, embed_s = layer1_states(online.table, embedder, batch)
+        part = cls(
+            rows=rows,
+            user_ids=online.table.user_ids,
+            known=online.known,
+            degree=online.table.degree,
+            first_friends=np.ascontiguousarray(online.friend_ids[:, : spec.fanout]),
+        )
+        return part, states, read_s + features_s, embed_s
 
-    def all_node_states(
-        self, embedder: LocalEmbedder, batch: int
-    ) -> tuple[np.ndarray, float, float]:
-        """Every row's layer-1 state, filled in place batch by batch (and the seconds, as
-        ``node_states``)."""
-        states: np.ndarray | None = None
-        features_s = embed_s = 0.0
-        for lo in range(0, len(self), batch):
-            hi = min(lo + batch, len(self))
-            part, f, e = self.node_states(lo, hi, embedder)
-            if states is None:
-                states = np.empty((len(self), part.shape[1]), dtype=np.float32)
-            states[lo:hi] = part
-            features_s, embed_s = features_s + f, embed_s + e
-        assert states is not None, "an empty population"
-        return states, features_s, embed_s
+    def link(self, population: np.ndarray, known: np.ndarray) -> None:
+        """Neighbour rows from the whole population's sorted ids and which of them the store
+        knows."""
+        from training.features import known_friend_rows
+
+        self.neighbours = known_friend_rows(population, known, self.first_friends)
 
     def readout(
         self, lo: int, hi: int, states: np.ndarray, embedder: LocalEmbedder
     ) -> EmbeddedBatch:
-        """Rows ``lo:hi`` embedded from every row's layer-1 ``states``: the same vectors as
-        ``embed`` (each friend's state is a function of its own row alone), without
-        recomputing a friend's layer 1 for every user that samples it."""
+        """Rows ``lo:hi`` embedded from the whole population's layer-1 ``states``: the vectors
+        ``Population.embed`` computes per user, without recomputing a friend's layer 1 for every
+        user that samples it."""
         from training.features import friend_states_of
 
+        assert self.neighbours is not None, "link() first"
         t0 = time.perf_counter()
         friends, mask = friend_states_of(states, self.neighbours[lo:hi])
+        own = states[self.rows[lo:hi]]
         t1 = time.perf_counter()
-        vectors = embedder.readout(states[lo:hi], friends, mask, self.table.degree[lo:hi])
+        vectors = embedder.readout(own, friends, mask, self.degree[lo:hi])
         return EmbeddedBatch(
-            user_ids=self.table.user_ids[lo:hi],
+            user_ids=self.user_ids[lo:hi],
             vectors=np.asarray(vectors, dtype=np.float32),
             unknown=int((~self.known[lo:hi]).sum()),
             features_s=t1 - t0,
@@ -319,27 +391,64 @@ def read_population(
 def embed_batches_local(
     settings: Settings, user_ids: np.ndarray, embedder: Embedder, spec: Any, contract: Contract
 ) -> Iterator[EmbeddedBatch]:
-    """The users (sorted, unique) read in bulk, then embedded in ``milvus.build_batch`` batches
-    in this process: layer by layer where the embedder can (``LocalEmbedder.layerwise``), every
-    user's layer-1 state first. The read's (and that first pass's) seconds count in the first
-    batch's."""
-    population, read_s = read_population(settings, user_ids, spec, contract)
+    """The users (sorted, unique) embedded in ``milvus.build_batch`` batches in this process:
+    layer by layer where the embedder can (``LocalEmbedder.layerwise``; ``Partition``), else
+    per user from one bulk read (``Population``). The reads' (and the first pass's) seconds count
+    in the first batch's."""
     batch = settings.milvus.build_batch
-    states, embed_s = None, 0.0
-    if getattr(embedder, "layerwise", False):
-        states, features_s, embed_s = population.all_node_states(embedder, batch)
-        read_s += features_s
-        log.info("layer-1 states of %d users in %.1fs", len(population), features_s + embed_s)
+    if isinstance(embedder, LocalEmbedder) and embedder.layerwise:
+        yield from embed_layerwise_local(settings, user_ids, embedder, spec, contract)
+        return
+    population, read_s = read_population(settings, user_ids, spec, contract)
     for lo in range(0, len(population), batch):
-        hi = min(lo + batch, len(population))
-        if states is None:
-            embedded = population.embed(lo, hi, embedder)
-        else:
-            embedded = population.readout(lo, hi, states, embedder)  # type: ignore[arg-type]
+        embedded = population.embed(lo, min(lo + batch, len(population)), embedder)
         embedded.features_s += read_s
-        embedded.embed_s += embed_s
-        read_s = embed_s = 0.0
+        read_s = 0.0
         yield embedded
+
+
+def embed_layerwise_local(
+    settings: Settings,
+    user_ids: np.ndarray,
+    embedder: LocalEmbedder,
+    spec: Any,
+    contract: Contract,
+) -> Iterator[EmbeddedBatch]:
+    """Partition by partition: read and layer 1 (the feature rows dropped after each), then every
+    partition's readout over the whole population's states."""
+    from friendrec.feast_store import open_store
+
+    store = open_store(settings)
+    batch = settings.milvus.build_batch
+    t0 = time.perf_counter()
+    known = np.zeros(len(user_ids), dtype=bool)
+    states: np.ndarray | None = None
+    parts: list[Partition] = []
+    features_s = embed_s = 0.0
+    for rows in partitions(user_ids):
+        part, part_states, f, e = Partition.read(
+            store, user_ids, rows, spec, contract, embedder, batch
+        )
+        if states is None:
+            states = np.empty((len(user_ids), part_states.shape[1]), dtype=np.float32)
+        states[rows], known[rows] = part_states, part.known
+        parts.append(part)
+        features_s, embed_s = features_s + f, embed_s + e
+    assert states is not None, "an empty population"
+    log.info(
+        "read and layer 1 of %d users in %.1fs (%d unknown to the store)",
+        len(user_ids),
+        time.perf_counter() - t0,
+        int((~known).sum()),
+    )
+    for part in parts:
+        part.link(user_ids, known)
+        for lo in range(0, len(part.rows), batch):
+            embedded = part.readout(lo, min(lo + batch, len(part.rows)), states, embedder)
+            embedded.features_s += features_s
+            embedded.embed_s += embed_s
+            features_s = embed_s = 0.0
+            yield embedded
 
 
 def version_dir(settings: Settings, model_version: int) -> Path:

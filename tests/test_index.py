@@ -20,9 +20,17 @@ from friendrec.config import Settings
 from friendrec.errors import ContractMismatchError, IncompatibleModelError
 from friendrec.local_services import MilvusLiteProcess, MilvusStandaloneProcess
 from friendrec.paths import load_contract
-from serving import index_build_ray
+from serving import index_build
 from serving.index import EmbeddingIndex, EmbeddingIndexError, IndexUnavailableError
-from serving.index_build import LocalEmbedder, Population, build_index, embed_users, version_dir
+from serving.index_build import (
+    LocalEmbedder,
+    Partition,
+    Population,
+    build_index,
+    embed_users,
+    partitions,
+    version_dir,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -345,7 +353,7 @@ def test_ray_build_embeds_over_workers_like_training(
         update={"engine": settings.engine.model_copy(update={"partitions": 4})}
     )
     ids, reference = exported_models.user_ids, exported_models.embeddings[1]
-    monkeypatch.setattr(index_build_ray, "READ_USERS", 1500)  # several read tasks and pieces
+    monkeypatch.setattr(index_build, "PARTITION_USERS", 1500)  # several partitions per worker
     report = build_index(settings, 1, show_progress=False, engine="ray")
     assert (report.engine, report.users, report.unknown_users) == ("ray", len(ids), 0)
     assert report.timings["embed"] > 0 and report.timings["features"] > 0
@@ -355,15 +363,38 @@ def test_ray_build_embeds_over_workers_like_training(
         matrix = np.stack([stored[int(u)] for u in ids])
         assert np.abs(matrix - reference).max() <= 1e-5
 
-    base = private_base(exported_models, tmp_path, {1: 1, 2: 2})
-    (base / exported_models.settings.serving.model_name / "2" / "saved_model.pb").write_bytes(b"x")
+    base = private_base(exported_models, tmp_path, {1: 1, 2: 2, 3: 2})
+    name = exported_models.settings.serving.model_name
+    (base / name / "2" / "saved_model.pb").write_bytes(b"x")
     broken = with_base_path(settings, base)
     with pytest.raises(Exception, match=r"(?i)saved.?model|pb|protobuf|parse|decode"):
         build_index(broken, 2, show_progress=False, engine="ray")
+    # A version exported before the layer signatures: the partitioned build cannot embed it.
+    resave_without_layer_signatures(base / name / "3")
+    with pytest.raises(IncompatibleModelError, match=r"layer-by-layer signatures.*--engine local"):
+        build_index(broken, 3, show_progress=False, engine="ray")
     with EmbeddingIndex.connect(settings) as index:
         live = index.live()
         assert live is not None and live.collection == f"{ALIAS}_v1"
-        assert not index.exists(f"{ALIAS}_v2")
+        assert not index.exists(f"{ALIAS}_v2") and not index.exists(f"{ALIAS}_v3")
+
+
+def resave_without_layer_signatures(version: Path) -> None:
+    """The version's SavedModel saved again with ``serving_default`` only, as exports were before
+    the layer-by-layer signatures (the model card stays)."""
+    import tensorflow as tf
+
+    from training.export import NODE_STATES, READOUT, SIGNATURE
+
+    loaded = tf.saved_model.load(str(version))
+    assert {NODE_STATES, READOUT} <= set(loaded.signatures)
+    scratch = version.with_name(version.name + ".resaved")
+    tf.saved_model.save(loaded, str(scratch), signatures={SIGNATURE: loaded.signatures[SIGNATURE]})
+    for item in version.iterdir():  # the model card and any other file that is not the model's
+        if not (scratch / item.name).exists():
+            shutil.move(item, scratch / item.name)
+    shutil.rmtree(version)
+    scratch.rename(version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,8 +567,6 @@ def test_bulk_read_gives_the_serving_inputs_and_vectors(streamed_store, exported
     embedder = LocalEmbedder(version_dir(settings, 1))
     assert embedder.layerwise  # the export's node_states/readout signatures
     batch = 2048
-    states, _, _ = population.all_node_states(embedder, batch=1500)
-    assert states.shape == (len(ids), exported_models.settings.training.hidden_dim)
     for lo in range(0, len(ids), batch):
         rows = np.arange(lo, min(lo + batch, len(ids)))
         served, known = fetch_online_inputs(store, ids[rows].tolist(), spec, contract)
@@ -551,8 +580,23 @@ def test_bulk_read_gives_the_serving_inputs_and_vectors(streamed_store, exported
         np.testing.assert_array_equal(embedded.user_ids, reference.user_ids)
         np.testing.assert_allclose(embedded.vectors, reference.vectors, rtol=0, atol=1e-6)
         assert embedded.unknown == reference.unknown
-        layered = population.readout(int(rows[0]), int(rows[-1]) + 1, states, embedder)
-        np.testing.assert_array_equal(layered.user_ids, reference.user_ids)
+
+    # Layer by layer, partition by partition (out of id order): each user's vector from every
+    # partition's states is the serving path's.
+    states = np.full((len(ids), exported_models.settings.training.hidden_dim), np.nan, np.float32)
+    known_all = np.zeros(len(ids), dtype=bool)
+    parts = []
+    for rows in partitions(ids, size=1500):
+        part, part_states, _, _ = Partition.read(store, ids, rows, spec, contract, embedder, 700)
+        np.testing.assert_array_equal(part.user_ids, ids[rows])
+        states[rows], known_all[rows] = part_states, part.known
+        parts.append(part)
+    assert len(parts) > 2 and not np.isnan(states).any()
+    np.testing.assert_array_equal(known_all, population.known)
+    for part in parts:
+        part.link(ids, known_all)
+        layered = part.readout(0, len(part.rows), states, embedder)
+        reference = embed_users(store, part.user_ids, embedder, spec, contract)
         np.testing.assert_allclose(layered.vectors, reference.vectors, rtol=0, atol=1e-5)
         assert layered.unknown == reference.unknown
 
@@ -576,7 +620,7 @@ def test_build_indexes_stream_created_users_as_served(
     settings, who = streamed_store
     settings = with_milvus(settings, str(tmp_path / "m.db"))
     calls = {"readout": 0, "per_user": 0}
-    readout, embed = Population.readout, Population.embed
+    readout, embed = Partition.readout, Population.embed
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -585,7 +629,8 @@ def test_build_indexes_stream_created_users_as_served(
 
         return wrapper
 
-    monkeypatch.setattr(Population, "readout", counted("readout", readout))
+    monkeypatch.setattr(Partition, "readout", counted("readout", readout))
+    monkeypatch.setattr(index_build, "PARTITION_USERS", 2500)  # several partitions
     monkeypatch.setattr(Population, "embed", counted("per_user", embed))
     if not layerwise:
         monkeypatch.setattr(LocalEmbedder, "layerwise", property(lambda self: False))
