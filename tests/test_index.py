@@ -346,8 +346,9 @@ def test_cli_list_and_rollback(exported_models, tmp_path, monkeypatch) -> None:
 def test_ray_build_embeds_over_workers_like_training(
     exported_models, tmp_path, ray_engine, monkeypatch
 ):
-    """The distributed build (one SavedModel per Ray worker, several batches) indexes what the
-    training code computes, and a version whose model cannot load leaves the alias alone."""
+    """The distributed build (one SavedModel per Ray worker, several partitions each) indexes
+    what the training code computes; a version whose model cannot load, or that lacks the layer
+    signatures, leaves no collection and the alias alone."""
     settings = with_milvus(exported_models.settings, str(tmp_path / "m.db"), build_batch=1000)
     settings = settings.model_copy(
         update={"engine": settings.engine.model_copy(update={"partitions": 4})}
