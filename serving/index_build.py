@@ -388,6 +388,47 @@ def read_population(
     return population, seconds
 
 
+@dataclass
+class PopulationStates:
+    """The whole population's layer-1 states and known flags, gathered partition by partition
+    (``Partition.read``'s results, locally or from Ray workers), with the seconds that went
+    into them: charged to the first embedded batch, as the build's report expects."""
+
+    known: np.ndarray  # bool [n]
+    states: np.ndarray | None = None  # float32 [n, hidden], allocated by the first partition
+    features_s: float = 0.0
+    embed_s: float = 0.0
+
+    @classmethod
+    def empty(cls, n: int) -> PopulationStates:
+        return cls(np.zeros(n, dtype=bool))
+
+    def add(
+        self,
+        rows: np.ndarray,
+        known: np.ndarray,
+        states: np.ndarray,
+        features_s: float,
+        embed_s: float,
+    ) -> None:
+        if self.states is None:
+            self.states = np.empty((len(self.known), states.shape[1]), dtype=np.float32)
+        self.states[rows], self.known[rows] = states, known
+        self.features_s, self.embed_s = self.features_s + features_s, self.embed_s + embed_s
+
+    def release(self) -> None:
+        """Drop the arrays once they are shared elsewhere (Ray's object store); the seconds
+        stay to be charged."""
+        self.known, self.states = np.empty(0, dtype=bool), None
+
+    def charge(self, embedded: EmbeddedBatch) -> EmbeddedBatch:
+        """``embedded`` with the gathered seconds added (once: the first batch takes them)."""
+        embedded.features_s += self.features_s
+        embedded.embed_s += self.embed_s
+        self.features_s = self.embed_s = 0.0
+        return embedded
+
+
 def embed_batches_local(
     settings: Settings, user_ids: np.ndarray, embedder: Embedder, spec: Any, contract: Contract
 ) -> Iterator[EmbeddedBatch]:
@@ -421,34 +462,26 @@ def embed_layerwise_local(
     store = open_store(settings)
     batch = settings.milvus.build_batch
     t0 = time.perf_counter()
-    known = np.zeros(len(user_ids), dtype=bool)
-    states: np.ndarray | None = None
+    gathered = PopulationStates.empty(len(user_ids))
     parts: list[Partition] = []
-    features_s = embed_s = 0.0
     for rows in partitions(user_ids):
-        part, part_states, f, e = Partition.read(
+        part, states, features_s, embed_s = Partition.read(
             store, user_ids, rows, spec, contract, embedder, batch
         )
-        if states is None:
-            states = np.empty((len(user_ids), part_states.shape[1]), dtype=np.float32)
-        states[rows], known[rows] = part_states, part.known
+        gathered.add(rows, part.known, states, features_s, embed_s)
         parts.append(part)
-        features_s, embed_s = features_s + f, embed_s + e
-    assert states is not None, "an empty population"
+    assert gathered.states is not None, "an empty population"
     log.info(
         "read and layer 1 of %d users in %.1fs (%d unknown to the store)",
         len(user_ids),
         time.perf_counter() - t0,
-        int((~known).sum()),
+        int((~gathered.known).sum()),
     )
     for part in parts:
-        part.link(user_ids, known)
+        part.link(user_ids, gathered.known)
         for lo in range(0, len(part.rows), batch):
-            embedded = part.readout(lo, min(lo + batch, len(part.rows)), states, embedder)
-            embedded.features_s += features_s
-            embedded.embed_s += embed_s
-            features_s = embed_s = 0.0
-            yield embedded
+            hi = min(lo + batch, len(part.rows))
+            yield gathered.charge(part.readout(lo, hi, gathered.states, embedder))
 
 
 def version_dir(settings: Settings, model_version: int) -> Path:

@@ -43,7 +43,14 @@ from friendrec.config import Settings
 from friendrec.contract import Contract
 from friendrec.engine import ray_session
 from friendrec.errors import IncompatibleModelError
-from serving.index_build import EmbeddedBatch, LocalEmbedder, Partition, partitions, version_dir
+from serving.index_build import (
+    EmbeddedBatch,
+    LocalEmbedder,
+    Partition,
+    PopulationStates,
+    partitions,
+    version_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +115,6 @@ def embed_batches_ray(
         workers_n = max(1, min(settings.engine.partitions or cpus, cpus, len(parts)))
         actor = ray.remote(num_cpus=1)(EmbedWorker)
         workers = [actor.remote(settings, model_version, spec, contract) for _ in range(workers_n)]
-        owner = [p % workers_n for p in range(len(parts))]
         log.info("index build on Ray: %d partitions over %d workers", len(parts), workers_n)
         try:
             if not ray.get(workers[0].layerwise.remote()):
@@ -119,44 +125,36 @@ def embed_batches_ray(
                 )
             t0 = time.perf_counter()
             population = ray.put(np.asarray(user_ids, dtype=np.int64))
-            known = np.zeros(len(user_ids), dtype=bool)
-            states = np.empty((0, 0), np.float32)
-            features_s = embed_s = 0.0
+            gathered = PopulationStates.empty(len(user_ids))
             reads = [(p, rows, population) for p, rows in enumerate(parts)]
-            for (_, rows, _), result in _map_calls(workers, "read", _per_worker(owner, reads)):
-                part_known, part_states, part_features_s, part_embed_s = result
-                if not states.size:
-                    states = np.empty((len(user_ids), part_states.shape[1]), np.float32)
-                known[rows], states[rows] = part_known, part_states
-                features_s, embed_s = features_s + part_features_s, embed_s + part_embed_s
+            for (_, rows, _), result in _map_calls(workers, "read", _per_worker(workers_n, reads)):
+                gathered.add(rows, *result)
             log.info(
                 "read and layer 1 of %d users on Ray in %.1fs (model loads included)",
                 len(user_ids),
                 time.perf_counter() - t0,
             )
-            shared = (population, ray.put(known), ray.put(states))
-            del known, states
+            shared = (population, ray.put(gathered.known), ray.put(gathered.states))
+            gathered.release()
             ray.get([worker.attach.remote(*shared) for worker in workers])
             readouts = [
                 (p, lo, min(lo + batch, len(rows)))
                 for p, rows in enumerate(parts)
                 for lo in range(0, len(rows), batch)
             ]
-            for _, embedded in _map_calls(workers, "readout", _per_worker(owner, readouts)):
-                embedded.features_s += features_s
-                embedded.embed_s += embed_s
-                features_s = embed_s = 0.0
-                yield embedded
+            for _, embedded in _map_calls(workers, "readout", _per_worker(workers_n, readouts)):
+                yield gathered.charge(embedded)
         finally:
             for worker in workers:
                 ray.kill(worker)
 
 
-def _per_worker(owner: list[int], calls: list[Call]) -> list[list[Call]]:
-    """Each call (its first argument a partition) queued for the worker that owns it."""
-    queues: list[list[Call]] = [[] for _ in range(max(owner) + 1)]
+def _per_worker(workers_n: int, calls: list[Call]) -> list[list[Call]]:
+    """Each call (its first argument a partition) queued for the worker that owns the partition
+    (partitions are dealt round-robin)."""
+    queues: list[list[Call]] = [[] for _ in range(workers_n)]
     for call in calls:
-        queues[owner[call[0]]].append(call)
+        queues[call[0] % workers_n].append(call)
     return queues
 
 
