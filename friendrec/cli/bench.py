@@ -246,6 +246,37 @@ def popularity(
 
 
 @app.command()
+def views(
+    datasets: str = typer.Option(
+        "twitch/ENGB", "--datasets", "--dataset", help="Graphs to probe, comma-separated."
+    ),
+    objectives: str = typer.Option(
+        "baseline,ssmtl", "--objectives", help="Models to compare, comma-separated."
+    ),
+    seeds: str = typer.Option("0", "--seeds", help="Training seeds, comma-separated."),
+    epochs: int = typer.Option(8, "--epochs", help="Max epochs of each run."),
+    output: Path = typer.Option(
+        Path("bench/results/views.json"), "--output", "-o", help="JSON result (PNGs beside)."
+    ),
+) -> None:
+    """What the auxiliary losses changed in the tower, per training-degree bucket, on validation
+    queries: the agreement of two CCA-SSG views of a user, the served embedding's stability
+    under them (cosine, Recall@50 and top-50 overlap of the view's query), its reliance on the
+    user-id vector, its own sparse features and its friends, and the index's effective
+    dimension. Reuses `bench quality`'s runs (trains the missing ones). Tables, JSON, a PNG per
+    graph."""
+    from bench.quality import OBJECTIVES
+    from bench.views import run
+    from friendrec.config import load_settings
+
+    chosen = [o.strip() for o in objectives.split(",") if o.strip()]
+    if not chosen or set(chosen) - set(OBJECTIVES):
+        raise typer.BadParameter(f"objectives must be among {OBJECTIVES}, got {objectives!r}")
+    names = [d.strip() for d in datasets.split(",") if d.strip()]
+    run(load_settings(), names, chosen, _counts(seeds), epochs, output)
+
+
+@app.command()
 def prepare(
     users: str = typer.Option(
         "100000,1000000", "--users", help="Graph sizes (users), comma-separated."
