@@ -40,6 +40,7 @@ from tqdm import tqdm
 import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from bench.quality import ensure_features
 from friendrec.config import Settings
+from friendrec.paths import DatasetPaths
 from training import evaluation as ev
 from training.features import sample_neighbours, tower_inputs
 from training.model import LossConfig
@@ -61,6 +62,8 @@ PROBES = (
     "overlap@50",
     "no_id_recall@50",
 )
+# The whole-population probes of the table across graphs.
+SUMMARY_PROBES = ("agreement", "overlap@50", "id_reliance", "feature_reliance", "friend_reliance")
 
 
 def effective_dimension(emb: np.ndarray) -> float:
@@ -80,58 +83,54 @@ def probe_views(
     seed: int,
     batch: int = 2048,
 ) -> dict[str, np.ndarray]:
-    """Per user of ``rows``: the served unit embedding, one augmented view's, the embedding
-    without the user-id vector, the two views' cosine and view rank, the served embedding's
-    cosine with the view, and one minus its cosine with the embedding without the id vector,
-    without its own sparse features, and without its friends' states.
-    The views are CCA-SSG's (``augment``'s feature and friend drop rates), drawn from ``seed``,
-    so every model is probed with the same masks."""
+    """Per user of ``rows``: the served unit embedding (``clean``), one augmented view's
+    (``view``) and the one without the user-id vector (``no_id``); the two views' cosine and view
+    rank, the served embedding's cosine with the view (``stability``), and 1 minus its cosine
+    with the embedding without the id vector, without every own sparse feature and without every
+    friend's state (the three reliances). The views are CCA-SSG's (``augment``'s feature and
+    friend drop rates), drawn from ``seed``, so every model is probed with the same masks."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list[np.ndarray]] = {
-        k: []
-        for k in (
-            "clean",
-            "view",
-            "agreement",
-            "view_rank",
-            "no_id",
-            "feature_reliance",
-            "friend_reliance",
-        )
-    }
+    out: dict[str, list[np.ndarray]] = {}
     for lo in range(0, len(rows), batch):
         part = rows[lo : lo + batch]
         inputs = tower_inputs(ctx.table, part, sample_neighbours(ctx.table, part, fanout, None))
         inputs = {k: tf.convert_to_tensor(v) for k, v in inputs.items()}
-        clean = tower.embed(inputs).numpy()
-        views = []
-        for _ in range(2):
-            id_keep = rng.random(inputs["self_sparse_ids"].shape) >= augment.feature_drop
-            friend_keep = rng.random(inputs["friend_mask"].shape) >= augment.neighbour_drop
-            views.append(
-                tower.embed(
-                    inputs,
-                    id_keep=tf.constant(id_keep, tf.float32),
-                    friend_keep=tf.constant(friend_keep, tf.float32),
-                ).numpy()
-            )
-        no_id = clean
-        if tower.id_dim:
-            no_id = tower.embed(inputs, id_vector_keep=tf.zeros([len(part), 1])).numpy()
         ids_shape, friends_shape = inputs["self_sparse_ids"].shape, inputs["friend_mask"].shape
-        no_features = tower.embed(inputs, id_keep=tf.zeros(ids_shape)).numpy()
-        no_friends = tower.embed(inputs, friend_keep=tf.zeros(friends_shape)).numpy()
-        out["feature_reliance"].append(1.0 - np.sum(clean * no_features, axis=1))
-        out["friend_reliance"].append(1.0 - np.sum(clean * no_friends, axis=1))
-        out["clean"].append(clean)
-        out["view"].append(views[0])
-        out["agreement"].append(np.sum(views[0] * views[1], axis=1))
-        out["view_rank"].append(view_rank(views[0], views[1]))
-        out["no_id"].append(no_id)
-    joined = {k: np.concatenate(v) for k, v in out.items()}
-    joined["stability"] = np.sum(joined["clean"] * joined["view"], axis=1)
-    joined["id_reliance"] = 1.0 - np.sum(joined["clean"] * joined["no_id"], axis=1)
-    return joined
+
+        def embed(inputs: dict[str, tf.Tensor] = inputs, **hooks: tf.Tensor) -> np.ndarray:
+            return tower.embed(inputs, **hooks).numpy()
+
+        def masks(rate: float, shape: tuple[int, ...]) -> tf.Tensor:
+            return tf.constant(rng.random(shape) >= rate, tf.float32)
+
+        clean = embed()
+        views = [
+            embed(
+                id_keep=masks(augment.feature_drop, ids_shape),
+                friend_keep=masks(augment.neighbour_drop, friends_shape),
+            )
+            for _ in range(2)
+        ]
+        no_id = embed(id_vector_keep=tf.zeros([len(part), 1])) if tower.id_dim else clean
+        probes = {
+            "clean": clean,
+            "view": views[0],
+            "no_id": no_id,
+            "agreement": _cosine(views[0], views[1]),
+            "view_rank": view_rank(views[0], views[1]),
+            "stability": _cosine(clean, views[0]),
+            "id_reliance": 1.0 - _cosine(clean, no_id),
+            "feature_reliance": 1.0 - _cosine(clean, embed(id_keep=tf.zeros(ids_shape))),
+            "friend_reliance": 1.0 - _cosine(clean, embed(friend_keep=tf.zeros(friends_shape))),
+        }
+        for name, value in probes.items():
+            out.setdefault(name, []).append(value)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of unit vectors."""
+    return np.sum(a * b, axis=1)
 
 
 def view_rank(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -246,7 +245,7 @@ def run(
     for dataset in tqdm(datasets, desc="graphs", unit="graph", disable=len(datasets) < 2):
         report = probe_dataset(settings, dataset, objectives, seeds, epochs)
         reports.append(report)
-        slug = dataset.replace("/", "_").replace(":", "_").lower()
+        slug = DatasetPaths.of(settings, dataset).slug
         plot(report, output.with_name(f"{output.stem}_{slug}.png"))
         console.print(render(report))
         # Written after every graph: a long run keeps what it measured.
@@ -287,15 +286,12 @@ def render_summary(reports: list[dict[str, Any]]) -> Table:
                 report["dataset"],
                 objective,
                 f"{model['effective_dimension']:.1f}",
-                *(f"{b['all'][k]:.4f}" for k in RELIANCE),
+                *(f"{b['all'][k]:.4f}" for k in SUMMARY_PROBES),
                 f"{b['all']['recall@50']:.4f}",
                 f"{cold:.4f}",
                 f"{b['>20']['recall@50']:.4f}",
             )
     return table
-
-
-RELIANCE = ("agreement", "overlap@50", "id_reliance", "feature_reliance", "friend_reliance")
 
 
 def _pooled(buckets: dict[str, dict[str, float]], labels: tuple[str, ...], probe: str) -> float:
