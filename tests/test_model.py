@@ -145,6 +145,19 @@ def test_log_q_strength_scales_the_sampling_correction(ctx):
     assert run_name(SMALL) != run_name(SMALL.model_copy(update={"log_q_strength": 0.5}))
 
 
+def test_view_settings_name_a_new_run_only_where_cca_ssg_reads_them():
+    """Feature masking and friend dropping act through CCA-SSG's views alone: without CCA-SSG a
+    change of them is the same model (``tune`` skips it), with it a new one."""
+    for objective in ("baseline", "mae"):
+        cfg = SMALL.model_copy(update={"objective": objective})
+        for change in ({"feature_drop": 0.0}, {"neighbour_drop": 0.5}):
+            assert run_name(cfg) == run_name(cfg.model_copy(update=change))
+    for objective in ("ssmtl", "cca"):
+        cfg = SMALL.model_copy(update={"objective": objective})
+        for change in ({"feature_drop": 0.0}, {"neighbour_drop": 0.5}):
+            assert run_name(cfg) != run_name(cfg.model_copy(update=change))
+
+
 def test_uniform_negatives_join_every_querys_softmax(ctx):
     """Mixed negatives: the same pairs (and query/candidate inputs) plus users drawn uniformly;
     each column's sampling weight is the mixture's expected count; with the correction off the

@@ -132,11 +132,19 @@ def read_run_config(run_dir: Path) -> TrainingSettings:
     return TrainingSettings.model_validate({**raw, **earlier})
 
 
+# Settings only CCA-SSG's views read: without CCA-SSG a run is named as with their defaults, so
+# that a change of them is no new model there (and runs cached before this rule keep their names).
+VIEW_SETTINGS = ("feature_drop", "neighbour_drop")
+
+
 def run_name(cfg: TrainingSettings) -> str:
     """The run folder: the model's identity, not its stopping rule (or how often a data-parallel
     group may be relaunched), so that asking for more epochs (or more patience) continues the
     same run."""
     losses = loss_config(cfg)
+    if losses.cca_weight == 0:
+        fields = TrainingSettings.model_fields
+        cfg = cfg.model_copy(update={name: fields[name].default for name in VIEW_SETTINGS})
     unset = {
         name
         for name, (earlier, weights) in ADDED_SETTINGS.items()
