@@ -57,7 +57,8 @@ WEIGHTS: tuple[tuple[float, float], ...] = (
 NEIGHBOURS: tuple[dict[str, Any], ...] = (
     {"aux_users": "uniform"},
     # CCA-SSG's views without feature masking: the invariance then keeps the users' own features
-    # (validation +0.9 % to +1.6 % on RU, ENGB, FR; cold-start users' loss gone; docs/quality.md).
+    # (validation +0.9 % to +1.6 % on RU, ENGB, FR; cold-start users' loss mostly gone;
+    # docs/quality.md).
     {"feature_drop": 0.0},
     {"temperature": 0.1},
     {"temperature": 0.03},
