@@ -165,9 +165,9 @@ def model_probes(
     views = probe_views(tower, ctx, fanout, valset.queries, augment, seed)
     queries = tower.query_form(emb)
     clean_top = ev.topk_from_embeddings(emb, valset, k=K, queries=queries)
-    queries[valset.queries] = tower.query_form(_index_form(tower, views["view"], valset, emb))
+    queries[valset.queries] = tower.query_vectors(tf.constant(views["view"])).numpy()
     view_top = ev.topk_from_embeddings(emb, valset, k=K, queries=queries)
-    queries[valset.queries] = tower.query_form(_index_form(tower, views["no_id"], valset, emb))
+    queries[valset.queries] = tower.query_vectors(tf.constant(views["no_id"])).numpy()
     no_id_top = ev.topk_from_embeddings(emb, valset, k=K, queries=queries)
     per_user = {
         **{k: views[k] for k in PROBES if k in views},
@@ -177,16 +177,6 @@ def model_probes(
         "no_id_recall@50": ev.per_user_metrics(no_id_top, valset, ks=(K,))["recall@50"],
     }
     return per_user, effective_dimension(emb[:, : tower.embedding_dim])
-
-
-def _index_form(
-    tower: UserTower, unit: np.ndarray, valset: ev.EvalSet, emb: np.ndarray
-) -> np.ndarray:
-    """The views' unit vectors in the index's layout (the popularity column, where the tower has
-    one, is the user's own; ``query_form`` then sets it to the query's 1)."""
-    if not tower.popularity_bias:
-        return unit
-    return np.concatenate([unit, emb[valset.queries, -1:]], axis=1)
 
 
 def by_bucket(per_user: dict[str, np.ndarray], valset: ev.EvalSet) -> dict[str, dict[str, float]]:

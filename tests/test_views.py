@@ -95,7 +95,9 @@ def test_model_probes_score_the_views_queries_against_the_served_index(tiny) -> 
     # Unaugmented views are the served queries: the same lists, the same recall.
     np.testing.assert_allclose(probes["overlap@50"], 1.0)
     np.testing.assert_allclose(probes["view_recall@50"], probes["recall@50"])
-    assert 1.0 <= dim <= tower.embedding_dim
+    # Of the unit embeddings alone: the popularity column is not a direction of the index.
+    unit = embed_all(tower, ctx.table, SMALL.fanout)[:, : tower.embedding_dim]
+    assert dim == pytest.approx(effective_dimension(unit), rel=1e-6)
     augmented, _ = model_probes(ctx, tower, SMALL.fanout, valset, LossConfig(), seed=0)
     assert augmented["overlap@50"].mean() < 1.0
     np.testing.assert_allclose(augmented["recall@50"], probes["recall@50"])
