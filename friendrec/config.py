@@ -150,8 +150,17 @@ class TrainingSettings(BaseModel):
         description="Drop rate of the user-id vector in each CCA-SSG view (None: id_dropout, "
         "drawn per view: the views then disagree on it, which hurt; docs/quality.md).",
     )
-    feature_drop: float = Field(0.2, ge=0, lt=1)
-    neighbour_drop: float = Field(0.2, ge=0, lt=1)
+    feature_drop: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of a user's own sparse ids masked in each CCA-SSG view (the paper: "
+        "0.2). Masked, the invariance term teaches the tower to stop reading the features, and "
+        "users with few friends lose (docs/quality.md).",
+    )
+    neighbour_drop: float = Field(
+        0.2, ge=0, lt=1, description="Share of friends dropped in each CCA-SSG view."
+    )
     mae_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
     mae_fraction: float = Field(0.5, gt=0, le=1)
     mae_gamma: float = Field(2.0, ge=1)

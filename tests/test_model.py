@@ -16,6 +16,7 @@ from tiny_models import SMALL
 
 import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from feature_repo.jobs.graph_features import compute_graph_features, profile_table
+from friendrec.config import TrainingSettings
 from friendrec.feast_store import open_store
 from training.export import MODEL_CARD, WARMUP_FILE, export_tower, load_signature
 from training.features import (
@@ -150,12 +151,23 @@ def test_view_settings_name_a_new_run_only_where_cca_ssg_reads_them():
     change of them is the same model (``tune`` skips it), with it a new one."""
     for objective in ("baseline", "mae"):
         cfg = SMALL.model_copy(update={"objective": objective})
-        for change in ({"feature_drop": 0.0}, {"neighbour_drop": 0.5}):
+        for change in ({"feature_drop": 0.2}, {"neighbour_drop": 0.5}):
             assert run_name(cfg) == run_name(cfg.model_copy(update=change))
     for objective in ("ssmtl", "cca"):
         cfg = SMALL.model_copy(update={"objective": objective})
-        for change in ({"feature_drop": 0.0}, {"neighbour_drop": 0.5}):
+        for change in ({"feature_drop": 0.2}, {"neighbour_drop": 0.5}):
             assert run_name(cfg) != run_name(cfg.model_copy(update=change))
+
+
+def test_cached_runs_keep_their_names_across_default_changes():
+    """A run folder is a trained model's identity: the defaults' single-task model keeps the name
+    its runs were cached under while CCA-SSG's views masked features by default, and so does
+    SSMTL asked for with that masking (a default that moved must not rename or reuse a run)."""
+    assert run_name(TrainingSettings(objective="baseline", seed=0)) == "baseline-seed0-95e71ef2"
+    ssmtl = TrainingSettings(objective="ssmtl", seed=0)
+    masked = ssmtl.model_copy(update={"feature_drop": 0.2})
+    assert run_name(masked) == "ssmtl-seed0-680c3fea"
+    assert run_name(ssmtl) != run_name(masked)
 
 
 def test_uniform_negatives_join_every_querys_softmax(ctx):

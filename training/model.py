@@ -37,7 +37,9 @@ class LossConfig:
     # id dropout, drawn independently per view (so the views disagree on the id half the time,
     # and the invariance term teaches the tower to ignore ids; docs/quality.md).
     cca_id_drop: float | None = 0.0
-    feature_drop: float = 0.2
+    # CCA-SSG's view augmentations. The paper masks 20 % of the features too; here the
+    # invariance term then erases the features, and cold-start users lose (docs/quality.md).
+    feature_drop: float = 0.0
     neighbour_drop: float = 0.2
     mae_weight: float = 0.0
     mae_fraction: float = 0.5

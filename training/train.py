@@ -132,9 +132,10 @@ def read_run_config(run_dir: Path) -> TrainingSettings:
     return TrainingSettings.model_validate({**raw, **earlier})
 
 
-# Settings only CCA-SSG's views read: without CCA-SSG a run is named as with their defaults, so
-# that a change of them is no new model there (and runs cached before this rule keep their names).
-VIEW_SETTINGS = ("feature_drop", "neighbour_drop")
+# Settings only CCA-SSG's views read, and the values a run without CCA-SSG is named with: a
+# change of them is no new model there, and runs cached before this rule (when these were the
+# defaults) keep their names whatever the defaults are now.
+VIEW_SETTINGS: dict[str, float] = {"feature_drop": 0.2, "neighbour_drop": 0.2}
 
 
 def run_name(cfg: TrainingSettings) -> str:
@@ -143,8 +144,7 @@ def run_name(cfg: TrainingSettings) -> str:
     same run."""
     losses = loss_config(cfg)
     if losses.cca_weight == 0:
-        fields = TrainingSettings.model_fields
-        cfg = cfg.model_copy(update={name: fields[name].default for name in VIEW_SETTINGS})
+        cfg = cfg.model_copy(update=VIEW_SETTINGS)
     unset = {
         name
         for name, (earlier, weights) in ADDED_SETTINGS.items()
