@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
+
+from friendrec.config import TrainingSettings
 
 log = logging.getLogger(__name__)
 SLICES = {"all": "all users", "cold_start": "cold-start users (training degree <= 2)"}
@@ -47,6 +49,7 @@ class GraphResult:
     seeds: tuple[int, ...]
     targets: dict[str, Any]
     entry: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)  # the run's settings, as recorded
 
     @property
     def dataset(self) -> str:
@@ -86,6 +89,7 @@ def load_results(paths: list[Path]) -> list[GraphResult]:
                 seeds=tuple(payload.get("seeds", ())),
                 targets=payload.get("targets", {}),
                 entry=entry,
+                training=payload.get("training", {}),
             )
             held = best.get(result.dataset)
             if held is None or result.rank() > held.rank():
@@ -205,7 +209,35 @@ def markdown(results: list[GraphResult]) -> str:
     lines += _degree_table(results)
     lines += _popularity_table(results)
     lines += ["", "Sources: " + ", ".join(sorted({f"`{r.source}`" for r in results}))]
+    lines += _settings_lines(results)
     return "\n".join(lines) + "\n"
+
+
+# Recorded per run rather than per source: what a row's seeds and objectives already say.
+PER_RUN = {"objective", "seed", "epochs", "patience", "max_restarts"}
+
+
+def _settings_lines(results: list[GraphResult]) -> list[str]:
+    """Per source, the recorded training settings that differ from today's defaults: a table
+    made before a default moved says which models it measured."""
+    defaults = TrainingSettings().model_dump()
+    lines = []
+    for source in sorted({r.source for r in results}):
+        recorded = next(r.training for r in results if r.source == source)
+        changed = [
+            f"{k} {v}"
+            for k, v in sorted(recorded.items())
+            if k in defaults and k not in PER_RUN and v != defaults[k]
+        ]
+        if changed:
+            lines.append(f"- `{source}`: " + ", ".join(changed))
+    if lines:
+        lines = [
+            "",
+            "Settings other than today's defaults (`friendrec.config.TrainingSettings`):",
+            *lines,
+        ]
+    return lines
 
 
 def _chosen_table(results: list[GraphResult]) -> list[str]:

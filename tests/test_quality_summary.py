@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.quality_summary import chosen_on_validation, load_results, markdown, plot, verdicts
+from friendrec.config import TrainingSettings
 
 TARGETS = {"relative_recall50_gain": {"all": 0.05, "cold_start": 0.02}, "max_step_ratio": 1.5}
 
@@ -41,8 +42,12 @@ def _entry(dataset: str, ssmtl_all: float, ssmtl_cold: float, objectives=("basel
     }
 
 
-def _write(path: Path, seeds: list[int], created: str, *entries: dict) -> Path:
+def _write(
+    path: Path, seeds: list[int], created: str, *entries: dict, training: dict | None = None
+) -> Path:
     payload = {"created_at": created, "seeds": seeds, "targets": TARGETS, "datasets": entries}
+    if training is not None:
+        payload["training"] = training
     path.write_text(json.dumps(payload))
     return path
 
@@ -73,6 +78,23 @@ def test_the_result_with_more_seeds_wins_and_targets_are_judged(tmp_path: Path):
     assert "| g/B | met | missed | met | met |" in text
     # A: +3 % cold-start meets the target by its point estimate only (CI -7 %, +13 %).
     assert "| g/A | missed | met (CI includes 0) | missed | met |" in text
+
+
+def test_each_source_names_its_settings_that_are_not_todays_defaults(tmp_path: Path):
+    """A table made before a default moved says which models it measured; a run's own seed and
+    objective are not such a setting, and a source at today's defaults names nothing."""
+    today = TrainingSettings().model_dump()
+    old = _write(
+        tmp_path / "old.json",
+        [0],
+        "2026-01-01",
+        _entry("g/A", 0.2, 0.1),
+        training={**today, "feature_drop": 0.35, "seed": 7, "objective": "mae"},
+    )
+    new = _write(tmp_path / "new.json", [0], "2026-01-02", _entry("g/B", 0.2, 0.1), training=today)
+    text = markdown(load_results([old, new]))
+    assert f"- `{old}`: feature_drop 0.35\n" in text
+    assert f"`{new}`:" not in text and "seed 7" not in text
 
 
 def test_plot_is_written_and_bad_files_are_named(tmp_path: Path):
