@@ -201,8 +201,6 @@ def probe_dataset(
     ctx = TrainingContext.load(settings, dataset)
     valset = ev.EvalSet.from_prepared(ctx.data, "val")
     report: dict[str, Any] = {"dataset": dataset, "seeds": seeds, "split": "val", "models": {}}
-    # Every model is probed with the same views, whatever it trained with.
-    augment = PROBE_VIEWS
     for objective in objectives:
         runs, dims = [], []
         for seed in seeds:
@@ -210,7 +208,8 @@ def probe_dataset(
                 update={"objective": objective, "seed": seed, "epochs": epochs}
             )
             _, tower = train(ctx, cfg, show_progress=False)
-            per_user, dim = model_probes(ctx, tower, cfg.fanout, valset, augment, seed)
+            # Every model is probed with the same views, whatever it trained with.
+            per_user, dim = model_probes(ctx, tower, cfg.fanout, valset, PROBE_VIEWS, seed)
             runs.append(per_user)
             dims.append(dim)
             log.info("%s %s seed %d: effective dimension %.1f", dataset, objective, seed, dim)

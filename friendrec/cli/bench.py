@@ -9,9 +9,14 @@ import typer
 app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
 
 
+def _items(value: str) -> list[str]:
+    """A comma-separated option's entries, stripped, empty ones dropped."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _counts(value: str) -> list[int]:
     try:
-        counts = [int(part.replace("_", "")) for part in value.split(",") if part.strip()]
+        counts = [int(part.replace("_", "")) for part in _items(value)]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if not counts:
@@ -82,7 +87,7 @@ def features(
             repeats=repeat_list,
             workdir=(workdir or settings.workdir / "bench").resolve(),
             output=(output or default_output(quick)).resolve(),
-            tuned=[t.strip() for t in tuned.split(",") if t.strip()],
+            tuned=_items(tuned),
             requests=requests or (200 if quick else 500),
             warmup=warmup,
             profile=profile,
@@ -130,11 +135,11 @@ def quality(
     from bench.quality import OBJECTIVES, run_quality
     from friendrec.config import load_settings
 
-    chosen = [o.strip() for o in objectives.split(",") if o.strip()]
+    chosen = _items(objectives)
     unknown = set(chosen) - set(OBJECTIVES)
     if unknown or "baseline" not in chosen:
         raise typer.BadParameter(f"objectives must include baseline and be among {OBJECTIVES}")
-    names = None if datasets == "all" else [d.strip() for d in datasets.split(",") if d.strip()]
+    names = None if datasets == "all" else _items(datasets)
     run_quality(
         load_settings(), names, _counts(seeds), chosen, epochs, output, tune_minutes * 60, workers
     )
@@ -167,7 +172,7 @@ def serving(
     from bench.serving import ServingBenchConfig, run
     from friendrec.config import load_settings
 
-    names = tuple(d.strip() for d in datasets.split(",") if d.strip())
+    names = tuple(_items(datasets))
     cfg = ServingBenchConfig(
         datasets=names,
         requests=requests,
@@ -217,7 +222,7 @@ def streaming(
     cfg = StreamingBenchConfig(
         dataset=dataset,
         events=events,
-        rates=tuple(float(r) for r in rates.split(",") if r.strip()),
+        rates=tuple(float(r) for r in _items(rates)),
         duration_s=duration,
         partitions=partitions,
         train_steps=train_steps,
@@ -269,11 +274,10 @@ def views(
     from bench.views import run
     from friendrec.config import load_settings
 
-    chosen = [o.strip() for o in objectives.split(",") if o.strip()]
+    chosen = _items(objectives)
     if not chosen or set(chosen) - set(OBJECTIVES):
         raise typer.BadParameter(f"objectives must be among {OBJECTIVES}, got {objectives!r}")
-    names = [d.strip() for d in datasets.split(",") if d.strip()]
-    run(load_settings(), names, chosen, _counts(seeds), epochs, output)
+    run(load_settings(), _items(datasets), chosen, _counts(seeds), epochs, output)
 
 
 @app.command()
@@ -348,7 +352,7 @@ def scale(
     chosen = DEFAULT_STAGES if stages == "all" else tuple(x.strip() for x in stages.split(","))
     if not set(chosen) <= set(STAGES):
         raise typer.BadParameter(f"unknown stages {sorted(set(chosen) - set(STAGES))}")
-    names = tuple(e.strip() for e in engines.split(",") if e.strip())
+    names = tuple(_items(engines))
     if not set(names) <= {"local", "ray"} or not names:
         raise typer.BadParameter(f"engines are 'local' and/or 'ray', got {engines!r}")
     if milvus not in ("lite", "standalone"):
