@@ -640,6 +640,44 @@ def test_tune_skips_a_change_that_leaves_the_model_as_it_is(ctx, monkeypatch, tm
     ]
 
 
+def test_tune_budgets_by_the_trials_it_trained_not_the_cached_ones(ctx, monkeypatch, tmp_path):
+    """Finished runs are restored in no time: counted in the mean, two of them would make a
+    60 s trial look like 20 s and the next trial overrun a 100 s budget by 40 s."""
+    from types import SimpleNamespace
+
+    from friendrec.config import TrainingSettings
+    from training import tune as tune_module
+    from training.runs import runs_dir
+    from training.train import run_name
+
+    clock = [0.0]
+    settings = ctx.settings.model_copy(update={"training": SMALL, "workdir": tmp_path})
+    tctx = replace(ctx, settings=settings)
+    for objective in ("baseline", "ssmtl"):  # finished before this tune
+        cfg = TrainingSettings.model_validate(
+            {**SMALL.model_dump(), "popularity_bias": True, "objective": objective}
+        )
+        (runs_dir(tctx) / run_name(cfg)).mkdir(parents=True)
+        (runs_dir(tctx) / run_name(cfg) / "result.json").write_text("{}")
+
+    def fake_train(ctx, cfg, show_progress=True):
+        if not (runs_dir(ctx) / run_name(cfg) / "result.json").exists():
+            clock[0] += 60.0  # a trial that trains
+        result = SimpleNamespace(
+            best_val_recall50=0.3, best_epoch=1, model_dir=tmp_path / run_name(cfg)
+        )
+        return result, None
+
+    monkeypatch.setattr(tune_module, "train", fake_train)
+    monkeypatch.setattr(tune_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(tune_module, "_choose_blend", lambda ctx, cfg: {})
+    monkeypatch.setattr(tune_module, "WEIGHTS", ((0.0, 0.0), (0.2, 1.0), (0.2, 0.0), (0.0, 1.0)))
+    result = tune_module.tune(tctx, budget_s=100, show_progress=False)
+    assert [t.settings["objective"] for t in result.trials] == ["baseline", "ssmtl", "cca"]
+    assert [t.cached for t in result.trials] == [True, True, False]
+    assert result.spent_s <= result.budget_s
+
+
 def _per_user_neighbours(table, rows, fanout, rng, exclude=None):
     """The per-user loop ``sample_neighbours`` replaced (the reference for its random stream)."""
     out = np.full((len(rows), fanout), -1, dtype=np.int64)

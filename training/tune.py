@@ -7,8 +7,9 @@ around the best so far, the auxiliary losses on uniformly drawn users, the tempe
 embedding and id widths, mixed negatives and the log-Q strength. Each trial is an ordinary
 training run (early stopping on validation Recall@50, cached by its settings, so a second `tune`
 reuses finished trials, and a change that leaves the model as it is, none at all); no trial
-starts once the time budget would be exceeded by a trial of average length. Then the blend of
-the best model with friends-of-friends is chosen on the same edges.
+starts once the time budget would be exceeded by a trial as long as the average trained one
+(cached ones restore in seconds and do not count). Then the blend of the best model with
+friends-of-friends is chosen on the same edges.
 
 Writes a settings YAML (``friendrec --config tuned.yaml train`` takes it; ``friendrec up`` serves
 with its blend) and the table of what was tried (markdown and JSON beside it). Test edges are
@@ -35,6 +36,7 @@ from friendrec.logs import progress_disabled
 from training import evaluation as ev
 from training.model import LossConfig
 from training.pipeline import embed_all
+from training.runs import runs_dir
 from training.tower import UserTower
 from training.train import TrainingContext, run_name, train
 
@@ -75,6 +77,7 @@ class Trial:
     best_epoch: int
     seconds: float
     run: str
+    cached: bool = False  # finished before this tune: restored, not trained (seconds ~ 0)
 
 
 @dataclass
@@ -137,12 +140,16 @@ def tune(
             progress.update(1)
             return True
         spent = time.perf_counter() - started
-        mean = spent / len(trials) if trials else 0.0
+        # The next trial's likely length: the mean of those that trained (a cached one, restored
+        # in seconds, would make it look short and the budget overrun by a whole trial).
+        trained = [t.seconds for t in trials if not t.cached]
+        mean = float(np.mean(trained)) if trained else 0.0
         if trials and spent + mean > budget_s:
             log.info("budget: %.0f of %.0f s spent, a trial takes ~%.0f s; stopping", spent,
                      budget_s, mean)  # fmt: skip
             return False
         tried.add(key)
+        cached = (runs_dir(ctx) / key / "result.json").exists()
         t0 = time.perf_counter()
         result, _ = train(ctx, cfg, show_progress=False)
         trials.append(
@@ -152,6 +159,7 @@ def tune(
                 best_epoch=int(result.best_epoch),
                 seconds=time.perf_counter() - t0,
                 run=result.model_dir.name,
+                cached=cached,
             )
         )
         log.info("trial %s: val R@50 %.4f", updates, result.best_val_recall50)
@@ -238,7 +246,7 @@ def write_outputs(result: TuneResult, output: Path) -> dict[str, Path]:
         settings_text = ", ".join(f"{k}={v}" for k, v in t.settings.items())
         lines.append(
             f"| {i} | {settings_text}{mark} | {t.val_recall50:.4f} | {t.best_epoch} | "
-            f"{t.seconds / 60:.1f} |"
+            f"{'cached' if t.cached else f'{t.seconds / 60:.1f}'} |"
         )
     lines += [
         "",
