@@ -280,8 +280,10 @@ def _tuned_table(results: list[GraphResult]) -> list[str]:
     lines = [
         "",
         "`friendrec tune` per graph (a bounded search on validation edges: the auxiliary weights,"
-        " then the log-Q strength, temperature, embedding and id widths and mixed negatives "
-        "around the best), its choice trained with every seed and judged on test edges:",
+        " then, around the best, the auxiliary losses on uniformly drawn users, the paper's "
+        "feature masking in CCA-SSG's views, temperature, embedding and id widths, mixed "
+        "negatives and the log-Q strength), its choice trained with every seed and judged on "
+        "test edges:",
         "",
         "| graph | seeds | chosen (trials) | validation R@50 | R@50 all vs baseline [95 % CI] |"
         " cold-start [95 % CI] | +5 % all | +2 % cold-start | above Adamic-Adar |",

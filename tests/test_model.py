@@ -642,7 +642,7 @@ def test_tune_skips_a_change_that_leaves_the_model_as_it_is(ctx, monkeypatch, tm
 
 def test_tune_budgets_by_the_trials_it_trained_not_the_cached_ones(ctx, monkeypatch, tmp_path):
     """Finished runs are restored in no time: counted in the mean, two of them would make a
-    60 s trial look like 20 s and the next trial overrun a 100 s budget by 40 s."""
+    60 s trial look like 20 s and the next trial overrun a 100 s budget by 20 s."""
     from types import SimpleNamespace
 
     from friendrec.config import TrainingSettings

@@ -3,13 +3,14 @@
 What works depends on the graph (docs/quality.md: CCA-SSG carries the Twitch gain, masked
 reconstruction GitHub's), so the choice is a command a team runs on its own graph. A bounded,
 ordered search: first the auxiliary-loss weights (the single-task baseline among them), then,
-around the best so far, the auxiliary losses on uniformly drawn users, the temperature, the
-embedding and id widths, mixed negatives and the log-Q strength. Each trial is an ordinary
-training run (early stopping on validation Recall@50, cached by its settings, so a second `tune`
-reuses finished trials, and a change that leaves the model as it is, none at all); no trial
-starts once the time budget would be exceeded by a trial as long as the average trained one
-(cached ones restore in seconds and do not count). Then the blend of the best model with
-friends-of-friends is chosen on the same edges.
+around the best so far, the auxiliary losses on uniformly drawn users, the paper's feature
+masking in CCA-SSG's views, the temperature, the embedding and id widths, mixed negatives and
+the log-Q strength. Each trial is an ordinary training run (early stopping on validation
+Recall@50, cached by its settings, so a second `tune` reuses finished trials, and a change that
+leaves the model as it is, none at all); no trial starts once the time budget would be
+exceeded by a trial as long as the average trained one (cached ones restore in seconds and do
+not count). Then the blend of the best model with friends-of-friends is chosen on the same
+edges.
 
 Writes a settings YAML (``friendrec --config tuned.yaml train`` takes it; ``friendrec up`` serves
 with its blend) and the table of what was tried (markdown and JSON beside it). Test edges are
