@@ -167,7 +167,7 @@ def train_distributed(
     Returns the chief's result (read back from the run folder) and what happened to the group.
     """
     from friendrec.errors import FriendrecError
-    from training.train import TrainingContext, TrainResult, run_name
+    from training.train import RESULT_FILE, TrainingContext, TrainResult, run_name
 
     updates: dict = {}
     if workers is not None:
@@ -214,7 +214,7 @@ def train_distributed(
             raise FriendrecError(
                 f"data-parallel training failed {cfg.max_restarts + 1} times; last output:\n{tail}"
             )
-    raw = json.loads((model_dir / "result.json").read_text())
+    raw = json.loads((model_dir / RESULT_FILE).read_text())
     raw["model_dir"] = Path(raw["model_dir"])
     run.result = TrainResult(**raw)
     return run

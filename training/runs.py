@@ -16,7 +16,7 @@ from training import evaluation as ev
 from training.features import sample_neighbours, tower_inputs
 from training.pipeline import embed_all
 from training.tower import UserTower
-from training.train import TrainingContext, read_run_config
+from training.train import RESULT_FILE, TrainingContext, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def runs_dir(ctx: TrainingContext) -> Path:
 def latest_run(ctx: TrainingContext, objective: str, seed: int | None = None) -> Path:
     """The most recently finished run of an objective (and seed) for the dataset."""
     candidates = []
-    for result in runs_dir(ctx).glob("*/result.json"):
+    for result in runs_dir(ctx).glob(f"*/{RESULT_FILE}"):
         cfg = read_run_config(result.parent)
         if cfg.objective == objective and (seed is None or cfg.seed == seed):
             candidates.append(result)
@@ -129,7 +129,7 @@ def evaluate_runs(
 
 def offline_metrics_of(run_dir: Path) -> dict[str, Any]:
     """What the run knows about its own quality (for the model card)."""
-    result = json.loads((run_dir / "result.json").read_text())
+    result = json.loads((run_dir / RESULT_FILE).read_text())
     metrics: dict[str, Any] = {"val_recall@50": result["best_val_recall50"]}
     for split in ("val", "test"):
         evaluation = run_dir / f"evaluation_{split}.json"

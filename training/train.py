@@ -41,6 +41,9 @@ from training.tower import UserTower
 
 log = logging.getLogger(__name__)
 
+# Written last, by the chief: a run folder that holds it is a finished run.
+RESULT_FILE = "result.json"
+
 
 def loss_config(cfg: TrainingSettings) -> LossConfig:
     """The objective's loss weights, with explicit weights in the settings taking precedence."""
@@ -478,7 +481,7 @@ def _train(
     best_weights.read(str(model_dir / "best" / "tower")).expect_partial()
     step_seconds = float(np.median(step_times)) if step_times else float("nan")
     throughput = examples / train_seconds if train_seconds else float("nan")
-    previous = model_dir / "result.json"
+    previous = model_dir / RESULT_FILE
     if not step_times and previous.exists():  # nothing left to train: keep the run's timings
         earlier = json.loads(previous.read_text())
         step_seconds, throughput = earlier["step_seconds"], earlier["examples_per_second"]
@@ -494,7 +497,7 @@ def _train(
     )
     if not chief:
         return result, tower
-    (model_dir / "result.json").write_text(json.dumps(result.as_dict(), indent=2))
+    (model_dir / RESULT_FILE).write_text(json.dumps(result.as_dict(), indent=2))
     log.info(
         "trained %s: best val Recall@50 %.4f at epoch %d, %.0f examples/s",
         cfg.objective,

@@ -39,7 +39,7 @@ from training.model import LossConfig
 from training.pipeline import embed_all
 from training.runs import runs_dir
 from training.tower import UserTower
-from training.train import TrainingContext, run_name, train
+from training.train import RESULT_FILE, TrainingContext, run_name, train
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def tune(
                      budget_s, mean)  # fmt: skip
             return False
         tried.add(key)
-        cached = (runs_dir(ctx) / key / "result.json").exists()
+        cached = (runs_dir(ctx) / key / RESULT_FILE).exists()
         t0 = time.perf_counter()
         result, _ = train(ctx, cfg, show_progress=False)
         trials.append(
