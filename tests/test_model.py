@@ -590,6 +590,32 @@ def test_bench_quality_reports_the_blend_its_ceiling_and_the_degree_buckets(engb
     assert (tmp_path / "twitch_engb" / "metrics.md").exists()
 
 
+def test_tune_gate_replays_the_recorded_trials_without_training(engb_store, tmp_path):
+    """`bench tune-gate` on a `bench quality --tune-minutes` entry: the trial restored from its
+    cached run, scored per validation user, gives the validation figure `tune` recorded; no run
+    is trained; the rule's choice and its test figures come out."""
+    from bench.quality import evaluate_dataset
+    from bench.tune_gate import replay
+    from training.runs import runs_dir
+
+    quick = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 3})
+    settings = engb_store.model_copy(update={"training": quick, "workdir": tmp_path / "w"})
+    entry = evaluate_dataset(settings, "twitch/ENGB", [0], ["baseline", "ssmtl"], 1, tmp_path,
+                             tune_budget_s=1.0)  # fmt: skip
+    ctx = TrainingContext.load(settings, "twitch/ENGB")
+    runs = sorted(p.name for p in runs_dir(ctx).iterdir())
+    replayed = replay(settings, entry, 1)
+    assert sorted(p.name for p in runs_dir(ctx).iterdir()) == runs  # nothing trained
+    assert [t["run"] for t in replayed["trials"]] == [entry["tuned"]["best_run"]]
+    assert replayed["trials"][0]["val_recall50"] == pytest.approx(entry["tuned"]["val_recall50"])
+    assert replayed["gated"] == replayed["top"] == {"objective": "ssmtl"}
+    test = replayed["test_vs_single_task"]["gated"]["all"]
+    tuned = next(c for c in entry["comparisons"] if c["a"] == "tuned" and c["slice"] == "all"
+                 and c["metric"] == "recall@50")  # fmt: skip
+    base = entry["results"]["baseline"]["all"]["recall@50"]
+    assert test == pytest.approx({k: tuned[k] / base for k in ("diff", "lo", "hi")})
+
+
 def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, monkeypatch):
     from friendrec.config import load_settings
     from training.tune import tune, write_outputs
@@ -597,15 +623,15 @@ def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, m
     quick = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 3})
     tctx = replace(ctx, settings=ctx.settings.model_copy(update={"training": quick}))
     result = tune(tctx, budget_s=1.0, show_progress=False)  # past the budget after one trial
-    assert [t.settings["objective"] for t in result.trials] == ["baseline"]
+    assert [t.settings["objective"] for t in result.trials] == ["ssmtl"]  # the defaults
     assert result.best["popularity_bias"] and result.best_run == result.trials[0].run
     assert set(result.blend["weights"]) == {"0", "1-2", "3-5", "6-20", ">20"}
     paths = write_outputs(result, tmp_path / "tuned.yaml")
-    assert "**chosen**" in paths["table"].read_text()
+    assert "objective=ssmtl **chosen**" in paths["table"].read_text()
     monkeypatch.setenv("FRIENDREC_CONFIG", str(paths["settings"]))
     loaded = load_settings(workdir=tmp_path)
     assert loaded.data.dataset == "twitch/ENGB" and loaded.training.popularity_bias
-    assert loaded.training.objective == "baseline"
+    assert loaded.training.objective == "ssmtl"
     assert loaded.serving.blend_weights == result.blend["weights"]
 
 
@@ -627,10 +653,12 @@ def test_tune_skips_a_change_that_leaves_the_model_as_it_is(ctx, monkeypatch, tm
         return result, None
 
     monkeypatch.setattr(tune_module, "train", fake_train)
+    monkeypatch.setattr(tune_module, "validation_recalls", lambda *a: np.full(50, 0.2))
     monkeypatch.setattr(tune_module, "_choose_blend", lambda ctx, cfg: {})
     monkeypatch.setattr(tune_module, "WEIGHTS", ((0.0, 0.0),))
     monkeypatch.setattr(tune_module, "NEIGHBOURS", ({"aux_users": "uniform"}, {"temperature": 0.1}))
-    tctx = replace(ctx, settings=ctx.settings.model_copy(update={"training": SMALL}))
+    single_task = SMALL.model_copy(update={"objective": "baseline"})  # the defaults: trial 1
+    tctx = replace(ctx, settings=ctx.settings.model_copy(update={"training": single_task}))
     result = tune_module.tune(tctx, budget_s=3600, show_progress=False)
     assert [t["temperature"] for t in trained] == [SMALL.temperature, 0.1]
     assert {t["objective"] for t in trained} == {"baseline"}
@@ -669,13 +697,76 @@ def test_tune_budgets_by_the_trials_it_trained_not_the_cached_ones(ctx, monkeypa
         return result, None
 
     monkeypatch.setattr(tune_module, "train", fake_train)
+    monkeypatch.setattr(tune_module, "validation_recalls", lambda *a: np.full(50, 0.3))
     monkeypatch.setattr(tune_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(tune_module, "_choose_blend", lambda ctx, cfg: {})
     monkeypatch.setattr(tune_module, "WEIGHTS", ((0.0, 0.0), (0.2, 1.0), (0.2, 0.0), (0.0, 1.0)))
     result = tune_module.tune(tctx, budget_s=100, show_progress=False)
-    assert [t.settings["objective"] for t in result.trials] == ["baseline", "ssmtl", "cca"]
+    # The defaults (SMALL: ssmtl) first, then the grid; ssmtl's own weights are that same run.
+    assert [t.settings["objective"] for t in result.trials] == ["ssmtl", "baseline", "cca"]
     assert [t.cached for t in result.trials] == [True, True, False]
     assert result.spent_s <= result.budget_s
+
+
+def test_tune_reports_each_gain_with_its_ci_and_can_require_it_above_0(ctx, monkeypatch, tmp_path):
+    """Each trial's gain over the defaults comes with its paired-bootstrap CI over validation
+    users. The best validation mean is chosen; with ``require_significance`` only a trial whose
+    CI is above 0 may replace the defaults. Here the best is ahead of them by noise (half the
+    users up, half down), and a trial with a smaller but steady gain is chosen instead; without
+    that one, the defaults are."""
+    from types import SimpleNamespace
+
+    from training import tune as tune_module
+    from training.tune import write_outputs
+
+    rng = np.random.default_rng(0)
+    defaults = rng.uniform(0.2, 0.6, 400)
+    swing = np.where(np.arange(400) % 2 == 0, 0.3, -0.28)  # mean +0.01, CI far across 0
+    per_user = {
+        ("ssmtl", SMALL.temperature): defaults,
+        ("baseline", SMALL.temperature): np.clip(defaults + swing, 0, 1),
+        ("baseline", 0.1): defaults + 0.005,  # mean +0.005 on every user
+    }
+    trained: list = []
+
+    def fake_train(ctx, cfg, show_progress=True):
+        key = (cfg.objective, cfg.temperature)
+        trained.append(key)
+        run = tmp_path / f"{cfg.objective}-{cfg.temperature}"
+        return SimpleNamespace(
+            best_val_recall50=float(per_user[key].mean()), best_epoch=1, model_dir=run
+        ), key
+
+    monkeypatch.setattr(tune_module, "train", fake_train)
+    monkeypatch.setattr(tune_module, "validation_recalls", lambda tower, *a: per_user[tower])
+    blend = {"val_recall50": 0.5, "weights": {}}
+    monkeypatch.setattr(tune_module, "_choose_blend", lambda ctx, cfg: blend)
+    monkeypatch.setattr(tune_module, "WEIGHTS", ((0.0, 0.0),))
+    tctx = replace(ctx, settings=ctx.settings.model_copy(update={"training": SMALL}))
+
+    monkeypatch.setattr(tune_module, "NEIGHBOURS", ({"temperature": 0.1},))
+    plain = tune_module.tune(tctx, budget_s=3600, show_progress=False)
+    assert trained == [("ssmtl", 0.05), ("baseline", 0.05), ("baseline", 0.1)]
+    assert plain.best_run == plain.top_run == plain.trials[1].run
+    assert plain.best == {"objective": "baseline", "popularity_bias": True,
+                          "epochs": SMALL.epochs}  # fmt: skip
+    result = tune_module.tune(tctx, budget_s=3600, show_progress=False, require_significance=True)
+    noisy, steady = result.trials[1], result.trials[2]
+    assert noisy.val_recall50 > steady.val_recall50 > result.trials[0].val_recall50
+    assert noisy.vs_defaults[1] < 0 < noisy.vs_defaults[2]
+    assert steady.vs_defaults[1] > 0
+    assert result.top_run == noisy.run and result.best_run == steady.run
+    assert result.best == {"objective": "baseline", "temperature": 0.1, "popularity_bias": True,
+                           "epochs": SMALL.epochs}  # fmt: skip
+
+    monkeypatch.setattr(tune_module, "NEIGHBOURS", ())
+    result = tune_module.tune(tctx, budget_s=3600, show_progress=False, require_significance=True)
+    assert result.top_run == noisy.run and result.best_run == result.trials[0].run
+    assert result.best["objective"] == "ssmtl"
+    table = write_outputs(result, tmp_path / "tuned.yaml")["table"].read_text()
+    assert "| 1 | objective=ssmtl **chosen** |" in table
+    assert "| {:+.1%} [{:+.1%}, {:+.1%}] |".format(*noisy.vs_defaults) in table
+    assert "CI that reaches 0: not chosen" in table
 
 
 def _per_user_neighbours(table, rows, fanout, rng, exclude=None):

@@ -297,12 +297,20 @@ def validation_recall50(
 ) -> float:
     """Validation Recall@50 over every user as a candidate. A group of workers shares the work
     (``group_topk``) and each gets the same figure."""
+    return float(validation_recalls(tower, ctx, evalset, cluster).mean())
+
+
+def validation_recalls(
+    tower: UserTower, ctx: TrainingContext, evalset: EvalSet, cluster: Cluster | None = None
+) -> np.ndarray:
+    """Per validation query, its Recall@50 (``validation_recall50`` is their mean): what `tune`
+    compares trials by, user for user."""
     if cluster is None or cluster.size == 1:
         emb = embed_all(tower, ctx.table, ctx.spec.fanout)
         topk = topk_from_embeddings(emb, evalset, k=50, queries=tower.query_form(emb))
     else:
         topk = group_topk(tower, ctx, evalset, cluster, k=50)
-    return float(per_user_metrics(topk, evalset, ks=(50,), ndcg_k=50)["recall@50"].mean())
+    return per_user_metrics(topk, evalset, ks=(50,), ndcg_k=50)["recall@50"]
 
 
 def group_topk(

@@ -280,6 +280,27 @@ def views(
     run(load_settings(), _items(datasets), chosen, _counts(seeds), epochs, output)
 
 
+@app.command("tune-gate")
+def tune_gate(
+    sources: str = typer.Option(
+        "bench/results/quality_tuned.json",
+        "--sources",
+        help="`bench quality --tune-minutes` JSON files, comma-separated.",
+    ),
+    output: Path = typer.Option(
+        Path("bench/results/tune_gate.json"), "--output", "-o", help="JSON result."
+    ),
+) -> None:
+    """`tune --require-significance` (a trial replaces the defaults only where its validation
+    gain has a 95 % CI above 0) replayed on the trials `bench quality --tune-minutes` recorded,
+    from its cached runs: which trial the rule keeps per graph, and the test figures of both
+    choices from the source. Nothing trains."""
+    from bench.tune_gate import run
+    from friendrec.config import load_settings
+
+    run(load_settings(), [Path(s) for s in _items(sources)], output)
+
+
 @app.command()
 def prepare(
     users: str = typer.Option(

@@ -1,0 +1,125 @@
+"""`friendrec bench tune-gate`: `tune --require-significance` replayed on the trials a `bench
+quality --tune-minutes` run made, and what it would have meant on test.
+
+For each graph of the source JSON: every trial it records, restored from `bench quality`'s
+runs (all cached: nothing trains), scored per validation user; its gain over the defaults with
+the paired-bootstrap CI, as `tune` computes it; the trial the rule chooses (``tune.choose``)
+against the one the best validation mean chose. Where the rule keeps the defaults, their test
+figures are the source's ``ssmtl`` rows (the same runs, 3 seeds): the table says what the gate
+would have changed on test without training anything. Validation chooses; test only reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from friendrec.config import Settings, TrainingSettings
+from training.train import TrainingContext, train, validation_recalls
+from training.tune import Trial, choose, relative_gain, trial_base, validation_set
+
+log = logging.getLogger(__name__)
+
+
+def _test_gain(entry: dict[str, Any], method: str, slice_name: str) -> dict[str, float] | None:
+    """``method`` against the single-task model on test, relative, from the source's paired
+    bootstrap (None: the source has no such comparison)."""
+    base = entry["results"]["baseline"][slice_name]["recall@50"]
+    for c in entry["comparisons"]:
+        if (c["a"], c["b"], c["metric"], c["slice"]) == (method, "baseline", "recall@50",
+                                                         slice_name):  # fmt: skip
+            return {k: c[k] / base for k in ("diff", "lo", "hi")}
+    return None
+
+
+def replay(settings: Settings, entry: dict[str, Any], epochs: int | None) -> dict[str, Any]:
+    """One graph: its trials re-scored, the rule's choice and the test figures of both
+    (``epochs``: the source's ``max_epochs``, as `bench quality` passed it to `tune`)."""
+    ctx = TrainingContext.load(settings, entry["dataset"])
+    base = trial_base(ctx, epochs)
+    valset = validation_set(ctx, base)
+    recorded = [dict(t) for t in entry["tuned"]["trials"]]
+    defaults = {"objective": base.objective}
+    trials: list[Trial] = []
+    recalls = []
+    for settings_of in [defaults] + [t["settings"] for t in recorded]:
+        cfg = TrainingSettings.model_validate({**base.model_dump(), **settings_of})
+        result, tower = train(ctx, cfg, show_progress=False)
+        if trials and result.model_dir.name == trials[0].run:
+            continue  # the defaults, already first
+        recalls.append(validation_recalls(tower, ctx, valset))
+        trial = Trial(
+            settings=settings_of,
+            val_recall50=float(recalls[-1].mean()),
+            best_epoch=int(result.best_epoch),
+            seconds=0.0,
+            run=result.model_dir.name,
+            cached=True,
+        )
+        if trials:
+            trial.vs_defaults = relative_gain(recalls[-1], recalls[0])
+        trials.append(trial)
+    top = max(trials, key=lambda t: t.val_recall50)
+    gated = choose(trials, require_significance=True)
+    test = {
+        "top": {s: _test_gain(entry, "tuned", s) for s in ("all", "cold_start")},
+        "gated": {
+            s: _test_gain(entry, "tuned" if gated.run == top.run else "ssmtl", s)
+            if gated.run in (top.run, trials[0].run)
+            else None
+            for s in ("all", "cold_start")
+        },
+    }
+    return {
+        "dataset": entry["dataset"],
+        "trials": [t.__dict__ for t in trials],
+        "top": top.settings,
+        "top_vs_defaults": top.vs_defaults,
+        "gated": gated.settings,
+        "test_vs_single_task": test,
+    }
+
+
+def _pct(gain: dict[str, float] | None) -> str:
+    if gain is None:
+        return "not trained on the seeds"
+    return f"{gain['diff']:+.1%} [{gain['lo']:+.1%}, {gain['hi']:+.1%}]"
+
+
+def run(settings: Settings, sources: list[Path], output: Path) -> list[dict[str, Any]]:
+    settings = settings.model_copy(update={"workdir": settings.workdir / "bench" / "quality"})
+    report = []
+    for source in sources:
+        payload = json.loads(source.read_text())
+        for entry in payload["datasets"]:
+            if entry.get("tuned"):
+                report.append(replay(settings, entry, payload["max_epochs"]))
+    table = Table(title="tune's rule on recorded trials: validation chooses, test reports")
+    columns = ("graph", "best trial (val)", "its val gain vs defaults", "rule's choice",
+               "test, best trial: all", "test, rule: all", "test, rule: cold-start")  # fmt: skip
+    for column in columns:
+        table.add_column(column)
+    for r in report:
+        settings_text = ", ".join(f"{k}={v}" for k, v in r["gated"].items())
+        top_text = ", ".join(f"{k}={v}" for k, v in r["top"].items())
+        g = r["top_vs_defaults"]
+        test = r["test_vs_single_task"]
+        table.add_row(
+            r["dataset"],
+            top_text,
+            f"{g[0]:+.1%} [{g[1]:+.1%}, {g[2]:+.1%}]",
+            settings_text,
+            _pct(test["top"]["all"]),
+            _pct(test["gated"]["all"]),
+            _pct(test["gated"]["cold_start"]),
+        )
+    Console().print(table)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, default=float))
+    return report
