@@ -44,11 +44,10 @@ def replay(settings: Settings, entry: dict[str, Any], epochs: int | None) -> dic
     ctx = TrainingContext.load(settings, entry["dataset"])
     base = trial_base(ctx, epochs)
     valset = validation_set(ctx, base)
-    recorded = [dict(t) for t in entry["tuned"]["trials"]]
     defaults = {"objective": base.objective}
     trials: list[Trial] = []
     recalls = []
-    for settings_of in [defaults] + [t["settings"] for t in recorded]:
+    for settings_of in [defaults] + [t["settings"] for t in entry["tuned"]["trials"]]:
         cfg = TrainingSettings.model_validate({**base.model_dump(), **settings_of})
         result, tower = train(ctx, cfg, show_progress=False)
         if trials and result.model_dir.name == trials[0].run:
