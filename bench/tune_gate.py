@@ -21,7 +21,9 @@ from rich.table import Table
 
 import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from friendrec.config import Settings, TrainingSettings
-from training.train import TrainingContext, train, validation_recalls
+from friendrec.errors import FriendrecError
+from training.runs import runs_dir
+from training.train import RESULT_FILE, TrainingContext, run_name, train, validation_recalls
 from training.tune import Trial, choose, relative_gain, trial_base, validation_set
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ def replay(settings: Settings, entry: dict[str, Any], epochs: int | None) -> dic
     recalls = []
     for settings_of in [defaults] + [t["settings"] for t in entry["tuned"]["trials"]]:
         cfg = TrainingSettings.model_validate({**base.model_dump(), **settings_of})
+        if not (runs_dir(ctx) / run_name(cfg) / RESULT_FILE).exists():
+            raise FriendrecError(
+                f"{entry['dataset']}: the run of trial {settings_of} is not in {runs_dir(ctx)}; "
+                "run tune-gate with the FRIENDREC_WORKDIR (and settings) `bench quality` had"
+            )  # nothing trains here: a replay restores, it does not redo the search
         result, tower = train(ctx, cfg, show_progress=False)
         if trials and result.model_dir.name == trials[0].run:
             continue  # the defaults, already first
@@ -95,10 +102,16 @@ def run(settings: Settings, sources: list[Path], output: Path) -> list[dict[str,
     settings = settings.model_copy(update={"workdir": settings.workdir / "bench" / "quality"})
     report = []
     for source in sources:
-        payload = json.loads(source.read_text())
-        for entry in payload["datasets"]:
-            if entry.get("tuned"):
-                report.append(replay(settings, entry, payload["max_epochs"]))
+        if not source.is_file():
+            raise FriendrecError(f"{source}: no such `bench quality` JSON")
+        try:
+            payload = json.loads(source.read_text())
+            entries = [(e, payload["max_epochs"]) for e in payload["datasets"] if e.get("tuned")]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise FriendrecError(f"{source}: not a `bench quality` JSON ({exc!r})") from exc
+        if not entries:
+            raise FriendrecError(f"{source}: no graph in it ran with --tune-minutes")
+        report += [replay(settings, entry, epochs) for entry, epochs in entries]
     table = Table(title="tune's rule on recorded trials: validation chooses, test reports")
     columns = ("graph", "best trial (val)", "its val gain vs defaults", "rule's choice",
                "test, best trial: all", "test, rule: all", "test, rule: cold-start")  # fmt: skip

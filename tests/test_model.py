@@ -596,6 +596,8 @@ def test_tune_gate_replays_the_recorded_trials_without_training(engb_store, tmp_
     is trained; the rule's choice and its test figures come out."""
     from bench.quality import evaluate_dataset
     from bench.tune_gate import replay
+    from bench.tune_gate import run as run_gate
+    from friendrec.errors import FriendrecError
     from training.runs import runs_dir
 
     quick = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 3})
@@ -614,6 +616,21 @@ def test_tune_gate_replays_the_recorded_trials_without_training(engb_store, tmp_
                  and c["metric"] == "recall@50")  # fmt: skip
     base = entry["results"]["baseline"]["all"]["recall@50"]
     assert test == pytest.approx({k: tuned[k] / base for k in ("diff", "lo", "hi")})
+
+    # A trial whose run is not there is an error, not a silent retraining.
+    untrained = {"objective": "ssmtl", "temperature": 0.5}
+    entry["tuned"]["trials"].append({"settings": untrained})
+    with pytest.raises(FriendrecError, match=r"not in .*FRIENDREC_WORKDIR"):
+        replay(settings, entry, 1)
+    assert sorted(p.name for p in runs_dir(ctx).iterdir()) == runs
+    # Sources that cannot be replayed say why.
+    (tmp_path / "untuned.json").write_text(json.dumps({"max_epochs": 1, "datasets": [{}]}))
+    (tmp_path / "broken.json").write_text("{")
+    for name, why in [("missing.json", "no such"), ("broken.json", "not a `bench quality` JSON"),
+                      ("untuned.json", "--tune-minutes")]:  # fmt: skip
+        with pytest.raises(FriendrecError, match=why):
+            run_gate(settings, [tmp_path / name], tmp_path / "gate.json")
+    assert not (tmp_path / "gate.json").exists()
 
 
 def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, monkeypatch):
