@@ -16,28 +16,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from bench.quality_summary import GraphResult
 from friendrec.config import Settings, TrainingSettings
 from friendrec.errors import FriendrecError
 from training.runs import runs_dir
-from training.train import RESULT_FILE, TrainingContext, run_name, train, validation_recalls
-from training.tune import Trial, choose, relative_gain, trial_base, validation_set
+from training.train import RESULT_FILE, TrainingContext, run_name, train
+from training.tune import Trial, choose, score_trial, trial_base, validation_set
 
 log = logging.getLogger(__name__)
 
 
-def _test_gain(entry: dict[str, Any], method: str, slice_name: str) -> dict[str, float] | None:
+def _test_gain(result: GraphResult, method: str, slice_name: str) -> dict[str, float] | None:
     """``method`` against the single-task model on test, relative, from the source's paired
     bootstrap (None: the source has no such comparison)."""
-    base = entry["results"]["baseline"][slice_name]["recall@50"]
-    for c in entry["comparisons"]:
-        if (c["a"], c["b"], c["metric"], c["slice"]) == (method, "baseline", "recall@50",
-                                                         slice_name):  # fmt: skip
-            return {k: c[k] / base for k in ("diff", "lo", "hi")}
-    return None
+    c = result.comparison(method, slice_name)
+    return None if c is None else {"diff": c["rel"], "lo": c["rel_lo"], "hi": c["rel_hi"]}
 
 
 def replay(settings: Settings, entry: dict[str, Any], epochs: int | None) -> dict[str, Any]:
@@ -46,10 +44,10 @@ def replay(settings: Settings, entry: dict[str, Any], epochs: int | None) -> dic
     ctx = TrainingContext.load(settings, entry["dataset"])
     base = trial_base(ctx, epochs)
     valset = validation_set(ctx, base)
-    defaults = {"objective": base.objective}
     trials: list[Trial] = []
-    recalls = []
-    for settings_of in [defaults] + [t["settings"] for t in entry["tuned"]["trials"]]:
+    defaults: np.ndarray | None = None
+    recorded = [t["settings"] for t in entry["tuned"]["trials"]]
+    for settings_of in [{"objective": base.objective}, *recorded]:  # the defaults first
         cfg = TrainingSettings.model_validate({**base.model_dump(), **settings_of})
         if not (runs_dir(ctx) / run_name(cfg) / RESULT_FILE).exists():
             raise FriendrecError(
@@ -59,28 +57,31 @@ def replay(settings: Settings, entry: dict[str, Any], epochs: int | None) -> dic
         result, tower = train(ctx, cfg, show_progress=False)
         if trials and result.model_dir.name == trials[0].run:
             continue  # the defaults, already first
-        recalls.append(validation_recalls(tower, ctx, valset))
-        trial = Trial(
-            settings=settings_of,
-            val_recall50=float(recalls[-1].mean()),
-            best_epoch=int(result.best_epoch),
-            seconds=0.0,
-            run=result.model_dir.name,
-            cached=True,
+        recalls, vs_defaults = score_trial(tower, ctx, valset, defaults)
+        defaults = recalls if defaults is None else defaults
+        trials.append(
+            Trial(
+                settings=settings_of,
+                val_recall50=float(recalls.mean()),
+                best_epoch=int(result.best_epoch),
+                seconds=0.0,
+                run=result.model_dir.name,
+                cached=True,
+                vs_defaults=vs_defaults,
+            )
         )
-        if trials:
-            trial.vs_defaults = relative_gain(recalls[-1], recalls[0])
-        trials.append(trial)
     top = max(trials, key=lambda t: t.val_recall50)
     gated = choose(trials, require_significance=True)
+    # Test rows of the source: `tune`'s choice is "tuned" (also when it is the defaults), the
+    # defaults their objective's row; any other trial was not trained with every seed.
+    method = {trials[0].run: base.objective, top.run: "tuned"}
+    graph = GraphResult(source=Path(), created_at="", seeds=(), targets={}, entry=entry)
     test = {
-        "top": {s: _test_gain(entry, "tuned", s) for s in ("all", "cold_start")},
-        "gated": {
-            s: _test_gain(entry, "tuned" if gated.run == top.run else "ssmtl", s)
-            if gated.run in (top.run, trials[0].run)
-            else None
+        name: {
+            s: _test_gain(graph, method[t.run], s) if t.run in method else None
             for s in ("all", "cold_start")
-        },
+        }
+        for name, t in (("top", top), ("gated", gated))
     }
     return {
         "dataset": entry["dataset"],

@@ -147,7 +147,7 @@ def tune(
     base = trial_base(ctx, epochs)
     started = time.perf_counter()
     trials: list[Trial] = []
-    recalls: dict[str, np.ndarray] = {}  # per validation user, by run
+    defaults: np.ndarray | None = None  # trial 1's Recall@50 per validation user
     tried: set[str] = set()
     valset = validation_set(ctx, base)
     progress = tqdm(
@@ -158,6 +158,7 @@ def tune(
 
     def run_trial(updates: dict[str, Any]) -> bool:
         """Train one trial unless tried already or the budget is too small; False: stop."""
+        nonlocal defaults
         cfg = TrainingSettings.model_validate({**base.model_dump(), **updates})
         key = run_name(cfg)  # the model's identity: a change that cannot act is no new trial
         if key in tried:
@@ -176,18 +177,17 @@ def tune(
         cached = (runs_dir(ctx) / key / RESULT_FILE).exists()
         t0 = time.perf_counter()
         result, tower = train(ctx, cfg, show_progress=False)
-        run = result.model_dir.name
-        recalls[run] = validation_recalls(tower, ctx, valset)
+        recalls, vs_defaults = score_trial(tower, ctx, valset, defaults)
+        defaults = recalls if defaults is None else defaults
         trial = Trial(
             settings=updates,
             val_recall50=float(result.best_val_recall50),
             best_epoch=int(result.best_epoch),
             seconds=time.perf_counter() - t0,
-            run=run,
+            run=result.model_dir.name,
             cached=cached,
+            vs_defaults=vs_defaults,
         )
-        if trials:
-            trial.vs_defaults = relative_gain(recalls[run], recalls[trials[0].run])
         trials.append(trial)
         log.info("trial %s: val R@50 %.4f, vs defaults %+.1f %% [%+.1f, %+.1f]", updates,
                  result.best_val_recall50, *(100 * x for x in trial.vs_defaults))  # fmt: skip
@@ -238,7 +238,16 @@ def validation_set(ctx: TrainingContext, base: TrainingSettings) -> ev.EvalSet:
                                     seed=base.seed)  # fmt: skip
 
 
-def relative_gain(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+def score_trial(
+    tower: UserTower, ctx: TrainingContext, valset: ev.EvalSet, defaults: np.ndarray | None
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A trained trial's Recall@50 per validation user, and its gain over ``defaults`` (the
+    same of trial 1; None: this is trial 1, no gain) with the CI."""
+    recalls = validation_recalls(tower, ctx, valset)
+    return recalls, (0.0, 0.0, 0.0) if defaults is None else _relative_gain(recalls, defaults)
+
+
+def _relative_gain(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     """(mean(a) / mean(b) - 1) with its paired-bootstrap 95 % CI over users."""
     diff, lo, hi = ev.paired_bootstrap(a, b, n_boot=BOOTSTRAP_SAMPLES)
     ref = float(np.mean(b)) or 1.0
