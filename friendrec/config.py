@@ -161,6 +161,14 @@ class TrainingSettings(BaseModel):
     neighbour_drop: float = Field(
         0.2, ge=0, lt=1, description="Share of friends dropped in each CCA-SSG view."
     )
+    view_noise: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="Perturb rather than remove: sigma of a mean-1 log-normal factor that "
+        "scales, in each CCA-SSG view, every sparse id's weight, friend's weight and dimension "
+        "of the user-id vector (0: none; docs/quality.md).",
+    )
     mae_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
     mae_fraction: float = Field(0.5, gt=0, le=1)
     mae_gamma: float = Field(2.0, ge=1)

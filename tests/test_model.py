@@ -309,6 +309,29 @@ def test_cca_id_drop_sets_the_views_user_id_augmentation(ctx):
         assert (len(names) == 2) == differs, objective
 
 
+def test_view_noise_perturbs_every_input_of_the_views_without_removing_any(ctx):
+    """``view_noise``: with no drop, two noisy views of a user differ (the invariance term is
+    above its optimum, where the views are equal) by mean-1 positive factors: nothing is
+    removed, so the term cannot be met by ignoring an input. It names a new run only where
+    CCA-SSG reads it."""
+    tower = ctx.build_tower(SMALL)
+    batch = first_batch(ctx)
+    query, candidate = split_inputs(batch, "q/"), split_inputs(batch, "c/")
+    friends = tower.friend_states(query, training=True)
+    rates = {"feature_drop": 0.0, "neighbour_drop": 0.0, "cca_fraction": 1.0, "cca_id_drop": 0.0}
+    plain = SSMTLModel(tower, LossConfig.for_objective("cca", **rates), seed=1)
+    noisy = SSMTLModel(tower, LossConfig.for_objective("cca", view_noise=0.3, **rates), seed=1)
+    optimum = float(plain.cca_loss(query, candidate, friends, training=True))
+    assert float(noisy.cca_loss(query, candidate, friends, training=True)) > optimum + 1e-3
+    factors = noisy._noise([200_000]).numpy()
+    assert factors.min() > 0 and abs(factors.mean() - 1.0) < 0.01
+    assert 0.25 < np.log(factors).std() < 0.35
+    for objective, differs in (("cca", True), ("ssmtl", True), ("baseline", False), ("mae", False)):
+        cfg = SMALL.model_copy(update={"objective": objective})
+        assert (run_name(cfg) != run_name(cfg.model_copy(update={"view_noise": 0.3}))) == differs
+        assert run_name(cfg) == run_name(cfg.model_copy(update={"view_noise": 0.0}))
+
+
 def test_runs_from_before_an_added_setting_read_back_as_trained(tmp_path):
     """A run folder written before ``cca_id_drop`` existed was trained with the tower's dropout in
     the views (None), not today's default, and keeps its name."""

@@ -41,6 +41,9 @@ class LossConfig:
     # invariance term then erases the features, and cold-start users lose (docs/quality.md).
     feature_drop: float = 0.0
     neighbour_drop: float = 0.2
+    # > 0: each view also scales every sparse id's weight, friend's weight and id-vector
+    # dimension by a mean-1 log-normal factor of this sigma (perturbs what dropping removes).
+    view_noise: float = 0.0
     mae_weight: float = 0.0
     mae_fraction: float = 0.5
     mae_gamma: float = 2.0
@@ -270,6 +273,12 @@ class SSMTLModel(tfrs.Model):
         heads = None if candidate is None else {k: v[:m] for k, v in candidate.items()}
         return m, {k: v[:m] for k, v in query.items()}, heads
 
+    def _noise(self, shape: tf.Tensor | list[int]) -> tf.Tensor:
+        """Mean-1 log-normal factors, sigma ``view_noise``: a view's perturbation that keeps
+        every input (dropping one teaches the invariance term to ignore it)."""
+        sigma = self.loss_config.view_noise
+        return tf.exp(sigma * self.rng.normal(shape) - 0.5 * sigma**2)
+
     def cca_loss(
         self,
         query: dict[str, tf.Tensor],
@@ -296,6 +305,13 @@ class SSMTLModel(tfrs.Model):
             if cfg.cca_id_drop is not None:
                 kept = tf.cast(self.rng.uniform([m, 1]) >= cfg.cca_id_drop, tf.float32)
                 vector_keep = kept / (1.0 - cfg.cca_id_drop)  # dropout's scaling
+            if cfg.view_noise > 0:
+                id_keep *= self._noise(tf.shape(id_keep))
+                friend_keep *= self._noise(tf.shape(friend_keep))
+                if self.tower.id_dim:
+                    if vector_keep is None:  # the tower's id dropout, as without noise
+                        vector_keep = self.tower.draw_id_keep([m], training)
+                    vector_keep *= self._noise([m, self.tower.id_dim])
             own = None
             if self.share_states:  # training's lookups (``pooled_lookup``), as the main pass
                 own = self.tower.encode_self(

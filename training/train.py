@@ -59,6 +59,7 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
             "cca_id_drop",
             "feature_drop",
             "neighbour_drop",
+            "view_noise",
             "mae_fraction",
             "mae_gamma",
         )
@@ -124,6 +125,7 @@ ADDED_SETTINGS: dict[str, tuple[object, tuple[str, ...] | None]] = {
     "log_q_strength": (1.0, None),
     "uniform_negatives": (0, None),
     "aux_users": ("pairs", ("cca_weight", "mae_weight")),
+    "view_noise": (0.0, ("cca_weight",)),
 }
 
 
