@@ -193,6 +193,23 @@ def by_bucket(per_user: dict[str, np.ndarray], valset: ev.EvalSet) -> dict[str, 
     }
 
 
+def aux_anchor_shares(train_degree: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per training-degree bucket, the share of the auxiliary losses' users that each
+    ``aux_users`` setting draws: ``pairs``, the anchors of uniformly drawn friendships (a user
+    in proportion to its degree), and ``uniform``, users drawn uniformly. Whom CCA-SSG's
+    invariance is taught on, without training anything."""
+    degree = np.asarray(train_degree, dtype=np.int64)
+    total = max(int(degree.sum()), 1)
+    out = {}
+    for label, lo, hi in ev.DEGREE_BUCKETS:
+        mask = (degree >= lo) & (degree <= (hi if hi is not None else np.iinfo(np.int64).max))
+        out[label] = {
+            "pairs": float(degree[mask].sum() / total),
+            "uniform": float(mask.mean()) if len(degree) else 0.0,
+        }
+    return out
+
+
 def probe_dataset(
     settings: Settings, dataset: str, objectives: list[str], seeds: list[int], epochs: int
 ) -> dict[str, Any]:
@@ -200,7 +217,13 @@ def probe_dataset(
     ensure_features(settings, dataset)
     ctx = TrainingContext.load(settings, dataset)
     valset = ev.EvalSet.from_prepared(ctx.data, "val")
-    report: dict[str, Any] = {"dataset": dataset, "seeds": seeds, "split": "val", "models": {}}
+    report: dict[str, Any] = {
+        "dataset": dataset,
+        "seeds": seeds,
+        "split": "val",
+        "aux_anchors": aux_anchor_shares(valset.train_degree),
+        "models": {},
+    }
     for objective in objectives:
         runs, dims = [], []
         for seed in seeds:
@@ -264,17 +287,27 @@ def render(report: dict[str, Any]) -> Table:
 
 def render_summary(reports: list[dict[str, Any]]) -> Table:
     """One row per graph and model: the whole-population probes beside the recall of the users
-    with at most 2 training friends and of those with more than 20."""
+    with at most 2 training friends and of those with more than 20, and the share of the
+    auxiliary losses' users with at most 2 friends under ``aux_users`` pairs / uniform."""
     table = Table(title="the user tower's views across graphs (validation queries)")
     columns = ("graph", "model", "eff. dim", "agreement", "overlap@50", "id_reliance",
                "feature_reliance", "friend_reliance", "R@50 all", "R@50 degree <= 2",
-               "R@50 degree > 20")  # fmt: skip
+               "R@50 degree > 20", "aux users degree <= 2: pairs / uniform")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("graph", "model") else "right")
     for report in reports:
         for objective, model in report["models"].items():
             b = model["buckets"]
             cold = _pooled(b, ("0", "1-2"), "recall@50")
+            anchors = report.get("aux_anchors")  # reports written before it lack it
+            shares = (
+                " / ".join(
+                    f"{sum(anchors[c][how] for c in ('0', '1-2')):.3f}"
+                    for how in ("pairs", "uniform")
+                )
+                if anchors
+                else ""
+            )
             table.add_row(
                 report["dataset"],
                 objective,
@@ -283,6 +316,7 @@ def render_summary(reports: list[dict[str, Any]]) -> Table:
                 f"{b['all']['recall@50']:.4f}",
                 f"{cold:.4f}",
                 f"{b['>20']['recall@50']:.4f}",
+                shares,
             )
     return table
 

@@ -8,6 +8,7 @@ from tiny_models import SMALL
 
 from bench.views import (
     _pooled,
+    aux_anchor_shares,
     effective_dimension,
     model_probes,
     overlap_at_k,
@@ -19,7 +20,7 @@ from training import evaluation as ev
 from training.features import sample_neighbours
 from training.model import LossConfig
 from training.pipeline import embed_all
-from training.train import TrainingContext
+from training.train import TrainingContext, make_sampler
 
 
 def test_view_rank_counts_other_users_closer_than_the_own_view() -> None:
@@ -108,3 +109,23 @@ def test_model_probes_score_the_views_queries_against_the_served_index(tiny) -> 
     plain_probes, _ = model_probes(ctx, plain, SMALL.fanout, valset, exact, seed=0)
     np.testing.assert_allclose(plain_probes["no_id_recall@50"], plain_probes["recall@50"])
     np.testing.assert_allclose(plain_probes["id_reliance"], 0.0, atol=1e-6)
+
+
+def test_aux_anchor_shares_are_whom_the_training_batches_draw(tiny) -> None:
+    """``pairs``: an epoch's anchors (every directed training friendship once) fall in each
+    degree bucket as the probe says; ``uniform``: each user once."""
+    shares = aux_anchor_shares(np.array([0, 1, 2, 3, 10]))
+    assert shares["0"] == {"pairs": 0.0, "uniform": pytest.approx(0.2)}
+    assert shares["1-2"] == {"pairs": pytest.approx(3 / 16), "uniform": pytest.approx(0.4)}
+    assert shares["6-20"] == {"pairs": pytest.approx(10 / 16), "uniform": pytest.approx(0.2)}
+    assert shares[">20"] == {"pairs": 0.0, "uniform": 0.0}
+    ctx, _ = tiny
+    sampler = make_sampler(ctx, SMALL)
+    anchors, _ = sampler.pairs(np.arange(sampler.num_pairs))
+    valset = ev.EvalSet.from_prepared(ctx.data, "val")
+    degree = valset.train_degree[anchors]
+    got = aux_anchor_shares(valset.train_degree)
+    for label, lo, hi in ev.DEGREE_BUCKETS:
+        drawn = (degree >= lo) & (degree <= (hi if hi is not None else degree.max()))
+        assert got[label]["pairs"] == pytest.approx(drawn.mean(), abs=1e-9), label
+    assert got["0"]["uniform"] > 0 and got["0"]["pairs"] == 0.0
