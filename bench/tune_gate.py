@@ -57,7 +57,7 @@ def replay(settings: Settings, entry: dict[str, Any], epochs: int | None) -> dic
         result, tower = train(ctx, cfg, show_progress=False)
         if trials and result.model_dir.name == trials[0].run:
             continue  # the defaults, already first
-        recalls, vs_defaults = score_trial(tower, ctx, valset, defaults)
+        recalls, vs_defaults = score_trial(result, tower, ctx, valset, defaults)
         defaults = recalls if defaults is None else defaults
         trials.append(
             Trial(

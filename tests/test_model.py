@@ -563,15 +563,22 @@ def test_unknown_users_take_the_cold_start_path(ctx, engb_store):
 
 
 def test_train_resumes_and_evaluate_writes_the_report(ctx, tmp_path):
+    from training.evaluation import EvalSet
     from training.runs import evaluate_runs, latest_run
-    from training.train import train
+    from training.train import best_validation_recalls, train, validation_recalls
 
     cfg = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 5, "objective": "baseline"})
     first, _ = train(ctx, cfg, show_progress=False)
     assert first.epochs_run == 1 and len(first.history) == 1
-    more, _ = train(ctx, cfg.model_copy(update={"epochs": 2}), show_progress=False)
+    more, tower = train(ctx, cfg.model_copy(update={"epochs": 2}), show_progress=False)
     assert more.model_dir == first.model_dir  # the same run, continued
     assert more.epochs_run == 2 and more.history[0] == first.history[0]
+    # The best epoch's per-user figures, saved beside its weights, are the restored tower's.
+    valset = EvalSet.from_prepared(ctx.data, "val", max_queries=cfg.val_max_users, seed=cfg.seed)
+    saved = best_validation_recalls(more, valset)
+    assert saved is not None and saved.mean() == pytest.approx(more.best_val_recall50)
+    np.testing.assert_allclose(saved, validation_recalls(tower, ctx, valset), atol=1e-12)
+    assert best_validation_recalls(replace(more, best_epoch=more.best_epoch + 1), valset) is None
     ssmtl, _ = train(ctx, cfg.model_copy(update={"objective": "ssmtl"}), show_progress=False)
     assert ssmtl.history[0]["cca"] != 0.0 and ssmtl.history[0]["mae"] > 0.0
 

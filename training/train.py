@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # Written last, by the chief: a run folder that holds it is a finished run.
 RESULT_FILE = "result.json"
+# Beside the best weights: the best epoch's Recall@50 per validation query and that epoch, so
+# that `tune` compares runs user for user without scoring them again.
+BEST_RECALLS_FILE = "val_recalls.npz"
 
 
 def loss_config(cfg: TrainingSettings) -> LossConfig:
@@ -315,6 +318,19 @@ def validation_recalls(
     return per_user_metrics(topk, evalset, ks=(50,), ndcg_k=50)["recall@50"]
 
 
+def best_validation_recalls(result: TrainResult, evalset: EvalSet) -> np.ndarray | None:
+    """The run's best epoch's Recall@50 per query of ``evalset``, as training saved it; None
+    where it did not (runs from before it was saved, or another epoch's or query set's)."""
+    path = Path(result.model_dir) / "best" / BEST_RECALLS_FILE
+    if not path.exists():
+        return None
+    with np.load(path) as saved:
+        recalls, epoch = saved["recalls"], int(saved["epoch"])
+    if epoch != result.best_epoch or len(recalls) != evalset.num_queries:
+        return None
+    return recalls
+
+
 def group_topk(
     tower: UserTower, ctx: TrainingContext, evalset: EvalSet, cluster: Cluster, k: int
 ) -> np.ndarray:
@@ -471,7 +487,8 @@ def _train(
         train_seconds += time.perf_counter() - epoch_started
         examples += min(i + 1, steps) * cfg.batch_size * shards
         # The same figure on every worker of a group: early stopping agrees everywhere.
-        recall = validation_recall50(tower, ctx, evalset, cluster)
+        recalls = validation_recalls(tower, ctx, evalset, cluster)
+        recall = float(recalls.mean())
         row = {"epoch": epoch, "val_recall@50": recall}
         row.update({k: float(m.result()) for k, m in model.loss_trackers.items()})
         history.append(row)
@@ -481,6 +498,7 @@ def _train(
             best_var.assign(recall)
             best_epoch_var.assign(epoch)
             best_weights.write(str(write_dir / "best" / "tower"))
+            np.savez(write_dir / "best" / BEST_RECALLS_FILE, recalls=recalls, epoch=epoch)
             stale = 0
         else:
             stale += 1

@@ -47,7 +47,15 @@ from training.model import LossConfig
 from training.pipeline import embed_all
 from training.runs import runs_dir
 from training.tower import UserTower
-from training.train import RESULT_FILE, TrainingContext, run_name, train, validation_recalls
+from training.train import (
+    RESULT_FILE,
+    TrainingContext,
+    TrainResult,
+    best_validation_recalls,
+    run_name,
+    train,
+    validation_recalls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +185,7 @@ def tune(
         cached = (runs_dir(ctx) / key / RESULT_FILE).exists()
         t0 = time.perf_counter()
         result, tower = train(ctx, cfg, show_progress=False)
-        recalls, vs_defaults = score_trial(tower, ctx, valset, defaults)
+        recalls, vs_defaults = score_trial(result, tower, ctx, valset, defaults)
         defaults = recalls if defaults is None else defaults
         trial = Trial(
             settings=updates,
@@ -239,11 +247,18 @@ def validation_set(ctx: TrainingContext, base: TrainingSettings) -> ev.EvalSet:
 
 
 def score_trial(
-    tower: UserTower, ctx: TrainingContext, valset: ev.EvalSet, defaults: np.ndarray | None
+    result: TrainResult,
+    tower: UserTower,
+    ctx: TrainingContext,
+    valset: ev.EvalSet,
+    defaults: np.ndarray | None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A trained trial's Recall@50 per validation user, and its gain over ``defaults`` (the
-    same of trial 1; None: this is trial 1, no gain) with the CI."""
-    recalls = validation_recalls(tower, ctx, valset)
+    """A trained trial's Recall@50 per validation user (as training saved it at the best epoch,
+    else scored again), and its gain over ``defaults`` (the same of trial 1; None: this is
+    trial 1, no gain) with the CI."""
+    recalls = best_validation_recalls(result, valset)
+    if recalls is None:
+        recalls = validation_recalls(tower, ctx, valset)
     return recalls, (0.0, 0.0, 0.0) if defaults is None else _relative_gain(recalls, defaults)
 
 
