@@ -579,6 +579,8 @@ def test_train_resumes_and_evaluate_writes_the_report(ctx, tmp_path):
     assert saved is not None and saved.mean() == pytest.approx(more.best_val_recall50)
     np.testing.assert_allclose(saved, validation_recalls(tower, ctx, valset), atol=1e-12)
     assert best_validation_recalls(replace(more, best_epoch=more.best_epoch + 1), valset) is None
+    others = EvalSet.from_prepared(ctx.data, "val", max_queries=len(saved) - 1, seed=cfg.seed)
+    assert best_validation_recalls(more, others) is None  # another query set's figures
     ssmtl, _ = train(ctx, cfg.model_copy(update={"objective": "ssmtl"}), show_progress=False)
     assert ssmtl.history[0]["cca"] != 0.0 and ssmtl.history[0]["mae"] > 0.0
 

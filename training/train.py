@@ -325,8 +325,8 @@ def best_validation_recalls(result: TrainResult, evalset: EvalSet) -> np.ndarray
     if not path.exists():
         return None
     with np.load(path) as saved:
-        recalls, epoch = saved["recalls"], int(saved["epoch"])
-    if epoch != result.best_epoch or len(recalls) != evalset.num_queries:
+        recalls, epoch, queries = saved["recalls"], int(saved["epoch"]), saved["queries"]
+    if epoch != result.best_epoch or not np.array_equal(queries, evalset.queries):
         return None
     return recalls
 
@@ -498,7 +498,12 @@ def _train(
             best_var.assign(recall)
             best_epoch_var.assign(epoch)
             best_weights.write(str(write_dir / "best" / "tower"))
-            np.savez(write_dir / "best" / BEST_RECALLS_FILE, recalls=recalls, epoch=epoch)
+            np.savez(
+                write_dir / "best" / BEST_RECALLS_FILE,
+                recalls=recalls,
+                epoch=epoch,
+                queries=evalset.queries,
+            )
             stale = 0
         else:
             stale += 1
