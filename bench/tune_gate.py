@@ -2,7 +2,8 @@
 quality --tune-minutes` run made, and what it would have meant on test.
 
 For each graph of the source JSON: every trial it records, restored from `bench quality`'s
-runs (all cached: nothing trains), scored per validation user; its gain over the defaults with
+runs (all cached: nothing trains), with its Recall@50 per validation user (as training saved
+it at the best epoch; scored again for runs from before that); its gain over the defaults with
 the paired-bootstrap CI, as `tune` computes it; the trial the rule chooses (``tune.choose``)
 against the one the best validation mean chose. Where the rule keeps the defaults, their test
 figures are the source's ``ssmtl`` rows (the same runs, 3 seeds): the table says what the gate
