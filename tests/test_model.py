@@ -309,7 +309,7 @@ def test_cca_id_drop_sets_the_views_user_id_augmentation(ctx):
         assert (len(names) == 2) == differs, objective
 
 
-def test_view_noise_perturbs_every_input_of_the_views_without_removing_any(ctx):
+def test_view_noise_makes_the_views_differ_by_positive_mean_1_factors(ctx):
     """``view_noise``: with no drop, two noisy views of a user differ (the invariance term is
     above its optimum, where the views are equal) by mean-1 positive factors: nothing is
     removed, so the term cannot be met by ignoring an input. It names a new run only where
