@@ -200,14 +200,24 @@ def aux_anchor_shares(train_degree: np.ndarray) -> dict[str, dict[str, float]]:
     invariance is taught on, without training anything."""
     degree = np.asarray(train_degree, dtype=np.int64)
     total = max(int(degree.sum()), 1)
-    out = {}
-    for label, lo, hi in ev.DEGREE_BUCKETS:
-        mask = (degree >= lo) & (degree <= (hi if hi is not None else np.iinfo(np.int64).max))
-        out[label] = {
+    return {
+        label: {
             "pairs": float(degree[mask].sum() / total),
             "uniform": float(mask.mean()) if len(degree) else 0.0,
         }
-    return out
+        for label, mask in ev.degree_bucket_masks(degree).items()
+    }
+
+
+def _cold_anchor_shares(report: dict[str, Any]) -> str:
+    """ "pairs / uniform": the auxiliary losses' share of users with at most 2 friends ("" for
+    reports written before ``aux_anchors``)."""
+    anchors = report.get("aux_anchors")
+    if not anchors:
+        return ""
+    return " / ".join(
+        f"{anchors['0'][how] + anchors['1-2'][how]:.3f}" for how in ("pairs", "uniform")
+    )
 
 
 def probe_dataset(
@@ -299,15 +309,6 @@ def render_summary(reports: list[dict[str, Any]]) -> Table:
         for objective, model in report["models"].items():
             b = model["buckets"]
             cold = _pooled(b, ("0", "1-2"), "recall@50")
-            anchors = report.get("aux_anchors")  # reports written before it lack it
-            shares = (
-                " / ".join(
-                    f"{sum(anchors[c][how] for c in ('0', '1-2')):.3f}"
-                    for how in ("pairs", "uniform")
-                )
-                if anchors
-                else ""
-            )
             table.add_row(
                 report["dataset"],
                 objective,
@@ -316,7 +317,7 @@ def render_summary(reports: list[dict[str, Any]]) -> Table:
                 f"{b['all']['recall@50']:.4f}",
                 f"{cold:.4f}",
                 f"{b['>20']['recall@50']:.4f}",
-                shares,
+                _cold_anchor_shares(report),
             )
     return table
 

@@ -753,13 +753,17 @@ def recall_curve(
     return curves
 
 
-def degree_buckets(evalset: EvalSet) -> dict[str, np.ndarray]:
-    """Boolean masks over queries, one per ``DEGREE_BUCKETS`` entry (by training degree)."""
-    degree = evalset.train_degree[evalset.queries]
+def degree_bucket_masks(degree: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean masks over ``degree``'s entries, one per ``DEGREE_BUCKETS`` entry."""
     return {
         label: (degree >= lo) & (degree <= (hi if hi is not None else np.iinfo(np.int64).max))
         for label, lo, hi in DEGREE_BUCKETS
     }
+
+
+def degree_buckets(evalset: EvalSet) -> dict[str, np.ndarray]:
+    """Boolean masks over queries, one per ``DEGREE_BUCKETS`` entry (by training degree)."""
+    return degree_bucket_masks(evalset.train_degree[evalset.queries])
 
 
 def recall_by_degree(

@@ -297,19 +297,12 @@ def make_train_step(
 GATHER_ROWS = 1 << 17
 
 
-def validation_recall50(
-    tower: UserTower, ctx: TrainingContext, evalset: EvalSet, cluster: Cluster | None = None
-) -> float:
-    """Validation Recall@50 over every user as a candidate. A group of workers shares the work
-    (``group_topk``) and each gets the same figure."""
-    return float(validation_recalls(tower, ctx, evalset, cluster).mean())
-
-
 def validation_recalls(
     tower: UserTower, ctx: TrainingContext, evalset: EvalSet, cluster: Cluster | None = None
 ) -> np.ndarray:
-    """Per validation query, its Recall@50 (``validation_recall50`` is their mean): what `tune`
-    compares trials by, user for user."""
+    """Per validation query, its Recall@50 over every user as a candidate: early stopping reads
+    their mean, `tune` compares trials by them user for user. A group of workers shares the
+    work (``group_topk``) and each gets the same figures."""
     if cluster is None or cluster.size == 1:
         emb = embed_all(tower, ctx.table, ctx.spec.fanout)
         topk = topk_from_embeddings(emb, evalset, k=50, queries=tower.query_form(emb))
