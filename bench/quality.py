@@ -156,12 +156,11 @@ def evaluate_dataset(
             topk, scores = ev.embedding_topk(emb, evalset, k=deepest, queries=tower.query_form(emb))
             per_seed[objective].append(ev.per_user_metrics(topk, evalset, ks=KS))
             name = f"blend ({objective})"
-            weights, chosen = blend_on_validation(ctx, tower, emb, valset, blend_fof["val"])
+            ranker, chosen = blend_on_validation(ctx, tower, emb, valset, blend_fof["val"])
             top = topk[:, :depth]
             embedding = (top, scores[:, :depth])
-            blended = ev.topk_blend(
-                embedding, blend_fof["test"], evalset, ctx.data.user_ids, weights, max(KS)
-            )
+            source = ev.BlendSource(evalset, ctx.data.user_ids, emb, tower.query_form(emb))
+            blended = ev.topk_blend(embedding, blend_fof["test"], source, ranker, max(KS))
             per_seed.setdefault(name, []).append(ev.per_user_metrics(blended, evalset, ks=KS))
             ceilings.setdefault(objective, []).append(
                 ev.union_recall([top, blend_fof["test"][0]], evalset)

@@ -57,7 +57,17 @@ from serving.index_build import build_index
 
 log = logging.getLogger(__name__)
 DATASETS = ("synthetic:100000", "github")
-STAGES = ("alias", "feast", "friends", "fof", "tfserving", "milvus", "rank", "total")
+STAGES = (
+    "alias",
+    "feast",
+    "friends",
+    "fof",
+    "tfserving",
+    "milvus",
+    "blend_inputs",
+    "rank",
+    "total",
+)
 TARGETS = {"p99_ms": 25.0, "ann_recall@50": 0.95}
 
 

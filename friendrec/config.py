@@ -8,6 +8,7 @@ serving, streaming) reads the same object, so an address or a path is spelled on
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from functools import lru_cache
@@ -27,15 +28,9 @@ FEATURE_REPO_DIR = PROJECT_ROOT / "feature_repo"
 
 # 2024-01-01T00:00:00Z: the start of the synthetic timeline given to friendships (docs/data.md).
 DEFAULT_TIMELINE_START = 1_704_067_200
-# The blend's weights of friendrec.fof.BLEND_FEATURES per degree bucket, fitted on twitch/ENGB
-# validation edges (the single-task model, seed 0; `friendrec tune` writes a graph's own).
-DEFAULT_BLEND_WEIGHTS: dict[str, tuple[float, ...]] = {
-    "0": (0.0, 52.87, 1.135, 0.0, 0.0, 0.0, 0.0),
-    "1-2": (-4.016, 7.6, -0.4581, 2.117, 5.923, -0.2269, -3.647),
-    "3-5": (-3.541, 6.379, -0.5308, 2.362, 3.99, -0.0977, -2.681),
-    "6-20": (-0.5209, 1.306, -0.3551, 0.2835, 2.117, -0.2613, -0.4128),
-    ">20": (-0.01556, 0.377, -0.1771, 0.1046, 0.001362, -0.5929, 0.107),
-}
+# The blend's ranker (friendrec.fof.BlendRanker) fitted on twitch/ENGB validation edges (the
+# single-task model, seed 0; `friendrec tune` writes a graph's own).
+DEFAULT_BLEND_RANKER = Path(__file__).with_name("blend_ranker_default.json")
 
 
 class DataSettings(BaseModel):
@@ -229,11 +224,11 @@ class ServingSettings(BaseModel):
     blend_depth: int = Field(
         100, gt=0, description="Candidates taken from each source before blending (>= k used)."
     )
-    blend_weights: dict[str, list[float]] = Field(
-        default_factory=lambda: {b: list(w) for b, w in DEFAULT_BLEND_WEIGHTS.items()},
-        description="The blend's linear weights of its features (friendrec/fof.py, "
-        "BLEND_FEATURES) per training-degree bucket (0, 1-2, 3-5, 6-20, >20); the default was "
-        "fitted on twitch/ENGB validation edges, `friendrec tune` fits a graph's own.",
+    blend_ranker: dict[str, Any] = Field(
+        default_factory=lambda: json.loads(DEFAULT_BLEND_RANKER.read_text()),
+        description="The blend's ranker over its features (friendrec/fof.py, BlendRanker: a "
+        "small perceptron, as `features`, `mean`, `scale` and `layers`); the default was fitted "
+        "on twitch/ENGB validation edges, `friendrec tune` fits a graph's own.",
     )
     exclude_all_friends: bool = Field(
         True,
@@ -264,22 +259,22 @@ class ServingSettings(BaseModel):
     def _replaced_blend_settings(cls, data: Any) -> Any:
         """Settings files from before the fitted blend name its old knobs: say what replaced
         them rather than only that they are unknown."""
-        old = sorted({"blend_fof_weight", "blend_k0"} & set(data)) if isinstance(data, dict) else []
+        replaced = {"blend_fof_weight", "blend_k0", "blend_weights"}
+        old = sorted(replaced & set(data)) if isinstance(data, dict) else []
         if old:
             raise ValueError(
-                f"serving.{' and '.join(old)} no longer exist: the blend is a fitted linear score "
-                "now, serving.blend_weights (rerun `friendrec tune` to write a graph's own, or "
-                "remove them for the defaults)"
+                f"serving.{' and '.join(old)} no longer exist: the blend is a fitted ranker now, "
+                "serving.blend_ranker (rerun `friendrec tune` to write a graph's own, or remove "
+                "them for the default)"
             )
         return data
 
-    @field_validator("blend_weights")
+    @field_validator("blend_ranker")
     @classmethod
-    def _blend_buckets(cls, value: dict[str, list[float]]) -> dict[str, list[float]]:
-        from friendrec.fof import DEGREE_BUCKETS, BlendWeights
+    def _blend_ranker(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from friendrec.fof import BlendRanker
 
-        BlendWeights(value)  # the buckets and the weights' count, or a precise error
-        return {label: [float(w) for w in value[label]] for label, _, _ in DEGREE_BUCKETS}
+        return BlendRanker.from_dict(value).as_dict()  # the shapes, or a precise error
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServingSettings:

@@ -6,13 +6,14 @@ reads to exclude friends) and in the offline evaluation (``training.evaluation.t
 vectorised twin of ``adamic_adar``), so both return the same list: the same cap on the friends
 expanded, the same tie order (a hash of the user id) and the same rounding of scores.
 
-The blend scores each candidate of the two lists by a linear function of what the lists say of
-it (``BLEND_FEATURES``: found by which source, its score and rank in each), with one weight vector
-per degree bucket of the user: a user with no friends has no friends-of-friends, a
-well-connected one has many good ones. The weights are fitted on validation edges
-(``training.evaluation.fit_blend``, a listwise softmax over each user's candidates), so the blend
-learns how far an Adamic-Adar score of 3 outweighs an embedding rank of 40 on this graph; a
-reciprocal-rank fusion, which sees ranks only, cannot.
+The blend scores each candidate of the two lists with a small perceptron (``BlendRanker``) over
+what the lists say of it (``BLEND_FEATURES``: found by which source, its score and rank in each),
+the model's inner product with it, its degree and the user's. The ranker is fitted on validation
+edges (``training.evaluation.fit_blend``, a listwise softmax over each user's candidates), so it
+learns how far an Adamic-Adar score of 3 outweighs an embedding rank of 40 on this graph, and
+that a user with one friend befriends popular users where one with fifty does not; a
+reciprocal-rank fusion, which sees ranks only, cannot, and a linear score of the same features
+cannot say the second (docs/quality.md, session 22).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -103,9 +105,12 @@ def _best(
     return np.lexsort((tie_keys(ids, seed), -rounded))[:k], rounded
 
 
-# The blend's features of a (user, candidate) pair, all read from the two ranked lists the service
-# has anyway: whether each source found the candidate, its score there and log of its rank there
-# (a missing candidate: score 0, rank ``depth + 1``), and whether both found it.
+# The blend's features of a (user, candidate) pair. From the two ranked lists: whether each source
+# found the candidate, its score there and log of its rank there (a missing candidate: score 0,
+# rank ``depth + 1``), and whether both found it. Then the model's inner product with the
+# candidate (also for friends of friends the embedding list missed: their stored vectors), the
+# candidate's degree and the user's: a user with few friends befriends popular users, one with
+# many does not, which a score that treats every user alike cannot say.
 BLEND_FEATURES: tuple[str, ...] = (
     "embedding",
     "embedding_score",
@@ -114,42 +119,107 @@ BLEND_FEATURES: tuple[str, ...] = (
     "fof_log1p_score",
     "fof_log_rank",
     "both",
+    "inner_product",
+    "log1p_degree",
+    "user_log1p_degree",
 )
 
 
 @dataclass(frozen=True)
-class BlendWeights:
-    """The blend's linear weights of ``BLEND_FEATURES`` per training-degree bucket."""
+class BlendRanker:
+    """The blend's scorer: a small multi-layer perceptron over ``BLEND_FEATURES`` (standardised,
+    ReLU between layers, one output), fitted on validation edges by
+    ``training.blend_ranker.fit_ranker``. No hidden layer is a linear score."""
 
-    coef: Mapping[str, Sequence[float]]
+    mean: np.ndarray
+    scale: np.ndarray
+    layers: tuple[tuple[np.ndarray, np.ndarray], ...]
 
     def __post_init__(self) -> None:
-        want = [label for label, _, _ in DEGREE_BUCKETS]
-        if sorted(self.coef) != sorted(want):
-            raise ValueError(f"blend weights need the buckets {want}, got {sorted(self.coef)}")
-        for label, values in self.coef.items():
-            if len(values) != len(BLEND_FEATURES) or not all(math.isfinite(v) for v in values):
+        width = len(BLEND_FEATURES)
+        if self.mean.shape != (width,) or self.scale.shape != (width,):
+            raise ValueError(f"blend ranker: mean and scale need {width} values ({BLEND_FEATURES})")
+        if not self.layers:
+            raise ValueError("blend ranker: at least one layer")
+        for i, (weight, bias) in enumerate(self.layers):
+            out = 1 if i == len(self.layers) - 1 else weight.shape[-1]
+            if weight.shape != (width, out) or bias.shape != (out,):
                 raise ValueError(
-                    f"bucket {label!r} needs {len(BLEND_FEATURES)} finite weights "
-                    f"({', '.join(BLEND_FEATURES)}), got {list(values)}"
+                    f"blend ranker: layer {i} must map {width} inputs to {out} (a [{width}, {out}] "
+                    f"weight and {out} biases), got {list(weight.shape)} and {list(bias.shape)}"
                 )
+            width = out
+        arrays = [self.mean, self.scale, *(a for layer in self.layers for a in layer)]
+        if not all(np.isfinite(a).all() for a in arrays) or (self.scale <= 0).any():
+            raise ValueError("blend ranker: every weight must be finite and every scale > 0")
 
-    def for_degree(self, degree: int) -> np.ndarray:
-        return np.asarray(self.coef[degree_bucket(degree)], dtype=np.float64)
+    def score(self, x: np.ndarray) -> np.ndarray:
+        h = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+        for weight, bias in self.layers[:-1]:
+            h = np.maximum(h @ weight + bias, 0.0)
+        weight, bias = self.layers[-1]
+        return (h @ weight + bias)[:, 0]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain lists, for a settings file (``serving.blend_ranker``)."""
+        return {
+            "features": list(BLEND_FEATURES),
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "layers": [{"weight": w.tolist(), "bias": b.tolist()} for w, b in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> BlendRanker:
+        """A ranker from ``as_dict``'s form, or a precise error (a ranker fitted on other
+        features must be fitted again, not silently misread)."""
+        features = list(value.get("features", ()))
+        if features != list(BLEND_FEATURES):
+            raise ValueError(
+                f"blend ranker fitted on features {features}, this version has "
+                f"{list(BLEND_FEATURES)}: rerun `friendrec tune` (or drop serving.blend_ranker "
+                "for the default)"
+            )
+        try:
+            layers = tuple(
+                (np.asarray(layer["weight"], np.float64), np.asarray(layer["bias"], np.float64))
+                for layer in value["layers"]
+            )
+            mean = np.asarray(value["mean"], np.float64)
+            scale = np.asarray(value["scale"], np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"blend ranker: needs mean, scale and layers of weight and bias ({exc})"
+            ) from None
+        return cls(mean, scale, layers)
+
+
+def blend_candidates(
+    embedding: Sequence[tuple[int, float]], fof: Sequence[tuple[int, float]]
+) -> list[int]:
+    """The friends of friends the embedding list missed: the candidates whose inner product
+    and vector the blend must read besides the search's."""
+    seen = {int(u) for u, _ in embedding}
+    return [int(u) for u, _ in fof if int(u) not in seen]
 
 
 def blend_features(
     embedding: Sequence[tuple[int, float]],
     fof: Sequence[tuple[int, float]],
     depth: int,
+    inner_products: Mapping[int, float],
+    degrees: Mapping[int, int],
+    user_degree: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The union of two ranked lists (embedding order, then the friends of friends it missed)
-    and its ``BLEND_FEATURES`` matrix; ``depth``: how many candidates each source was asked for."""
+    and its ``BLEND_FEATURES`` matrix; ``depth``: how many candidates each source was asked for;
+    ``inner_products``: the model's score of each of ``blend_candidates`` (a candidate without a
+    stored vector: 0); ``degrees``: each candidate's friend count (missing: 0)."""
     e_users = [int(u) for u, _ in embedding]
-    seen = set(e_users)
     f_rank = {int(u): r for r, (u, _) in enumerate(fof, start=1)}
     f_score = {int(u): float(s) for u, s in fof}
-    users = e_users + [u for u in f_rank if u not in seen]
+    others = blend_candidates(embedding, fof)
+    users = e_users + others
     n_e, missing = len(e_users), math.log(depth + 1)
     in_e = np.arange(len(users)) < n_e
     rank_f = np.array([f_rank.get(u, 0) for u in users], dtype=np.float64)
@@ -164,21 +234,30 @@ def blend_features(
     x[:, 4] = np.log1p([f_score.get(u, 0.0) for u in users])
     x[:, 5] = np.where(in_f, np.log(np.maximum(rank_f, 1)), missing)
     x[:, 6] = in_e & in_f
+    x[:, 7] = x[:, 1]
+    x[n_e:, 7] = [inner_products.get(u, 0.0) for u in others]
+    x[:, 8] = np.log1p([degrees.get(u, 0) for u in users])
+    x[:, 9] = math.log1p(user_degree)
     return np.asarray(users, dtype=np.int64), x
 
 
 def blend(
     embedding: Sequence[tuple[int, float]],
     fof: Sequence[tuple[int, float]],
-    coef: np.ndarray,
+    ranker: BlendRanker,
     depth: int,
     k: int,
+    inner_products: Mapping[int, float],
+    degrees: Mapping[int, int],
+    user_degree: int,
     seed: int = 0,
 ) -> list[tuple[int, float, str]]:
-    """The two lists merged by a linear score of their ``blend_features`` (weights fitted on
-    validation edges, ``training.evaluation.fit_blend``): (user, blend score, source), source
-    ``embedding``, ``fof`` or ``both``; ties in the tie-key order."""
-    users, x = blend_features(embedding, fof, depth)
-    order, scores = _best(users, x @ coef, k, SCORE_DECIMALS, seed)
+    """The two lists merged by the ranker's score of their ``blend_features`` (fitted on
+    validation edges): (user, blend score, source), source ``embedding``, ``fof`` or ``both``;
+    ties in the tie-key order."""
+    users, x = blend_features(embedding, fof, depth, inner_products, degrees, user_degree)
+    if not len(users):
+        return []
+    order, scores = _best(users, ranker.score(x), k, SCORE_DECIMALS, seed)
     names = np.where(x[:, 6] > 0, "both", np.where(x[:, 0] > 0, "embedding", "fof"))
     return [(int(users[i]), float(scores[i]), str(names[i])) for i in order]

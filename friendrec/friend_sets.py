@@ -51,6 +51,8 @@ class FriendSets(Protocol):
 
     def friends(self, users: Sequence[int]) -> dict[int, list[int]]: ...
 
+    def degrees(self, users: Sequence[int]) -> dict[int, int]: ...
+
     def count(self) -> int: ...
 
     def close(self) -> None: ...
@@ -138,6 +140,22 @@ class FriendState:
                 )
                 for user, friend in rows:
                     out[int(user)].append(int(friend))
+        return out
+
+    def degrees(self, users: Sequence[int]) -> dict[int, int]:
+        """Each user's friend count (0 for a user without friends)."""
+        out: dict[int, int] = dict.fromkeys((int(u) for u in users), 0)
+        keys = list(out)
+        with self._lock:
+            for lo in range(0, len(keys), 500):
+                chunk = keys[lo : lo + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT user_id, count(*) FROM friends WHERE user_id IN ({marks}) "
+                    "GROUP BY user_id",
+                    chunk,
+                )
+                out.update((int(user), int(n)) for user, n in rows)
         return out
 
     def count(self) -> int:

@@ -110,6 +110,14 @@ class RedisFriendState:
             for user, members in zip(keys, pipe.execute(), strict=True)
         }
 
+    def degrees(self, users: Sequence[int]) -> dict[int, int]:
+        """Each user's friend count (0 for a user without friends)."""
+        keys = [int(u) for u in users]
+        pipe = self.client.pipeline(transaction=False)
+        for user in keys:
+            pipe.scard(self._key(user))
+        return {user: int(n) for user, n in zip(keys, pipe.execute(), strict=True)}
+
     def count(self) -> int:
         pipe = self.client.pipeline(transaction=False)
         for key in self.client.scan_iter(f"{self.namespace}:friends:*", count=1000):

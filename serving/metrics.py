@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 # Milliseconds matter here: the request budget is tens of milliseconds.
 _BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0)
-STAGES = ("alias", "feast", "tfserving", "milvus", "rank")
+STAGES = ("alias", "feast", "tfserving", "milvus", "blend_inputs", "rank")
 
 
 class ServingMetrics:

@@ -31,7 +31,13 @@ import numpy as np
 
 from friendrec.config import Settings
 from friendrec.contract import Contract
-from friendrec.fof import BlendWeights, adamic_adar, blend, expanded_friends
+from friendrec.fof import (
+    BlendRanker,
+    adamic_adar,
+    blend,
+    blend_candidates,
+    expanded_friends,
+)
 from friendrec.friend_aggregates import RequestFeatures
 from friendrec.friend_sets import FriendSets
 from friendrec.paths import load_contract
@@ -175,7 +181,7 @@ class Recommender:
         self.contract = contract if contract is not None else load_contract(settings)
         self.store = store
         self.friend_sets = friend_sets
-        self.blend_weights = BlendWeights(settings.serving.blend_weights)
+        self.blend_ranker = BlendRanker.from_dict(settings.serving.blend_ranker)
         self.tfserving = tfserving
         self.index = index
         self.metrics = metrics or ServingMetrics()
@@ -220,8 +226,7 @@ class Recommender:
         try:
             live = self.index.live()
         except IndexUnavailableError as exc:
-            self.metrics.dependency_errors.labels("milvus").inc()
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"Milvus unavailable: {exc}") from None
+            raise self._milvus_unavailable(exc) from None
         if live is None:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -388,20 +393,60 @@ class Recommender:
             max(query.k, self.settings.serving.blend_depth) if query.source == "blend" else query.k
         )
 
+    def _milvus_unavailable(self, exc: IndexUnavailableError) -> ServiceError:
+        self.metrics.dependency_errors.labels("milvus").inc()
+        with self._live_lock:
+            self._live = None  # re-resolve the alias once Milvus is back
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"Milvus unavailable: {exc}")
+
+    def _blend_inputs(
+        self,
+        live: LiveIndex,
+        queries: Sequence[Query],
+        vectors: np.ndarray,
+        hits: Sequence[list[tuple[int, float]]],
+        fof: Sequence[list[tuple[int, float]]],
+        timeout: float,
+    ) -> tuple[list[dict[int, float]], dict[int, int]]:
+        """What the blend reads besides its two lists: the model's inner product with each
+        friend of friends the search missed (their stored vectors, one Milvus get) and every
+        candidate's friend count (one friend-set read, beside it)."""
+        rows = [i for i, q in enumerate(queries) if q.source == "blend"]
+        products: list[dict[int, float]] = [{} for _ in queries]
+        if not rows or self.friend_sets is None:
+            return products, {}
+        others = {i: blend_candidates(hits[i], fof[i]) for i in rows}
+        candidates = sorted({u for i in rows for u, _ in (*hits[i], *fof[i])})
+        degrees_read = self._feast_pool.submit(self.friend_sets.degrees, candidates)
+        wanted = sorted({u for users in others.values() for u in users})
+        try:
+            stored = self.index.get_vectors(live.collection, wanted) if wanted else {}
+        except IndexUnavailableError as exc:
+            raise self._milvus_unavailable(exc) from None
+        for i in rows:
+            known = [u for u in others[i] if u in stored]
+            if known:
+                dots = np.stack([stored[u] for u in known]) @ vectors[i]
+                products[i] = {u: float(p) for u, p in zip(known, dots, strict=True)}
+        degrees = self._store_result(degrees_read, timeout, "friend_sets", "friend counts")
+        return products, degrees
+
     def _rank(
         self,
         query: Query,
         hits: list[tuple[int, float]],
         fof: list[tuple[int, float]],
         degree: int,
+        products: dict[int, float],
+        degrees: dict[int, int],
     ) -> list[Candidate]:
         if query.source == "embedding":
             return [Candidate(u, s, "embedding", embedding_score=s) for u, s in hits[: query.k]]
         if query.source == "fof":
             return [Candidate(u, s, "fof", fof_score=s) for u, s in fof[: query.k]]
         emb_score, fof_score = dict(hits), dict(fof)
-        coef = self.blend_weights.for_degree(degree)
-        merged = blend(hits, fof, coef, self._depth(query), query.k)
+        depth = self._depth(query)
+        merged = blend(hits, fof, self.blend_ranker, depth, query.k, products, degrees, degree)
         return [
             Candidate(
                 u,
@@ -482,19 +527,20 @@ class Recommender:
             try:
                 hits = self._search(live, vectors, excluded, budget(cfg.milvus_timeout_s), wanted)
             except IndexUnavailableError as exc:
-                self.metrics.dependency_errors.labels("milvus").inc()
-                with self._live_lock:
-                    self._live = None  # re-resolve the alias once Milvus is back
-                raise ServiceError(
-                    grpc.StatusCode.UNAVAILABLE, f"Milvus unavailable: {exc}"
-                ) from None
+                raise self._milvus_unavailable(exc) from None
+        with self.metrics.stage("blend_inputs", timings):
+            products, degrees = self._blend_inputs(
+                live, queries, vectors, hits, fof, budget(cfg.milvus_timeout_s)
+            )
         with self.metrics.stage("rank", timings):
             recommendations = []
             for i, query in enumerate(queries):
                 recommendations.append(
                     Recommendation(
                         user_id=query.user_id,
-                        candidates=self._rank(query, hits[i], fof[i], len(friends_of[i])),
+                        candidates=self._rank(
+                            query, hits[i], fof[i], len(friends_of[i]), products[i], degrees
+                        ),
                         model_version=version,
                         known_user=bool(query_inputs.known[i]),
                         used_request_features=bool(query_inputs.used_request_features[i]),

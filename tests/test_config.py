@@ -46,15 +46,22 @@ def test_invalid_settings_are_rejected(monkeypatch, tmp_path):
         load_settings(features={"online_store": "cassandra"})
     with pytest.raises(ValidationError):
         load_settings(no_such_setting=1)
-    weights = {b: [0.0] * 7 for b in ("0", "1-2", "3-5", "6-20")}
-    with pytest.raises(ValidationError, match="need the buckets"):  # '>20' missing
-        load_settings(serving={"blend_weights": weights})
-    with pytest.raises(ValidationError, match=r"blend_k0 no longer exist.*serving.blend_weights"):
+    ranker = load_settings().serving.blend_ranker
+    with pytest.raises(ValidationError, match=r"blend_k0 no longer exist.*serving.blend_ranker"):
         load_settings(serving={"blend_k0": 20.0})  # a settings file from before the fitted blend
-    with pytest.raises(ValidationError, match="needs 7 finite weights"):
-        load_settings(
-            serving={"blend_weights": {**weights, ">20": [1.0, float("nan")] + [0.0] * 5}}
-        )
+    with pytest.raises(ValidationError, match=r"blend_weights no longer exist.*friendrec tune"):
+        load_settings(serving={"blend_weights": {"0": [0.0] * 7}})  # the linear blend's
+    with pytest.raises(ValidationError, match=r"fitted on features \['embedding'\].*rerun"):
+        load_settings(serving={"blend_ranker": {**ranker, "features": ["embedding"]}})
+    first = ranker["layers"][0]
+    narrow = {
+        **ranker,
+        "layers": [{**first, "weight": first["weight"][:-1]}, *ranker["layers"][1:]],
+    }
+    with pytest.raises(ValidationError, match=r"layer 0 must map 10 inputs"):
+        load_settings(serving={"blend_ranker": narrow})
+    with pytest.raises(ValidationError, match="finite"):
+        load_settings(serving={"blend_ranker": {**ranker, "mean": [float("nan")] * 10}})
     monkeypatch.setenv("FRIENDREC_CONFIG", str(tmp_path / "missing.yaml"))
     with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
         load_settings()

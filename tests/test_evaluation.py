@@ -16,9 +16,10 @@ import scipy.sparse as sp
 
 from friendrec.config import load_settings
 from friendrec.data.canonical import load_prepared, prepare
-from friendrec.fof import BLEND_FEATURES, blend, blend_features
+from friendrec.fof import BLEND_FEATURES, BlendRanker, blend, blend_candidates, blend_features
 from friendrec.paths import DatasetPaths
 from training.evaluation import (
+    BlendSource,
     EvalSet,
     adamic_adar_topk_with_scores,
     embedding_topk,
@@ -318,10 +319,19 @@ def test_adamic_adar_matches_brute_force():
     assert ((top == -1) == (reference == 0)).all()  # zero-score users are never recommended
 
 
+def _linear(**named: float) -> BlendRanker:
+    """A ranker that is a linear score of the named features (no hidden layer, no scaling)."""
+    weight = np.array([[named.get(name, 0.0)] for name in BLEND_FEATURES])
+    width = len(BLEND_FEATURES)
+    return BlendRanker(np.zeros(width), np.ones(width), ((weight, np.zeros(1)),))
+
+
 def test_blend_features_and_merge_on_hand_lists():
     embedding = [(7, 0.9), (3, 0.5), (5, 0.1)]
     fof = [(3, 2.0), (8, 1.0)]
-    users, x = blend_features(embedding, fof, depth=4)
+    assert blend_candidates(embedding, fof) == [8]  # what the service reads a vector for
+    degrees = {7: 1, 3: 4, 5: 0, 8: 9}
+    users, x = blend_features(embedding, fof, 4, {8: 0.3}, degrees, user_degree=2)
     assert users.tolist() == [7, 3, 5, 8]  # embedding order, then what only fof found
     col = {name: x[:, i].tolist() for i, name in enumerate(BLEND_FEATURES)}
     missing = math.log(5)
@@ -331,27 +341,32 @@ def test_blend_features_and_merge_on_hand_lists():
     np.testing.assert_allclose(col["embedding_log_rank"], [0.0, LN2, LN3, missing])
     np.testing.assert_allclose(col["fof_log1p_score"], [0, math.log(3), 0, LN2])
     np.testing.assert_allclose(col["fof_log_rank"], [missing, 0.0, missing, LN2])
+    np.testing.assert_allclose(col["inner_product"], [0.9, 0.5, 0.1, 0.3])
+    np.testing.assert_allclose(col["log1p_degree"], np.log1p([1, 4, 0, 9]))
+    np.testing.assert_allclose(col["user_log1p_degree"], [LN3] * 4)
 
-    def weight(**named: float) -> np.ndarray:
-        return np.array([named.get(name, 0.0) for name in BLEND_FEATURES])
+    def merged(ranker: BlendRanker, k: int) -> list[tuple[int, float, str]]:
+        return blend(embedding, fof, ranker, 4, k, {8: 0.3}, degrees, 2)
 
-    only_embedding = blend(embedding, fof, weight(embedding_score=1.0), depth=4, k=3)
+    only_embedding = merged(_linear(embedding_score=1.0), 3)
     assert [(u, src) for u, _, src in only_embedding] == [
         (7, "embedding"),
         (3, "both"),
         (5, "embedding"),
     ]
-    only_fof = blend(embedding, fof, weight(fof_log1p_score=1.0), depth=4, k=2)
+    only_fof = merged(_linear(fof_log1p_score=1.0), 2)
     assert [u for u, _, _ in only_fof] == [3, 8]
     np.testing.assert_allclose([s for _, s, _ in only_fof], [math.log(3), LN2])
-    assert blend([], [], weight(embedding=1.0), depth=4, k=3) == []
+    assert [u for u, _, _ in merged(_linear(inner_product=1.0), 4)] == [7, 3, 8, 5]
+    assert [u for u, _, _ in merged(_linear(log1p_degree=1.0), 2)] == [8, 3]
+    assert blend([], [], _linear(embedding=1.0), 4, 3, {}, {}, 0) == []
 
 
-def test_blend_weights_fitted_on_validation_learn_what_each_degree_bucket_needs():
-    """Held-out friends planted at the candidate both sources found that the embedding ranks
-    best for users of degree <= 20, and that friends-of-friends ranks best for the others:
-    neither source alone puts it first, the fitted blend (a weight vector per degree bucket)
-    nearly always does, each bucket's weights leaning on the rank that planted its friends."""
+def test_blend_ranker_fitted_on_validation_learns_a_degree_preference_that_flips():
+    """Held-out friends planted at the candidate of highest degree for users with at most 20
+    friends and at the one of lowest degree for the others: neither source alone puts it
+    first, and no linear score can (the preference flips with the user's degree); the fitted
+    ranker nearly always does, and its out-of-sample estimate is the score of what it chose."""
     n, depth = 2_000, 50
     train_src, train_dst, held_src, held_dst = _random_graph(n, 20_000, 2_000, seed=11)
     evalset = EvalSet.from_edges(n, train_src, train_dst, held_src, held_dst, split="val")
@@ -363,13 +378,16 @@ def test_blend_weights_fitted_on_validation_learn_what_each_degree_bucket_needs(
         embedding[1][:, 0], np.einsum("qd,qd->q", emb[evalset.queries], emb[top[:, 0]]), rtol=1e-5
     )
     fof = topk_fof(evalset, user_ids, k=depth)
-    high = evalset.train_degree[evalset.queries] > 20
+    degree = evalset.train_degree
+    high = degree[evalset.queries] > 20
     planted = np.full(evalset.num_queries, -1)
     for i in range(evalset.num_queries):
-        first, second = (fof[0][i], top[i]) if high[i] else (top[i], fof[0][i])
-        both = [u for u in first if u >= 0 and u in set(second)]
-        planted[i] = both[0] if both else -1
-    keep = planted >= 0  # the users with such a candidate are the queries
+        union = np.unique(np.concatenate([top[i], fof[0][i]]))
+        union = union[union >= 0]
+        ranked = union[np.lexsort((union, degree[union] if high[i] else -degree[union]))]
+        if len(ranked) > 1 and degree[ranked[0]] != degree[ranked[1]]:  # a clear choice
+            planted[i] = ranked[0]
+    keep = planted >= 0
     assert keep[high].sum() > 300 and keep[~high].sum() > 300
     heldout = sp.csr_array(
         (np.ones(keep.sum()), (np.arange(keep.sum()), planted[keep])), shape=(keep.sum(), n)
@@ -378,25 +396,31 @@ def test_blend_weights_fitted_on_validation_learn_what_each_degree_bucket_needs(
         evalset, queries=evalset.queries[keep], heldout=heldout, cold_start=evalset.cold_start[keep]
     )
     top, embedding, fof = top[keep], (top[keep], embedding[1][keep]), (fof[0][keep], fof[1][keep])
-    weights, info = fit_blend(embedding, fof, evalset, user_ids)
-    assert set(weights.coef) == {"0", "1-2", "3-5", "6-20", ">20"}
-    assert info["chosen"]["6-20"] == info["chosen"][">20"] == "blend"
+    source = BlendSource(evalset, user_ids, emb, emb)
+    ranker, info = fit_blend(embedding, fof, source)
+    assert info["chosen"] == "blend" and set(info["by_bucket"]) == {
+        "0",
+        "1-2",
+        "3-5",
+        "6-20",
+        ">20",
+    }
 
     def recall_at(top_k: np.ndarray, k: int) -> float:
         return float(per_user_metrics(top_k, evalset, ks=(k,), ndcg_k=k)[f"recall@{k}"].mean())
 
-    blended = topk_blend(embedding, fof, evalset, user_ids, weights, k=50)
-    assert recall_at(blended[:, :1], 1) >= 0.9
-    assert max(recall_at(top[:, :1], 1), recall_at(fof[0][:, :1], 1)) < 0.5
-    assert info["recall@50"] == pytest.approx(recall_at(blended, 50))
-    named = {b: dict(zip(BLEND_FEATURES, w, strict=True)) for b, w in weights.coef.items()}
-    for w in named.values():
-        assert w["both"] > 0
-    # Degree <= 20 was planted by embedding rank, > 20 by friends-of-friends rank.
-    lean = {b: named[b]["fof_log_rank"] - named[b]["embedding_log_rank"] for b in ("6-20", ">20")}
-    assert lean["6-20"] > 0 > lean[">20"]
+    blended = topk_blend(embedding, fof, source, ranker, k=50)
+    assert recall_at(blended[:, :1], 1) >= 0.8
+    assert max(recall_at(top[:, :1], 1), recall_at(fof[0][:, :1], 1)) < 0.3
+    estimate = info["recall@50"]
+    assert estimate["blend"] > max(estimate["embedding"], estimate["fof"])
+    assert estimate["blend"] <= recall_at(blended, 50) + 0.05  # in sample is no worse
     with pytest.raises(ValueError, match="no validation user has a held-out friend"):
-        fit_blend(embedding, fof, replace(evalset, heldout=sp.csr_array(heldout.shape)), user_ids)
+        fit_blend(
+            embedding,
+            fof,
+            replace(source, evalset=replace(evalset, heldout=sp.csr_array(heldout.shape))),
+        )
 
 
 def test_random_baseline_excludes_and_recall_is_about_k_over_n():

@@ -18,6 +18,7 @@ import training  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from feature_repo.jobs.graph_features import compute_graph_features, profile_table
 from friendrec.config import TrainingSettings
 from friendrec.feast_store import open_store
+from friendrec.fof import BLEND_FEATURES
 from training.export import MODEL_CARD, WARMUP_FILE, export_tower, load_signature
 from training.features import (
     FeatureTable,
@@ -617,7 +618,9 @@ def test_bench_quality_reports_the_blend_its_ceiling_and_the_degree_buckets(engb
             results["blend (baseline)"][slice_name]["recall@50"] / best - 1
         )
     chosen = entry["blend_weights"]["baseline"][0]
-    assert set(chosen["weights"]) == set(entry["by_degree"]["baseline"])
+    assert set(chosen["by_bucket"]) == set(entry["by_degree"]["baseline"])
+    assert chosen["chosen"] in ("blend", "embedding", "fof")
+    assert chosen["val_recall50"] == max(chosen["val_recall50_by_source"].values())
     assert 0.0 < chosen["val_recall50"] <= 1.0
     assert (tmp_path / "twitch_engb" / "metrics.md").exists()
 
@@ -674,14 +677,14 @@ def test_tune_stops_at_its_budget_and_writes_settings_that_load(ctx, tmp_path, m
     result = tune(tctx, budget_s=1.0, show_progress=False)  # past the budget after one trial
     assert [t.settings["objective"] for t in result.trials] == ["ssmtl"]  # the defaults
     assert result.best["popularity_bias"] and result.best_run == result.trials[0].run
-    assert set(result.blend["weights"]) == {"0", "1-2", "3-5", "6-20", ">20"}
+    assert result.blend["ranker"]["features"] == list(BLEND_FEATURES)
     paths = write_outputs(result, tmp_path / "tuned.yaml")
     assert "objective=ssmtl **chosen**" in paths["table"].read_text()
     monkeypatch.setenv("FRIENDREC_CONFIG", str(paths["settings"]))
     loaded = load_settings(workdir=tmp_path)
     assert loaded.data.dataset == "twitch/ENGB" and loaded.training.popularity_bias
     assert loaded.training.objective == "ssmtl"
-    assert loaded.serving.blend_weights == result.blend["weights"]
+    assert loaded.serving.blend_ranker == result.blend["ranker"]
 
 
 def test_tune_skips_a_change_that_leaves_the_model_as_it_is(ctx, monkeypatch, tmp_path):

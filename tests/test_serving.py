@@ -21,7 +21,7 @@ from tiny_models import ExportedModels
 from friendrec.config import Settings
 from friendrec.data.canonical import load_prepared
 from friendrec.feast_store import online_features, open_store
-from friendrec.fof import BLEND_FEATURES, BlendWeights, blend
+from friendrec.fof import BLEND_FEATURES, BlendRanker, blend_features
 from friendrec.friend_sets import open_state
 from friendrec.local_services import MilvusLiteProcess, TFServingProcess, free_port
 from friendrec.paths import DatasetPaths, load_contract
@@ -185,8 +185,9 @@ def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
     emb, queries = stack.models.embeddings[version], stack.models.queries[version]
     embedding = ev.embedding_topk(emb, evalset, k=depth, queries=queries)
     emb_top = embedding[0]
-    weights = BlendWeights(serving.blend_weights)
-    blend_top = ev.topk_blend(embedding, fof, evalset, data.user_ids, weights, k=50)
+    ranker = BlendRanker.from_dict(serving.blend_ranker)
+    source = ev.BlendSource(evalset, data.user_ids, emb, queries)
+    blend_top = ev.topk_blend(embedding, fof, source, ranker, k=50)
     rng = np.random.default_rng(5)
     rows = rng.choice(evalset.num_queries, 60, replace=False)
     same_blend = 0
@@ -212,8 +213,8 @@ def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
             )
             offline = [int(data.user_ids[u]) for u in blend_top[row] if u >= 0]
             _assert_same_up_to_float_noise(
-                [c.user_id for c in served], offline, embedding, fof, data.user_ids, row,
-                weights.for_degree(int(evalset.train_degree[evalset.queries[row]])), depth,
+                [c.user_id for c in served], offline, source.inputs(embedding, fof, row), ranker,
+                depth,
             )  # fmt: skip
             for c in served:  # each candidate names its source(s) and their own scores
                 assert (c.source == recommender_pb2.BLEND) == (
@@ -224,18 +225,26 @@ def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
     assert same_blend >= 20
 
 
-def _assert_same_up_to_float_noise(served, offline, embedding, fof, user_ids, row, coef, depth):
+def _assert_same_up_to_float_noise(served, offline, inputs, ranker, depth):
     """The served blend is the offline one; a position may differ only between two candidates
-    whose offline blend scores are within what the search scores' float32 noise (1e-5 each, the
-    tolerance checked above) can move them apart, never by more."""
+    whose offline blend scores are within what the inner products' float32 noise (1e-5 each,
+    the tolerance checked above) can move them apart, never by more."""
     if served == offline:
         return
-    scores = {u: s for u, s, _ in blend(*ev.blend_inputs(embedding, fof, user_ids, row), coef,
-                                        depth, k=10 * depth)}  # fmt: skip
-    noise = 2e-5 * abs(float(coef[BLEND_FEATURES.index("embedding_score")]))
+    emb, fo, products, degrees, degree = inputs
+    users, x = blend_features(emb, fo, depth, products, degrees, degree)
+    scores = ranker.score(x)
+    moved = np.zeros(len(users))  # how far 1e-5 on each inner product moves each score
+    for name in ("embedding_score", "inner_product"):
+        for sign in (-1.0, 1.0):
+            shifted = x.copy()
+            shifted[:, BLEND_FEATURES.index(name)] += sign * 1e-5
+            moved = np.maximum(moved, np.abs(ranker.score(shifted) - scores))
+    score = dict(zip(users.tolist(), scores, strict=True))
+    noise = dict(zip(users.tolist(), 2 * moved, strict=True))  # both inner products, both ways
     assert len(served) == len(offline)
     for a, b in zip(served, offline, strict=True):
-        assert a == b or abs(scores[a] - scores[b]) <= noise, (a, b, scores.get(a), scores[b])
+        assert a == b or abs(score[a] - score[b]) <= noise[a] + noise[b], (a, b, score[a], score[b])
 
 
 def test_batch_answers_like_single_requests(stack: Stack):

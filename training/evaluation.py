@@ -29,12 +29,13 @@ from friendrec.fof import (
     BLEND_FEATURES,
     DEGREE_BUCKETS,
     SCORE_DECIMALS,
-    BlendWeights,
+    BlendRanker,
     blend,
+    blend_candidates,
     blend_features,
-    degree_bucket,
     tie_keys,
 )
+from training.blend_ranker import fit_ranker, source_order
 
 log = logging.getLogger(__name__)
 
@@ -523,140 +524,132 @@ def blend_inputs(
     )
 
 
+@dataclass(frozen=True)
+class BlendSource:
+    """What the blend reads besides the two lists, offline: the index vectors and query vectors
+    (the inner products of the friends of friends the embedding list missed, as the service
+    computes them from their stored vectors) and the training degrees."""
+
+    evalset: EvalSet
+    user_ids: np.ndarray
+    vectors: np.ndarray  # [n, d] what the index stores
+    queries: np.ndarray  # [n, d] the users' query vectors
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index_of", {int(u): i for i, u in enumerate(self.user_ids)})
+
+    def index_of(self, users: Sequence[int]) -> np.ndarray:
+        lookup: dict[int, int] = self._index_of  # type: ignore[attr-defined]
+        return np.array([lookup[int(u)] for u in users], dtype=np.int64)
+
+    def inputs(
+        self, embedding: tuple[np.ndarray, np.ndarray], fof: tuple[np.ndarray, np.ndarray], row: int
+    ) -> tuple[list, list, dict[int, float], dict[int, int], int]:
+        """Query ``row``'s ``friendrec.fof.blend`` inputs after the two lists: inner products,
+        candidate degrees and the user's degree."""
+        emb, fo = blend_inputs(embedding, fof, self.user_ids, row)
+        others = blend_candidates(emb, fo)
+        user = int(self.evalset.queries[row])
+        idx = self.index_of(others)
+        products = self.vectors[idx] @ self.queries[user] if len(idx) else np.zeros(0, np.float32)
+        candidates = self.index_of([u for u, _ in emb] + others)
+        degrees = self.evalset.train_degree[candidates]
+        return (
+            emb,
+            fo,
+            {u: float(p) for u, p in zip(others, products, strict=True)},
+            {int(self.user_ids[c]): int(d) for c, d in zip(candidates, degrees, strict=True)},
+            int(self.evalset.train_degree[user]),
+        )
+
+
 def topk_blend(
     embedding: tuple[np.ndarray, np.ndarray],
     fof: tuple[np.ndarray, np.ndarray],
-    evalset: EvalSet,
-    user_ids: np.ndarray,
-    weights: BlendWeights,
+    source: BlendSource,
+    ranker: BlendRanker,
     k: int = 100,
     seed: int = 0,
 ) -> np.ndarray:
     """The service's blend, offline: ``friendrec.fof.blend`` of each query's two lists
-    (``embedding``: top-k users and their scores; ``fof``: ``topk_fof``'s), the weights by the
-    query's training-degree bucket, the depth the embedding list's."""
+    (``embedding``: top-k users and their scores; ``fof``: ``topk_fof``'s), the depth the
+    embedding list's."""
+    evalset = source.evalset
     out = np.full((evalset.num_queries, k), NO_RECOMMENDATION, dtype=np.int64)
-    index_of = {int(u): i for i, u in enumerate(user_ids.tolist())}
-    degree = evalset.train_degree[evalset.queries]
     depth = embedding[0].shape[1]
     for i in range(evalset.num_queries):
-        emb, fo = blend_inputs(embedding, fof, user_ids, i)
-        merged = blend(emb, fo, weights.for_degree(int(degree[i])), depth, k, seed)
-        out[i, : len(merged)] = [index_of[u] for u, _, _ in merged]
+        emb, fo, products, degrees, degree = source.inputs(embedding, fof, i)
+        merged = blend(emb, fo, ranker, depth, k, products, degrees, degree, seed)
+        out[i, : len(merged)] = source.index_of([u for u, _, _ in merged])
     return out
 
 
-BLEND_MIN_USERS = 30  # a degree bucket with fewer validation users with a hit shares the pooled fit
+def _blend_groups(
+    embedding: tuple[np.ndarray, np.ndarray],
+    fof: tuple[np.ndarray, np.ndarray],
+    source: BlendSource,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query: its candidates' ``BLEND_FEATURES`` and which are held-out friends."""
+    evalset, depth = source.evalset, embedding[0].shape[1]
+    groups = []
+    for i in range(evalset.num_queries):
+        emb, fo, products, degrees, degree = source.inputs(embedding, fof, i)
+        users, x = blend_features(emb, fo, depth, products, degrees, degree)
+        held = evalset.heldout.indices[evalset.heldout.indptr[i] : evalset.heldout.indptr[i + 1]]
+        y = np.isin(source.index_of(users), held).astype(np.float64) if len(users) else users
+        groups.append((x, y))
+    return groups
 
 
-def _one_source(source: str) -> list[float]:
-    """Blend weights that keep one source's order: its candidates first, by rank."""
-    return [
-        1e3 if f == source else -1.0 if f == f"{source}_log_rank" else 0.0 for f in BLEND_FEATURES
-    ]
-
-
-ONE_SOURCE = {source: _one_source(source) for source in ("embedding", "fof")}
-
-
-def _listwise_fit(groups: Sequence[tuple[np.ndarray, np.ndarray]], l2: float) -> np.ndarray:
-    """Weights maximising the mean log-softmax probability of each query's held-out friends
-    among its candidates (features standardised for the fit, returned in raw units)."""
-    from scipy.optimize import minimize
-
-    x = np.concatenate([g[0] for g in groups])
-    y = np.concatenate([g[1] for g in groups])
-    sizes = np.array([len(g[0]) for g in groups])
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    seg = np.repeat(np.arange(len(groups)), sizes)
-    positives = np.array([g[1].sum() for g in groups])
-    mu, sd = x.mean(axis=0), x.std(axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
-    xn = (x - mu) / sd
-
-    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-        s = xn @ w
-        top = np.maximum.reduceat(s, starts)
-        e = np.exp(s - top[seg])
-        z = np.add.reduceat(e, starts)
-        logp = s - top[seg] - np.log(z[seg])
-        value = -np.sum(np.add.reduceat(y * logp, starts) / positives) / len(groups)
-        grad_s = -(y - positives[seg] * e / z[seg]) / positives[seg] / len(groups)
-        return value + l2 * w @ w, xn.T @ grad_s + 2 * l2 * w
-
-    w = minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B").x
-    return w / sd
+def _recall_at(groups: Sequence[tuple[np.ndarray, np.ndarray]], scores: Sequence[np.ndarray],
+               held: np.ndarray, k: int = 50) -> np.ndarray:  # fmt: skip
+    """Recall@k per query of candidates ordered by ``scores`` (ties: candidate order)."""
+    out = np.zeros(len(groups))
+    for i, ((_, y), s) in enumerate(zip(groups, scores, strict=True)):
+        if len(y) and held[i]:
+            out[i] = y[np.argsort(-s, kind="stable")[:k]].sum() / held[i]
+    return out
 
 
 def fit_blend(
     embedding: tuple[np.ndarray, np.ndarray],
     fof: tuple[np.ndarray, np.ndarray],
-    evalset: EvalSet,
-    user_ids: np.ndarray,
-    l2: float = 1e-3,
-) -> tuple[BlendWeights, dict[str, Any]]:
-    """The blend's weights fitted on this (validation) eval set: per degree bucket, a listwise
-    softmax over each query's candidates (``friendrec.fof.blend_features``) towards its held-out
-    friends; a bucket with fewer than ``BLEND_MIN_USERS`` queries with a held-out friend among
-    the candidates takes the fit over every bucket; a bucket with enough of them where a source
-    alone has the better Recall@50 keeps that source's order. Reports what each bucket chose and
-    its ``recall@50``."""
-    depth = embedding[0].shape[1]
-    index_of = {int(u): i for i, u in enumerate(user_ids.tolist())}
-    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b, _, _ in DEGREE_BUCKETS}
-    degree = evalset.train_degree[evalset.queries]
-    for i in range(evalset.num_queries):
-        users, x = blend_features(*blend_inputs(embedding, fof, user_ids, i), depth)
-        held = evalset.heldout.indices[evalset.heldout.indptr[i] : evalset.heldout.indptr[i + 1]]
-        y = np.isin([index_of[int(u)] for u in users], held).astype(np.float64)
-        if y.any():
-            groups[degree_bucket(int(degree[i]))].append((x, y))
-    every = [g for gs in groups.values() for g in gs]
-    if not every:
+    source: BlendSource,
+    seed: int = 0,
+) -> tuple[BlendRanker, dict[str, Any]]:
+    """The blend's ranker fitted on this (validation) eval set (``training.blend_ranker``).
+
+    Its Recall@50 is first estimated out of sample (fitted on half of the users, scored on the
+    other half, and back); where one source alone ranks these users better, the blend keeps that
+    source's order (a small validation set can fit a ranker that loses to both lists). Reports
+    what was chosen and the estimates."""
+    evalset = source.evalset
+    groups = _blend_groups(embedding, fof, source)
+    held = np.diff(evalset.heldout.indptr)
+    if not any(len(y) and y.any() for _, y in groups):
         raise ValueError("no validation user has a held-out friend among the candidates")
-    pooled = _listwise_fit(every, l2)
-    fitted = {
-        b: (_listwise_fit(gs, l2) if len(gs) >= BLEND_MIN_USERS else pooled).tolist()
-        for b, gs in groups.items()
-    }
-    # A bucket where one source alone scores better on these edges keeps that source's order
-    # (the softmax fit is a surrogate of Recall@50, not Recall@50 itself).
-    options = {
-        "blend": fitted,
-        **{name: dict.fromkeys(fitted, w) for name, w in ONE_SOURCE.items()},
-    }
-    recall = {
-        name: per_user_metrics(
-            topk_blend(embedding, fof, evalset, user_ids, BlendWeights(coef), k=50),
-            evalset,
-            ks=(50,),
-            ndcg_k=50,
-        )["recall@50"]
-        for name, coef in options.items()
-    }
+    half = np.arange(len(groups)) % 2
+    crossed: list[np.ndarray] = [np.zeros(0)] * len(groups)
+    for part in (0, 1):
+        fitted = fit_ranker([g for g, h in zip(groups, half, strict=True) if h != part], seed=seed)
+        for i in np.flatnonzero(half == part):
+            crossed[i] = fitted.score(groups[i][0]) if len(groups[i][0]) else np.zeros(0)
+    recall = {"blend": _recall_at(groups, crossed, held)}
+    for name in ("embedding", "fof"):
+        order = source_order(name)
+        scores = [order.score(x) if len(x) else np.zeros(0) for x, _ in groups]
+        recall[name] = _recall_at(groups, scores, held)
     masks = degree_buckets(evalset)
-
-    def score(name: str, mask: np.ndarray) -> tuple[float, bool]:  # ties: the blend
-        return float(recall[name][mask].mean()) if mask.any() else 0.0, name == "blend"
-
-    # Only where the bucket has enough users to tell: on a handful, one source's order would
-    # win by noise (and friends-of-friends' "order" for users without friends is a shuffle).
-    chosen = {
-        b: max(options, key=lambda name, m=m: score(name, m))
-        if len(groups[b]) >= BLEND_MIN_USERS
-        else "blend"
-        for b, m in masks.items()
-    }
-    weights = BlendWeights({b: options[name][b] for b, name in chosen.items()})
-    best = np.zeros(evalset.num_queries)
-    for b, m in masks.items():
-        best[m] = recall[chosen[b]][m]
-    return weights, {
+    chosen = max(recall, key=lambda name: (recall[name].mean(), name == "blend"))
+    ranker = fit_ranker(groups, seed=seed) if chosen == "blend" else source_order(chosen)
+    return ranker, {
         "features": list(BLEND_FEATURES),
-        "users_per_bucket": {b: len(gs) for b, gs in groups.items()},
         "chosen": chosen,
-        "recall@50": float(best.mean()),
-        "by_bucket": {b: float(best[m].mean()) if m.any() else 0.0 for b, m in masks.items()},
+        "recall@50": {name: float(r.mean()) for name, r in recall.items()},
+        "by_bucket": {
+            b: {name: float(r[m].mean()) if m.any() else 0.0 for name, r in recall.items()}
+            for b, m in masks.items()
+        },
     }
 
 

@@ -40,7 +40,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from friendrec.config import TrainingSettings
-from friendrec.fof import BlendWeights
+from friendrec.fof import BlendRanker
 from friendrec.logs import progress_disabled
 from training import evaluation as ev
 from training.model import LossConfig
@@ -292,18 +292,20 @@ def blend_on_validation(
     emb: np.ndarray,
     valset: ev.EvalSet,
     fof_val: tuple[np.ndarray, np.ndarray],
-) -> tuple[BlendWeights, dict[str, Any]]:
-    """A model's blend weights, fitted on validation edges only (``emb``: its index vectors;
+) -> tuple[BlendRanker, dict[str, Any]]:
+    """A model's blend ranker, fitted on validation edges only (``emb``: its index vectors;
     ``fof_val``: ``topk_fof`` of the same eval set, as deep as the service's blend), and what
     was fitted, for reports."""
     depth = ctx.settings.serving.blend_depth
-    embedding = ev.embedding_topk(emb, valset, k=depth, queries=tower.query_form(emb))
-    weights, info = ev.fit_blend(embedding, fof_val, valset, ctx.data.user_ids)
-    return weights, {
-        "weights": {b: list(w) for b, w in weights.coef.items()},
-        "features": info["features"],
+    queries = tower.query_form(emb)
+    embedding = ev.embedding_topk(emb, valset, k=depth, queries=queries)
+    source = ev.BlendSource(valset, ctx.data.user_ids, emb, queries)
+    ranker, info = ev.fit_blend(embedding, fof_val, source, seed=ctx.settings.training.seed)
+    return ranker, {
+        "ranker": ranker.as_dict(),
         "chosen": info["chosen"],
-        "val_recall50": info["recall@50"],
+        "val_recall50": info["recall@50"][info["chosen"]],
+        "val_recall50_by_source": info["recall@50"],
         "by_bucket": info["by_bucket"],
     }
 
@@ -314,7 +316,7 @@ def write_outputs(result: TuneResult, output: Path) -> dict[str, Path]:
     settings = {
         "data": {"dataset": result.dataset},
         "training": result.best,
-        "serving": {"blend_weights": result.blend["weights"]},
+        "serving": {"blend_ranker": result.blend["ranker"]},
     }
     header = (
         f"# friendrec tune {result.dataset}: chosen on validation edges "
@@ -350,8 +352,9 @@ def write_outputs(result: TuneResult, output: Path) -> dict[str, Path]:
         lines += ["", "The best trial's gain has a CI that reaches 0: not chosen."]
     lines += [
         "",
-        f"Blend with friends-of-friends (weights fitted per degree bucket, in the settings): "
-        f"val Recall@50 {result.blend['val_recall50']:.4f}.",
+        f"Blend with friends-of-friends (its ranker, in the settings, scored out of sample: "
+        f"fitted on half of the validation users, scored on the other half): "
+        f"{result.blend['chosen']}, val Recall@50 {result.blend['val_recall50']:.4f}.",
         "",
     ]
     table = output.with_suffix(".md")
