@@ -128,7 +128,7 @@ def test_friend_state_application_is_idempotent(state_factory):
     once = state.friends([1, 2, 3, 4])
     state.apply(batch)  # redelivered after a crash
     assert state.friends([1, 2, 3, 4]) == once == {1: [2, 4], 2: [1], 3: [1], 4: []}
-    assert state.degrees([4, 1, 9]) == {4: 1, 1: 2, 9: 0}  # the blend's friend counts
+    assert state.degrees([4, 1, 2, 9]) == {4: 0, 1: 2, 2: 1, 9: 0}  # the blend's friend counts
     state.close()
     reopened = state_factory()  # durable, shared by processes
     assert reopened.friends([1]) == {1: [2, 4]} and reopened.count() == 4
