@@ -206,7 +206,7 @@ def evaluate_dataset(
         "results": results,
         "comparisons": comparisons,
         "by_degree": by_degree,
-        "blend_weights": blends,
+        "blend_rankers": blends,  # per seed: the fitted ranker, its choice, its validation recall
         "tuned": None if tuned is None else tuned.as_dict(),
         "blend_gain": blend_gains(results, [v for v, _ in variants]),
         # Recall of the two lists the blend merges, all their candidates (its ceiling at any k)

@@ -18,6 +18,7 @@ from friendrec.config import load_settings
 from friendrec.data.canonical import load_prepared, prepare
 from friendrec.fof import BLEND_FEATURES, BlendRanker, blend, blend_candidates, blend_features
 from friendrec.paths import DatasetPaths
+from training.blend_ranker import stack_members
 from training.evaluation import (
     BlendSource,
     EvalSet,
@@ -360,6 +361,29 @@ def test_blend_features_and_merge_on_hand_lists():
     assert [u for u, _, _ in merged(_linear(inner_product=1.0), 4)] == [7, 3, 8, 5]
     assert [u for u, _, _ in merged(_linear(log1p_degree=1.0), 2)] == [8, 3]
     assert blend([], [], _linear(embedding=1.0), 4, 3, {}, {}, 0) == []
+
+
+def test_stacked_perceptrons_score_the_mean_of_their_members():
+    rng = np.random.default_rng(3)
+    width = len(BLEND_FEATURES)
+
+    def member(hidden: tuple[int, ...]) -> BlendRanker:
+        sizes = (width, *hidden, 1)
+        layers = tuple(
+            (rng.standard_normal((a, b)), rng.standard_normal(b))
+            for a, b in itertools.pairwise(sizes)
+        )
+        return BlendRanker(np.full(width, 0.5), np.full(width, 2.0), layers)
+
+    x = rng.standard_normal((40, width))
+    for hidden in ((), (4,), (5, 3)):
+        members = [member(hidden) for _ in range(3)]
+        stacked = stack_members(members)
+        want = np.mean([m.score(x) for m in members], axis=0)
+        np.testing.assert_allclose(stacked.score(x), want, rtol=1e-12, atol=1e-12)
+        assert BlendRanker.from_dict(stacked.as_dict()).score(x) == pytest.approx(want)
+    with pytest.raises(ValueError, match="same depth"):
+        stack_members([member((4,)), member(())])
 
 
 def test_blend_ranker_fitted_on_validation_learns_a_degree_preference_that_flips():

@@ -617,7 +617,7 @@ def test_bench_quality_reports_the_blend_its_ceiling_and_the_degree_buckets(engb
         assert gain == pytest.approx(
             results["blend (baseline)"][slice_name]["recall@50"] / best - 1
         )
-    chosen = entry["blend_weights"]["baseline"][0]
+    chosen = entry["blend_rankers"]["baseline"][0]
     assert set(chosen["by_bucket"]) == set(entry["by_degree"]["baseline"])
     assert chosen["chosen"] in ("blend", "embedding", "fof")
     assert chosen["val_recall50"] == max(chosen["val_recall50_by_source"].values())

@@ -19,6 +19,8 @@ from friendrec.fof import BLEND_FEATURES, BlendRanker
 
 HIDDEN = (32, 32)
 EPOCHS = 30
+MEMBERS = 3  # perceptrons fitted from different seeds and averaged
+DECIMALS = 6  # of the fitted weights
 BATCH = 64
 LEARNING_RATE = 3e-3
 
@@ -37,9 +39,60 @@ def fit_ranker(
     hidden: Sequence[int] = HIDDEN,
     epochs: int = EPOCHS,
     seed: int = 0,
+    members: int = MEMBERS,
 ) -> BlendRanker:
     """A ranker fitted to ``groups``: per user, its candidates' ``BLEND_FEATURES`` [c, f] and
-    whether each is a held-out friend [c] (users with none teach nothing and are left out)."""
+    whether each is a held-out friend [c] (users with none teach nothing and are left out).
+
+    The mean of ``members`` perceptrons fitted from different seeds: on a few thousand
+    validation users one fit's Recall@50 moves by about half a point with its seed, and the
+    mean of three was 0.35-0.55 points above a single fit on TW, PTBR and ES (validation,
+    out of sample). The mean is itself one perceptron, wider, its hidden layers side by side
+    (``stack_members``), so serving is unchanged."""
+    fits = [_fit_one(groups, hidden, epochs, seed + 1000 * m) for m in range(members)]
+    ranker = fits[0] if members == 1 else stack_members(fits)
+    # Six decimals: the ranker is the same object in a settings file as in memory (the service
+    # reads the file, the evaluation the fit), and the file stays small.
+    layers = tuple((np.round(w, DECIMALS), np.round(b, DECIMALS)) for w, b in ranker.layers)
+    return BlendRanker(ranker.mean, ranker.scale, layers)
+
+
+def stack_members(rankers: Sequence[BlendRanker]) -> BlendRanker:
+    """One perceptron whose score is the mean of ``rankers``' (same standardisation, same
+    depth): first layers side by side, deeper ones block-diagonal, the outputs averaged."""
+    from scipy.linalg import block_diag
+
+    first = rankers[0]
+    if any(
+        not np.array_equal(r.mean, first.mean) or len(r.layers) != len(first.layers)
+        for r in rankers
+    ):
+        raise ValueError("only perceptrons of the same depth and standardisation can be stacked")
+    layers = [
+        (
+            np.concatenate([r.layers[0][0] for r in rankers], axis=1),
+            np.concatenate([r.layers[0][1] for r in rankers]),
+        )
+    ]
+    for depth in range(1, len(first.layers)):
+        layers.append(
+            (
+                block_diag(*[r.layers[depth][0] for r in rankers]),
+                np.concatenate([r.layers[depth][1] for r in rankers]),
+            )
+        )
+    weight, bias = layers[-1]  # the stacked outputs, averaged into one
+    out_w = weight.reshape(weight.shape[0], len(rankers), -1).sum(axis=1) / len(rankers)
+    layers[-1] = (out_w, bias.reshape(len(rankers), -1).mean(axis=0))
+    return BlendRanker(first.mean, first.scale, tuple(layers))
+
+
+def _fit_one(
+    groups: Sequence[tuple[np.ndarray, np.ndarray]],
+    hidden: Sequence[int],
+    epochs: int,
+    seed: int,
+) -> BlendRanker:
     import tensorflow as tf
 
     groups = [(x, y) for x, y in groups if len(x) and np.any(y)]

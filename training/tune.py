@@ -322,7 +322,8 @@ def write_outputs(result: TuneResult, output: Path) -> dict[str, Path]:
         f"# friendrec tune {result.dataset}: chosen on validation edges "
         f"(val Recall@50 {result.val_recall50:.4f}); see {output.stem}.md for every trial.\n"
     )
-    output.write_text(header + yaml.safe_dump(settings, sort_keys=False))
+    # Lists of numbers in flow style: the blend ranker's weight matrices one row per line.
+    output.write_text(header + yaml.safe_dump(settings, sort_keys=False, default_flow_style=None))
     lines = [
         f"# friendrec tune: {result.dataset}",
         "",
