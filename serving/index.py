@@ -699,7 +699,10 @@ class EmbeddingIndex:
         return [[(int(hit[ID_FIELD]), float(hit["distance"])) for hit in hits] for hits in result]
 
     def get_vectors(
-        self, collection: str, user_ids: Sequence[int] | np.ndarray
+        self,
+        collection: str,
+        user_ids: Sequence[int] | np.ndarray,
+        timeout: float | None = None,
     ) -> dict[int, np.ndarray]:
         """Stored vectors by user id; absent users are missing from the result."""
         ids = [int(u) for u in np.asarray(user_ids, dtype=np.int64).tolist()]
@@ -714,6 +717,7 @@ class EmbeddingIndex:
                     collection,
                     ids=chunk,
                     output_fields=[ID_FIELD, VECTOR_FIELD],
+                    timeout=self.timeout if timeout is None else timeout,
                 )
 
             for row in self._with_load_retry(collection, "get", call):

@@ -420,7 +420,7 @@ class Recommender:
         degrees_read = self._feast_pool.submit(self.friend_sets.degrees, candidates)
         wanted = sorted({u for users in others.values() for u in users})
         try:
-            stored = self.index.get_vectors(live.collection, wanted) if wanted else {}
+            stored = self.index.get_vectors(live.collection, wanted, timeout) if wanted else {}
         except IndexUnavailableError as exc:
             raise self._milvus_unavailable(exc) from None
         for i in rows:

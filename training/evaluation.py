@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -535,12 +536,13 @@ class BlendSource:
     vectors: np.ndarray  # [n, d] what the index stores
     queries: np.ndarray  # [n, d] the users' query vectors
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_index_of", {int(u): i for i, u in enumerate(self.user_ids)})
+    @cached_property
+    def _position(self) -> dict[int, int]:
+        return {int(u): i for i, u in enumerate(self.user_ids.tolist())}
 
     def index_of(self, users: Sequence[int]) -> np.ndarray:
-        lookup: dict[int, int] = self._index_of  # type: ignore[attr-defined]
-        return np.array([lookup[int(u)] for u in users], dtype=np.int64)
+        """Dense indices of user ids."""
+        return np.array([self._position[int(u)] for u in users], dtype=np.int64)
 
     def inputs(
         self, embedding: tuple[np.ndarray, np.ndarray], fof: tuple[np.ndarray, np.ndarray], row: int
