@@ -56,6 +56,16 @@ SOURCES: tuple[str, ...] = ("embedding", "fof", "blend")
 MAX_REQUEST_FRIENDS = 5_000  # friends named in request features (each is an online read)
 
 
+@dataclass(frozen=True)
+class BlendReads:
+    """The blend's reads in flight: which queries blend, their friends-of-friends candidates'
+    stored vectors and friend counts."""
+
+    rows: list[int]
+    vectors: Future[dict[int, np.ndarray]]
+    degrees: Future[dict[int, int]]
+
+
 class ServiceError(Exception):
     """A failed request: the gRPC status code and a message safe to show the client."""
 
@@ -399,36 +409,57 @@ class Recommender:
             self._live = None  # re-resolve the alias once Milvus is back
         return ServiceError(grpc.StatusCode.UNAVAILABLE, f"Milvus unavailable: {exc}")
 
+    def _start_blend_reads(
+        self, live: LiveIndex, queries: Sequence[Query], fof: Sequence[list[tuple[int, float]]],
+        timeout: float,
+    ) -> BlendReads | None:  # fmt: skip
+        """The blend's reads of its friends-of-friends candidates, started before the search so
+        that they overlap it: their stored vectors (one Milvus get: the inner product with the
+        ones the search misses) and their friend counts (one friend-set read)."""
+        rows = [i for i, q in enumerate(queries) if q.source == "blend"]
+        if not rows or self.friend_sets is None:
+            return None
+        users = sorted({u for i in rows for u, _ in fof[i]})
+        return BlendReads(
+            rows,
+            self._feast_pool.submit(self.index.get_vectors, live.collection, users, timeout),
+            self._feast_pool.submit(self.friend_sets.degrees, users),
+        )
+
     def _blend_inputs(
         self,
-        live: LiveIndex,
-        queries: Sequence[Query],
+        reads: BlendReads | None,
         vectors: np.ndarray,
         hits: Sequence[list[tuple[int, float]]],
         fof: Sequence[list[tuple[int, float]]],
         timeout: float,
     ) -> tuple[list[dict[int, float]], dict[int, int]]:
         """What the blend reads besides its two lists: the model's inner product with each
-        friend of friends the search missed (their stored vectors, one Milvus get) and every
-        candidate's friend count (one friend-set read, beside it)."""
-        rows = [i for i, q in enumerate(queries) if q.source == "blend"]
-        products: list[dict[int, float]] = [{} for _ in queries]
-        if not rows or self.friend_sets is None:
+        friend of friends the search missed, and every candidate's friend count (those of the
+        embedding's candidates read now, the others' already on their way)."""
+        products: list[dict[int, float]] = [{} for _ in hits]
+        if reads is None or self.friend_sets is None:
             return products, {}
-        others = {i: blend_candidates(hits[i], fof[i]) for i in rows}
-        candidates = sorted({u for i in rows for u, _ in (*hits[i], *fof[i])})
-        degrees_read = self._feast_pool.submit(self.friend_sets.degrees, candidates)
-        wanted = sorted({u for users in others.values() for u in users})
+        known = set().union(*(dict(fof[i]) for i in reads.rows))
+        more = sorted({u for i in reads.rows for u, _ in hits[i]} - known)
+        more_read = self._feast_pool.submit(self.friend_sets.degrees, more) if more else None
         try:
-            stored = self.index.get_vectors(live.collection, wanted, timeout) if wanted else {}
+            stored = reads.vectors.result(timeout)
         except IndexUnavailableError as exc:
             raise self._milvus_unavailable(exc) from None
-        for i in rows:
-            known = [u for u in others[i] if u in stored]
-            if known:
-                dots = np.stack([stored[u] for u in known]) @ vectors[i]
-                products[i] = {u: float(p) for u, p in zip(known, dots, strict=True)}
-        degrees = self._store_result(degrees_read, timeout, "friend_sets", "friend counts")
+        except FutureTimeout:
+            self.metrics.dependency_errors.labels("milvus").inc()
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "Milvus did not return the candidates' vectors"
+            ) from None
+        for i in reads.rows:
+            others = [u for u in blend_candidates(hits[i], fof[i]) if u in stored]
+            if others:
+                dots = np.stack([stored[u] for u in others]) @ vectors[i]
+                products[i] = {u: float(p) for u, p in zip(others, dots, strict=True)}
+        degrees = self._store_result(reads.degrees, timeout, "friend_sets", "friend counts")
+        if more_read is not None:
+            degrees |= self._store_result(more_read, timeout, "friend_sets", "friend counts")
         return products, degrees
 
     def _rank(
@@ -522,6 +553,7 @@ class Recommender:
             fof = self._friends_of_friends(
                 queries, friends_of, excluded, budget(cfg.feast_timeout_s)
             )
+        blend_reads = self._start_blend_reads(live, queries, fof, budget(cfg.milvus_timeout_s))
         with self.metrics.stage("milvus", timings):
             wanted = [0 if q.source == "fof" else self._depth(q) for q in queries]
             try:
@@ -530,7 +562,7 @@ class Recommender:
                 raise self._milvus_unavailable(exc) from None
         with self.metrics.stage("blend_inputs", timings):
             products, degrees = self._blend_inputs(
-                live, queries, vectors, hits, fof, budget(cfg.milvus_timeout_s)
+                blend_reads, vectors, hits, fof, budget(cfg.milvus_timeout_s)
             )
         with self.metrics.stage("rank", timings):
             recommendations = []
