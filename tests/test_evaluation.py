@@ -439,6 +439,18 @@ def test_blend_ranker_fitted_on_validation_learns_a_degree_preference_that_flips
     estimate = info["recall@50"]
     assert estimate["blend"] > max(estimate["embedding"], estimate["fof"])
     assert estimate["blend"] <= recall_at(blended, 50) + 0.05  # in sample is no worse
+    # One user cannot be split into a half to fit on and a half to judge on: a source's order.
+    first_user = replace(
+        evalset,
+        queries=evalset.queries[:1],
+        heldout=sp.csr_array(heldout[[0]]),
+        cold_start=evalset.cold_start[:1],
+    )
+    one = replace(source, evalset=first_user)
+    first = ((top[:1], embedding[1][:1]), (fof[0][:1], fof[1][:1]))
+    kept, alone = fit_blend(*first, one)
+    assert alone["chosen"] in ("embedding", "fof") and "blend" not in alone["recall@50"]
+    assert kept.layers[0][0].shape == (len(BLEND_FEATURES), 1)  # linear: a source's order
     with pytest.raises(ValueError, match="no validation user has a held-out friend"):
         fit_blend(
             embedding,

@@ -631,12 +631,19 @@ def fit_blend(
     if not any(len(y) and y.any() for _, y in groups):
         raise ValueError("no validation user has a held-out friend among the candidates")
     half = np.arange(len(groups)) % 2
-    crossed: list[np.ndarray] = [np.zeros(0)] * len(groups)
-    for part in (0, 1):
-        fitted = fit_ranker([g for g, h in zip(groups, half, strict=True) if h != part], seed=seed)
-        for i in np.flatnonzero(half == part):
-            crossed[i] = fitted.score(groups[i][0]) if len(groups[i][0]) else np.zeros(0)
-    recall = {"blend": _recall_at(groups, crossed, held)}
+    taught = [any(len(y) and y.any() for (_, y), h in zip(groups, half, strict=True) if h != part)
+              for part in (0, 1)]  # fmt: skip
+    recall: dict[str, np.ndarray] = {}
+    if all(taught):
+        crossed: list[np.ndarray] = [np.zeros(0)] * len(groups)
+        for part in (0, 1):
+            train_on = [g for g, h in zip(groups, half, strict=True) if h != part]
+            fitted = fit_ranker(train_on, seed=seed)
+            for i in np.flatnonzero(half == part):
+                crossed[i] = fitted.score(groups[i][0]) if len(groups[i][0]) else np.zeros(0)
+        recall["blend"] = _recall_at(groups, crossed, held)
+    else:  # too few users to fit on one half and judge on the other: keep a source's order
+        log.warning("blend: too few validation users with a held-out friend to fit a ranker")
     for name in ("embedding", "fof"):
         order = source_order(name)
         scores = [order.score(x) if len(x) else np.zeros(0) for x, _ in groups]
