@@ -4,9 +4,10 @@ Each validation user is a list of candidates (the union of its embedding and fri
 lists, ``friendrec.fof.blend_features``) and its held-out friends among them. The ranker is fitted
 by a listwise softmax: the mean log-probability of a user's held-out friends among its
 candidates, the usual surrogate of recall for a re-ranker. A small perceptron rather than a
-linear score: on Twitch's validation edges (docs/quality.md, session 22) the interaction of the
-candidate's degree with the user's and with the two sources' scores is worth 1.6-4 points of
-Recall@50 that a linear score of the same features does not reach.
+linear score: the candidate's degree matters according to the user's and to the two sources'
+scores, and on TW's validation edges that is worth 1.6 points of Recall@50 that a linear score
+of the same features, their squares and products does not reach (ENGB: 0.3; docs/quality.md,
+session 22).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def stack_members(rankers: Sequence[BlendRanker]) -> BlendRanker:
 
     first = rankers[0]
     if any(
-        not np.array_equal(r.mean, first.mean) or len(r.layers) != len(first.layers)
+        not np.array_equal(r.mean, first.mean)
+        or not np.array_equal(r.scale, first.scale)
+        or len(r.layers) != len(first.layers)
         for r in rankers
     ):
         raise ValueError("only perceptrons of the same depth and standardisation can be stacked")
