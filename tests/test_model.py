@@ -19,6 +19,7 @@ from feature_repo.jobs.graph_features import compute_graph_features, profile_tab
 from friendrec.config import TrainingSettings
 from friendrec.feast_store import open_store
 from friendrec.fof import BLEND_FEATURES
+from training.blend_ranker import source_order
 from training.export import MODEL_CARD, WARMUP_FILE, export_tower, load_signature
 from training.features import (
     FeatureTable,
@@ -791,7 +792,8 @@ def test_tune_reports_each_gain_with_its_ci_and_can_require_it_above_0(ctx, monk
 
     monkeypatch.setattr(tune_module, "train", fake_train)
     monkeypatch.setattr(tune_module, "validation_recalls", lambda tower, *a: per_user[tower])
-    blend = {"val_recall50": 0.5, "weights": {}}
+    ranker = source_order("embedding").as_dict()
+    blend = {"val_recall50": 0.5, "chosen": "embedding", "ranker": ranker}
     monkeypatch.setattr(tune_module, "_choose_blend", lambda ctx, cfg: blend)
     monkeypatch.setattr(tune_module, "WEIGHTS", ((0.0, 0.0),))
     tctx = replace(ctx, settings=ctx.settings.model_copy(update={"training": SMALL}))
