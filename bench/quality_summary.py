@@ -312,7 +312,7 @@ def _blend_table(results: list[GraphResult]) -> list[str]:
         return []
     lines = [
         "",
-        "The service's blend of embedding retrieval and friends-of-friends (weights chosen per "
+        "The service's blend of embedding retrieval and friends-of-friends (its ranker fitted per "
         "model on validation edges), test Recall@50; gain over the better of its two sources; "
         "the share of held-out friends in either list the blend merges (its ceiling at any k):",
         "",
