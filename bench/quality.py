@@ -153,13 +153,14 @@ def evaluate_dataset(
                 train_distributed(settings.model_copy(update={"training": cfg}), ctx=ctx)
             result, tower = train(ctx, cfg, show_progress=False)
             emb = embed_all(tower, ctx.table, cfg.fanout)
-            topk, scores = ev.embedding_topk(emb, evalset, k=deepest, queries=tower.query_form(emb))
+            queries = tower.query_form(emb)
+            topk, scores = ev.embedding_topk(emb, evalset, k=deepest, queries=queries)
             per_seed[objective].append(ev.per_user_metrics(topk, evalset, ks=KS))
             name = f"blend ({objective})"
             ranker, chosen = blend_on_validation(ctx, tower, emb, valset, blend_fof["val"])
             top = topk[:, :depth]
             embedding = (top, scores[:, :depth])
-            source = ev.BlendSource(evalset, ctx.data.user_ids, emb, tower.query_form(emb))
+            source = ev.BlendSource(evalset, ctx.data.user_ids, emb, queries)
             blended = ev.topk_blend(embedding, blend_fof["test"], source, ranker, max(KS))
             per_seed.setdefault(name, []).append(ev.per_user_metrics(blended, evalset, ks=KS))
             ceilings.setdefault(objective, []).append(

@@ -126,36 +126,33 @@ class FriendState:
                         "DELETE FROM friends WHERE user_id = ? AND friend_id = ?", (user, friend)
                     )
 
+    def _per_user(self, select: str, users: list[int]) -> list[tuple[int, int]]:
+        """Rows of ``select`` (a query whose ``{marks}`` is the users' IN list), 500 users at
+        a time (sqlite's bound-parameter limit)."""
+        rows: list[tuple[int, int]] = []
+        with self._lock:
+            for lo in range(0, len(users), 500):
+                chunk = users[lo : lo + 500]
+                marks = ",".join("?" * len(chunk))
+                rows += self._db.execute(select.format(marks=marks), chunk).fetchall()
+        return rows
+
     def friends(self, users: Sequence[int]) -> dict[int, list[int]]:
         """Each user's full friend list (ascending)."""
         out: dict[int, list[int]] = {int(u): [] for u in users}
-        with self._lock:
-            for lo in range(0, len(out), 500):
-                chunk = list(out)[lo : lo + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT user_id, friend_id FROM friends WHERE user_id IN ({marks}) "
-                    "ORDER BY user_id, friend_id",
-                    chunk,
-                )
-                for user, friend in rows:
-                    out[int(user)].append(int(friend))
+        select = (
+            "SELECT user_id, friend_id FROM friends WHERE user_id IN ({marks}) "
+            "ORDER BY user_id, friend_id"
+        )
+        for user, friend in self._per_user(select, list(out)):
+            out[int(user)].append(int(friend))
         return out
 
     def degrees(self, users: Sequence[int]) -> dict[int, int]:
         """Each user's friend count (0 for a user without friends)."""
         out: dict[int, int] = dict.fromkeys((int(u) for u in users), 0)
-        keys = list(out)
-        with self._lock:
-            for lo in range(0, len(keys), 500):
-                chunk = keys[lo : lo + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT user_id, count(*) FROM friends WHERE user_id IN ({marks}) "
-                    "GROUP BY user_id",
-                    chunk,
-                )
-                out.update((int(user), int(n)) for user, n in rows)
+        select = "SELECT user_id, count(*) FROM friends WHERE user_id IN ({marks}) GROUP BY user_id"
+        out.update((int(user), int(n)) for user, n in self._per_user(select, list(out)))
         return out
 
     def count(self) -> int:

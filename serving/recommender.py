@@ -58,10 +58,11 @@ MAX_REQUEST_FRIENDS = 5_000  # friends named in request features (each is an onl
 
 @dataclass(frozen=True)
 class BlendReads:
-    """The blend's reads in flight: which queries blend, their friends-of-friends candidates'
-    stored vectors and friend counts."""
+    """The blend's reads in flight: which queries blend, their friends-of-friends candidates,
+    and those candidates' stored vectors and friend counts."""
 
     rows: list[int]
+    users: frozenset[int]
     vectors: Future[dict[int, np.ndarray]]
     degrees: Future[dict[int, int]]
 
@@ -422,6 +423,7 @@ class Recommender:
         users = sorted({u for i in rows for u, _ in fof[i]})
         return BlendReads(
             rows,
+            frozenset(users),
             self._feast_pool.submit(self.index.get_vectors, live.collection, users, timeout),
             self._feast_pool.submit(self.friend_sets.degrees, users),
         )
@@ -440,8 +442,7 @@ class Recommender:
         products: list[dict[int, float]] = [{} for _ in hits]
         if reads is None or self.friend_sets is None:
             return products, {}
-        known = set().union(*(dict(fof[i]) for i in reads.rows))
-        more = sorted({u for i in reads.rows for u, _ in hits[i]} - known)
+        more = sorted({u for i in reads.rows for u, _ in hits[i]} - reads.users)
         more_read = self._feast_pool.submit(self.friend_sets.degrees, more) if more else None
         try:
             stored = reads.vectors.result(timeout)

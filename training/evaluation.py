@@ -598,8 +598,7 @@ def _blend_groups(
         emb, fo, products, degrees, degree = source.inputs(embedding, fof, i)
         users, x = blend_features(emb, fo, depth, products, degrees, degree)
         held = evalset.heldout.indices[evalset.heldout.indptr[i] : evalset.heldout.indptr[i + 1]]
-        y = np.isin(source.index_of(users), held).astype(np.float64) if len(users) else users
-        groups.append((x, y))
+        groups.append((x, np.isin(source.index_of(users), held).astype(np.float64)))
     return groups
 
 
@@ -628,13 +627,12 @@ def fit_blend(
     evalset = source.evalset
     groups = _blend_groups(embedding, fof, source)
     held = np.diff(evalset.heldout.indptr)
-    if not any(len(y) and y.any() for _, y in groups):
+    teaches = np.array([bool(y.any()) for _, y in groups])  # a held-out friend among them
+    if not teaches.any():
         raise ValueError("no validation user has a held-out friend among the candidates")
     half = np.arange(len(groups)) % 2
-    taught = [any(len(y) and y.any() for (_, y), h in zip(groups, half, strict=True) if h != part)
-              for part in (0, 1)]  # fmt: skip
     recall: dict[str, np.ndarray] = {}
-    if all(taught):
+    if all(teaches[half != part].any() for part in (0, 1)):
         crossed: list[np.ndarray] = [np.zeros(0)] * len(groups)
         for part in (0, 1):
             train_on = [g for g, h in zip(groups, half, strict=True) if h != part]
