@@ -111,6 +111,7 @@ def evaluate_dataset(
     out_dir: Path,
     tune_budget_s: float = 0.0,
     workers: int = 1,
+    blend_without_reads: bool = False,
 ) -> dict[str, Any]:
     ensure_features(settings, dataset)
     ctx = TrainingContext.load(settings, dataset)
@@ -131,7 +132,7 @@ def evaluate_dataset(
         for split, es in (("val", valset), ("test", evalset))
     }
     blend_fof = {split: (top[:, :depth], scores[:, :depth]) for split, (top, scores) in fof.items()}
-    blends: dict[str, list[dict[str, Any]]] = {}
+    blends: dict[bool, dict[str, list[dict[str, Any]]]] = {True: {}, False: {}}
     ceilings: dict[str, list[np.ndarray]] = {}  # per seed: union recall of the blend's two lists
     per_seed: dict[str, list[dict[str, np.ndarray]]] = {o: [] for o in objectives}
     step_seconds: dict[str, list[float]] = {o: [] for o in objectives}
@@ -156,18 +157,22 @@ def evaluate_dataset(
             queries = tower.query_form(emb)
             topk, scores = ev.embedding_topk(emb, evalset, k=deepest, queries=queries)
             per_seed[objective].append(ev.per_user_metrics(topk, evalset, ks=KS))
-            name = f"blend ({objective})"
-            ranker, chosen = blend_on_validation(ctx, tower, emb, valset, blend_fof["val"])
             top = topk[:, :depth]
             embedding = (top, scores[:, :depth])
             source = ev.BlendSource(evalset, ctx.data.user_ids, emb, queries)
-            blended = ev.topk_blend(embedding, blend_fof["test"], source, ranker, max(KS))
-            per_seed.setdefault(name, []).append(ev.per_user_metrics(blended, evalset, ks=KS))
+            # The blend as served; and beside it, where asked, the blend without vector reads.
+            for reads in (None, False) if blend_without_reads else (None,):
+                ranker, chosen = blend_on_validation(
+                    ctx, tower, emb, valset, blend_fof["val"], reads_vectors=reads
+                )
+                name = blend_name(objective, reads is None)
+                blended = ev.topk_blend(embedding, blend_fof["test"], source, ranker, max(KS))
+                per_seed.setdefault(name, []).append(ev.per_user_metrics(blended, evalset, ks=KS))
+                popularity.setdefault(name, []).append(ev.retrieved_popularity(blended, evalset))
+                blends[reads is None].setdefault(objective, []).append(chosen)
             ceilings.setdefault(objective, []).append(
                 ev.union_recall([top, blend_fof["test"][0]], evalset)
             )
-            popularity.setdefault(name, []).append(ev.retrieved_popularity(blended, evalset))
-            blends.setdefault(objective, []).append(chosen)
             popularity[objective].append(ev.retrieved_popularity(topk, evalset))
             if seed == seeds[0]:  # the Recall@K plot shows the first seed's curves
                 curves[objective] = ev.recall_curve(topk, evalset)
@@ -207,9 +212,12 @@ def evaluate_dataset(
         "results": results,
         "comparisons": comparisons,
         "by_degree": by_degree,
-        "blend_rankers": blends,  # per seed: the fitted ranker, its choice, its validation recall
+        "blend_rankers": blends[True],  # per seed: the ranker, its choice, its validation recall
         "tuned": None if tuned is None else tuned.as_dict(),
         "blend_gain": blend_gains(results, [v for v, _ in variants]),
+        # --blend-without-reads: the blend fitted and served without the vectors' reads
+        "blend_rankers_without_reads": blends[False],
+        "blend_gain_without_reads": blend_gains(results, [v for v, _ in variants], False),
         # Recall of the two lists the blend merges, all their candidates (its ceiling at any k)
         "blend_ceiling": {
             o: {name: float(np.mean(runs, axis=0)[m].mean()) for name, m in slices.items()}
@@ -236,11 +244,20 @@ def workers_variant(workers: int) -> str:
     return f"baseline, {workers} workers"
 
 
-def blend_gains(results: dict[str, Any], objectives: list[str]) -> dict[str, dict[str, float]]:
-    """Relative Recall@50 of each blend over the better of its two sources, per slice."""
+def blend_name(objective: str, as_configured: bool = True) -> str:
+    """The report's name of a model's blend: as the settings serve it, or without vector reads
+    (``serving.blend_reads_vectors`` false)."""
+    return f"blend ({objective})" if as_configured else f"blend without reads ({objective})"
+
+
+def blend_gains(
+    results: dict[str, Any], objectives: list[str], as_configured: bool = True
+) -> dict[str, dict[str, float]]:
+    """Relative Recall@50 of each blend (``blend_name``) over the better of its two sources,
+    per slice."""
     out: dict[str, dict[str, float]] = {}
     for objective in objectives:
-        blended = results.get(f"blend ({objective})")
+        blended = results.get(blend_name(objective, as_configured))
         if blended is None:
             continue
         out[objective] = {}
@@ -304,6 +321,7 @@ def run_quality(
     output: Path,
     tune_budget_s: float = 0.0,
     workers: int = 1,
+    blend_without_reads: bool = False,
 ) -> list[dict[str, Any]]:
     # Its own workdir: runs made by hand (other timings, other settings) are never reused, and an
     # interrupted benchmark resumes its finished runs.
@@ -314,7 +332,15 @@ def run_quality(
         out_dir = output.parent / "quality"
         report.append(
             evaluate_dataset(
-                settings, dataset, seeds, objectives, epochs, out_dir, tune_budget_s, workers
+                settings,
+                dataset,
+                seeds,
+                objectives,
+                epochs,
+                out_dir,
+                tune_budget_s,
+                workers,
+                blend_without_reads,
             )
         )
         output.parent.mkdir(parents=True, exist_ok=True)

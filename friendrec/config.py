@@ -28,9 +28,11 @@ FEATURE_REPO_DIR = PROJECT_ROOT / "feature_repo"
 
 # 2024-01-01T00:00:00Z: the start of the synthetic timeline given to friendships (docs/data.md).
 DEFAULT_TIMELINE_START = 1_704_067_200
-# The blend's ranker (friendrec.fof.BlendRanker) fitted on twitch/ENGB validation edges (the
-# single-task model, seed 0; `friendrec tune` writes a graph's own).
+# The blend's rankers (friendrec.fof.BlendRanker) fitted on twitch/ENGB validation edges (the
+# single-task model, seed 0; `friendrec tune` writes a graph's own): one that reads the missed
+# friends of friends' vectors, one that does not (serving.blend_reads_vectors).
 DEFAULT_BLEND_RANKER = Path(__file__).with_name("blend_ranker_default.json")
+DEFAULT_BLEND_RANKER_NO_READS = Path(__file__).with_name("blend_ranker_default_no_reads.json")
 
 
 class DataSettings(BaseModel):
@@ -224,11 +226,18 @@ class ServingSettings(BaseModel):
     blend_depth: int = Field(
         100, gt=0, description="Candidates taken from each source before blending (>= k used)."
     )
+    blend_reads_vectors: bool = Field(
+        True,
+        description="Whether the blend reads the stored vectors of the friends of friends the "
+        "search missed (one Milvus get, most of the blend's latency) for their inner products. "
+        "False: a ranker fitted on a bound instead (the default's twin; `friendrec tune` fits "
+        "a graph's own), a few tenths of a point of Recall@50 less (docs/quality.md).",
+    )
     blend_ranker: dict[str, Any] = Field(
         default_factory=lambda: json.loads(DEFAULT_BLEND_RANKER.read_text()),
         description="The blend's ranker over its features (friendrec/fof.py, BlendRanker: a "
-        "small perceptron, as `features`, `mean`, `scale` and `layers`); the default was fitted "
-        "on twitch/ENGB validation edges, `friendrec tune` fits a graph's own.",
+        "small perceptron, as `features`, `reads_vectors`, `mean`, `scale` and `layers`); the "
+        "default was fitted on twitch/ENGB validation edges, `friendrec tune` fits a graph's own.",
     )
     exclude_all_friends: bool = Field(
         True,
@@ -275,6 +284,22 @@ class ServingSettings(BaseModel):
         from friendrec.fof import BlendRanker
 
         return BlendRanker.from_dict(value).as_dict()  # the shapes, or a precise error
+
+    @model_validator(mode="after")
+    def _ranker_reads(self) -> ServingSettings:
+        """Without vector reads, the default is the ranker fitted without them, and a ranker
+        fitted on the true inner products is refused rather than fed the bound."""
+        if self.blend_reads_vectors:
+            return self
+        if "blend_ranker" not in self.model_fields_set:
+            self.blend_ranker = json.loads(DEFAULT_BLEND_RANKER_NO_READS.read_text())
+        elif self.blend_ranker.get("reads_vectors", True):
+            raise ValueError(
+                "serving.blend_ranker was fitted on the vectors' inner products, but "
+                "serving.blend_reads_vectors is false: rerun `friendrec tune` with it false (or "
+                "drop serving.blend_ranker for the default without reads)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServingSettings:

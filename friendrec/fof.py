@@ -14,6 +14,12 @@ learns how far an Adamic-Adar score of 3 outweighs an embedding rank of 40 on th
 that a user with one friend befriends popular users where one with fifty does not; a
 reciprocal-rank fusion, which sees ranks only, cannot, and a linear score of the same features
 cannot say the second (docs/quality.md, session 22).
+
+The inner product of a friend of friends the embedding list missed takes one Milvus ``get`` of
+its stored vector, most of the blend's latency. A ranker fitted with ``reads_vectors=False``
+reads none: it is given the embedding list's last score instead, which that candidate's inner
+product cannot exceed (the search returned every user scoring more), and costs a few tenths of
+a point of Recall@50 (docs/quality.md, session 23).
 """
 
 from __future__ import annotations
@@ -134,6 +140,9 @@ class BlendRanker:
     mean: np.ndarray
     scale: np.ndarray
     layers: tuple[tuple[np.ndarray, np.ndarray], ...]
+    # Fitted on the missed friends of friends' true inner products (their vectors read), or on
+    # the bound ``blend_features`` puts in their place (no read).
+    reads_vectors: bool = True
 
     def __post_init__(self) -> None:
         width = len(BLEND_FEATURES)
@@ -164,6 +173,7 @@ class BlendRanker:
         """Plain lists, for a settings file (``serving.blend_ranker``)."""
         return {
             "features": list(BLEND_FEATURES),
+            "reads_vectors": self.reads_vectors,
             "mean": self.mean.tolist(),
             "scale": self.scale.tolist(),
             "layers": [{"weight": w.tolist(), "bias": b.tolist()} for w, b in self.layers],
@@ -191,7 +201,12 @@ class BlendRanker:
             raise ValueError(
                 f"blend ranker: needs mean, scale and layers of weight and bias ({exc})"
             ) from None
-        return cls(mean, scale, layers)
+        reads_vectors = value.get("reads_vectors", True)  # files from before the choice read them
+        if not isinstance(reads_vectors, bool):
+            raise ValueError(
+                f"blend ranker: reads_vectors must be a boolean, got {reads_vectors!r}"
+            )
+        return cls(mean, scale, layers, reads_vectors)
 
 
 def blend_candidates(
@@ -207,14 +222,15 @@ def blend_features(
     embedding: Sequence[tuple[int, float]],
     fof: Sequence[tuple[int, float]],
     depth: int,
-    inner_products: Mapping[int, float],
+    inner_products: Mapping[int, float] | None,
     degrees: Mapping[int, int],
     user_degree: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The union of two ranked lists (embedding order, then the friends of friends it missed)
     and its ``BLEND_FEATURES`` matrix; ``depth``: how many candidates each source was asked for;
     ``inner_products``: the model's score of each of ``blend_candidates`` (a candidate without a
-    stored vector: 0); ``degrees``: each candidate's friend count (missing: 0)."""
+    stored vector: 0), or None for none read: each gets the embedding list's last score, the
+    most it can be; ``degrees``: each candidate's friend count (missing: 0)."""
     e_users = [int(u) for u, _ in embedding]
     f_rank = {int(u): r for r, (u, _) in enumerate(fof, start=1)}
     f_score = {int(u): float(s) for u, s in fof}
@@ -235,7 +251,10 @@ def blend_features(
     x[:, 5] = np.where(in_f, np.log(np.maximum(rank_f, 1)), missing)
     x[:, 6] = in_e & in_f
     x[:, 7] = x[:, 1]
-    x[n_e:, 7] = [inner_products.get(u, 0.0) for u in others]
+    if inner_products is None:
+        x[n_e:, 7] = x[n_e - 1, 1] if n_e else 0.0
+    else:
+        x[n_e:, 7] = [inner_products.get(u, 0.0) for u in others]
     x[:, 8] = np.log1p([degrees.get(u, 0) for u in users])
     x[:, 9] = math.log1p(user_degree)
     return np.asarray(users, dtype=np.int64), x
@@ -247,15 +266,16 @@ def blend(
     ranker: BlendRanker,
     depth: int,
     k: int,
-    inner_products: Mapping[int, float],
+    inner_products: Mapping[int, float] | None,
     degrees: Mapping[int, int],
     user_degree: int,
     seed: int = 0,
 ) -> list[tuple[int, float, str]]:
     """The two lists merged by the ranker's score of their ``blend_features`` (fitted on
     validation edges): (user, blend score, source), source ``embedding``, ``fof`` or ``both``;
-    ties in the tie-key order."""
-    users, x = blend_features(embedding, fof, depth, inner_products, degrees, user_degree)
+    ties in the tie-key order. ``inner_products`` is not used by a ranker that reads no vectors."""
+    products = inner_products if ranker.reads_vectors else None
+    users, x = blend_features(embedding, fof, depth, products, degrees, user_degree)
     if not len(users):
         return []
     order, scores = _best(users, ranker.score(x), k, SCORE_DECIMALS, seed)

@@ -59,11 +59,11 @@ MAX_REQUEST_FRIENDS = 5_000  # friends named in request features (each is an onl
 @dataclass(frozen=True)
 class BlendReads:
     """The blend's reads in flight: which queries blend, their friends-of-friends candidates,
-    and those candidates' stored vectors and friend counts."""
+    and those candidates' stored vectors (None: the ranker reads none) and friend counts."""
 
     rows: list[int]
     users: frozenset[int]
-    vectors: Future[dict[int, np.ndarray]]
+    vectors: Future[dict[int, np.ndarray]] | None
     degrees: Future[dict[int, int]]
 
 
@@ -416,17 +416,18 @@ class Recommender:
     ) -> BlendReads | None:  # fmt: skip
         """The blend's reads of its friends-of-friends candidates, started before the search so
         that they overlap it: their stored vectors (one Milvus get: the inner product with the
-        ones the search misses) and their friend counts (one friend-set read)."""
+        ones the search misses; not for a ranker that reads none) and their friend counts (one
+        friend-set read)."""
         rows = [i for i, q in enumerate(queries) if q.source == "blend"]
         if not rows or self.friend_sets is None:
             return None
         users = sorted({u for i in rows for u, _ in fof[i]})
-        return BlendReads(
-            rows,
-            frozenset(users),
-            self._feast_pool.submit(self.index.get_vectors, live.collection, users, timeout),
-            self._feast_pool.submit(self.friend_sets.degrees, users),
-        )
+        vectors = None
+        if self.blend_ranker.reads_vectors:
+            get = self.index.get_vectors
+            vectors = self._feast_pool.submit(get, live.collection, users, timeout)
+        degrees = self._feast_pool.submit(self.friend_sets.degrees, users)
+        return BlendReads(rows, frozenset(users), vectors, degrees)
 
     def _blend_inputs(
         self,
@@ -445,7 +446,7 @@ class Recommender:
         more = sorted({u for i in reads.rows for u, _ in hits[i]} - reads.users)
         more_read = self._feast_pool.submit(self.friend_sets.degrees, more) if more else None
         try:
-            stored = reads.vectors.result(timeout)
+            stored = {} if reads.vectors is None else reads.vectors.result(timeout)
         except IndexUnavailableError as exc:
             raise self._milvus_unavailable(exc) from None
         except FutureTimeout:

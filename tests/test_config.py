@@ -62,6 +62,18 @@ def test_invalid_settings_are_rejected(monkeypatch, tmp_path):
         load_settings(serving={"blend_ranker": narrow})
     with pytest.raises(ValidationError, match="finite"):
         load_settings(serving={"blend_ranker": {**ranker, "mean": [float("nan")] * 10}})
+    with pytest.raises(ValidationError, match="reads_vectors must be a boolean"):
+        load_settings(serving={"blend_ranker": {**ranker, "reads_vectors": "no"}})
+    # Without the Milvus get the blend is given a bound, not a ranker fitted on true products.
+    assert ranker["reads_vectors"] is True
+    no_reads = load_settings(serving={"blend_reads_vectors": False}).serving.blend_ranker
+    assert no_reads["reads_vectors"] is False and no_reads["layers"] != ranker["layers"]
+    with pytest.raises(ValidationError, match=r"fitted on the vectors' inner products.*tune"):
+        load_settings(serving={"blend_reads_vectors": False, "blend_ranker": ranker})
+    # A ranker that reads none may be served where reads are allowed (tune's source fallback).
+    assert load_settings(serving={"blend_ranker": no_reads}).serving.blend_ranker == no_reads
+    legacy = {k: v for k, v in ranker.items() if k != "reads_vectors"}  # files before the choice
+    assert load_settings(serving={"blend_ranker": legacy}).serving.blend_ranker == ranker
     monkeypatch.setenv("FRIENDREC_CONFIG", str(tmp_path / "missing.yaml"))
     with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
         load_settings()

@@ -457,6 +457,42 @@ def test_blend_ranker_fitted_on_validation_learns_a_degree_preference_that_flips
             fof,
             replace(source, evalset=replace(evalset, heldout=sp.csr_array(heldout.shape))),
         )
+    # Without vector reads: the preference is the degrees', so the bound loses nothing of it,
+    # and other stored vectors change nothing (the ranker reads none); they do change the list
+    # of the ranker that reads them.
+    bounded, info = fit_blend(embedding, fof, source, reads_vectors=False)
+    assert info["chosen"] == "blend" and info["reads_vectors"] is False
+    assert ranker.reads_vectors and not bounded.reads_vectors
+    assert not BlendRanker.from_dict(bounded.as_dict()).reads_vectors
+    no_reads = topk_blend(embedding, fof, source, bounded, k=50)
+    assert recall_at(no_reads[:, :1], 1) >= 0.8
+    noise = np.random.default_rng(13).standard_normal(emb.shape).astype(np.float32)
+    moved = replace(source, vectors=noise)
+    assert np.array_equal(topk_blend(embedding, fof, moved, bounded, k=50), no_reads)
+    assert not np.array_equal(topk_blend(embedding, fof, moved, ranker, k=50), blended)
+
+
+def test_the_bound_given_without_vector_reads_is_the_most_a_missed_candidate_scores():
+    """A friend of friends the embedding list missed scores no more than the list's last
+    entry (the search returned every user scoring more): the value given in its place."""
+    n, depth = 1_500, 30
+    evalset = EvalSet.from_edges(n, *_random_graph(n, 12_000, 1_500, seed=21), split="val")
+    user_ids = np.arange(n, dtype=np.int64) + 7
+    emb = np.random.default_rng(22).standard_normal((n, 8)).astype(np.float32)
+    embedding, fof = embedding_topk(emb, evalset, k=depth), topk_fof(evalset, user_ids, k=depth)
+    source = BlendSource(evalset, user_ids, emb, emb)
+    missed = 0
+    for row in range(evalset.num_queries):
+        emb_list, fof_list, products, degrees, degree = source.inputs(embedding, fof, row)
+        _, read = blend_features(emb_list, fof_list, depth, products, degrees, degree)
+        _, bound = blend_features(emb_list, fof_list, depth, None, degrees, degree)
+        others = len(emb_list)
+        np.testing.assert_array_equal(bound[:, :7], read[:, :7])
+        np.testing.assert_array_equal(bound[:, 8:], read[:, 8:])
+        assert (bound[others:, 7] == emb_list[-1][1]).all()
+        assert (read[others:, 7] <= emb_list[-1][1] + 1e-5).all()
+        missed += len(read) - others
+    assert missed > 1_000  # the bound was checked on many candidates
 
 
 def test_random_baseline_excludes_and_recall_is_about_k_over_n():

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import SecretStr
 from tiny_models import ExportedModels
 
-from friendrec.config import Settings
+from friendrec.config import ServingSettings, Settings
 from friendrec.data.canonical import load_prepared
 from friendrec.feast_store import online_features, open_store
 from friendrec.fof import BLEND_FEATURES, BlendRanker, blend_features
@@ -173,12 +173,24 @@ def test_every_friend_is_excluded_not_only_the_sample(stack: Stack):
             state.close()
 
 
-def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
+def _without_vector_reads(settings: Settings) -> Settings:
+    """The settings with serving.blend_reads_vectors false, validated: the default ranker
+    becomes the one fitted without the reads."""
+    serving = settings.serving.model_dump(exclude={"blend_ranker"})
+    serving = ServingSettings.model_validate({**serving, "blend_reads_vectors": False})
+    return settings.model_copy(update={"serving": serving})
+
+
+@pytest.mark.parametrize("reads_vectors", [True, False], ids=["vector-reads", "no-reads"])
+def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack, reads_vectors: bool):
     """The service's friends-of-friends and blend lists equal the offline evaluation's
-    (``topk_fof``, ``topk_blend``) for sampled validation users: the same cap, ties, weights."""
-    data = load_prepared(DatasetPaths.of(stack.settings, "twitch/ENGB"))
+    (``topk_fof``, ``topk_blend``) for sampled validation users: the same cap, ties, weights.
+    Without vector reads, the same holds for the ranker fitted without them, and the service
+    makes no Milvus get (the real index, its calls counted)."""
+    settings = stack.settings if reads_vectors else _without_vector_reads(stack.settings)
+    data = load_prepared(DatasetPaths.of(settings, "twitch/ENGB"))
     evalset = ev.EvalSet.from_prepared(data, "val")
-    serving = stack.settings.serving
+    serving = settings.serving
     depth = serving.blend_depth
     fof = ev.topk_fof(evalset, data.user_ids, k=depth, cap=serving.fof_max_friends)
     version = 1
@@ -186,43 +198,64 @@ def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack):
     embedding = ev.embedding_topk(emb, evalset, k=depth, queries=queries)
     emb_top = embedding[0]
     ranker = BlendRanker.from_dict(serving.blend_ranker)
+    assert ranker.reads_vectors == reads_vectors
     source = ev.BlendSource(evalset, data.user_ids, emb, queries)
     blend_top = ev.topk_blend(embedding, fof, source, ranker, k=50)
+    service = stack.service
+    if not reads_vectors:
+        service = start_service(_with(settings, "serving", metrics_port=0), port=0)
+    gets: list[int] = []
+    index, get_vectors = service.recommender.index, service.recommender.index.get_vectors
+    index.get_vectors = lambda collection, users, *a: (
+        gets.append(len(users)) or get_vectors(collection, users, *a)
+    )
     rng = np.random.default_rng(5)
     rows = rng.choice(evalset.num_queries, 60, replace=False)
     same_blend = 0
-    with stack.client() as client:
-        for row in rows:
-            user = int(data.user_ids[evalset.queries[row]])
-            served_fof = client.recommend(recommend_request(user, 50, source="fof")).candidates
-            want = [int(data.user_ids[u]) for u in fof[0][row, :50] if u >= 0]
-            assert [c.user_id for c in served_fof] == want, user
-            np.testing.assert_allclose([c.fof_score for c in served_fof], fof[1][row, : len(want)],
-                                       rtol=1e-6)  # fmt: skip
-            assert all(c.source == recommender_pb2.FOF for c in served_fof)
-            served = client.recommend(recommend_request(user, 50, source="blend")).candidates
-            embedded = client.recommend(
-                recommend_request(user, depth, source="embedding")
-            ).candidates
-            exact = [int(data.user_ids[u]) for u in emb_top[row] if u >= 0]
-            if [c.user_id for c in embedded] != exact:
-                continue  # the ANN search differs from exact search here: not comparable
-            same_blend += 1
-            np.testing.assert_allclose(  # Milvus' inner products are numpy's, to float32 noise
-                [c.embedding_score for c in embedded], embedding[1][row, : len(exact)], atol=1e-5
-            )
-            offline = [int(data.user_ids[u]) for u in blend_top[row] if u >= 0]
-            _assert_same_up_to_float_noise(
-                [c.user_id for c in served], offline, source.inputs(embedding, fof, row), ranker,
-                depth,
-            )  # fmt: skip
-            for c in served:  # each candidate names its source(s) and their own scores
-                assert (c.source == recommender_pb2.BLEND) == (
-                    c.HasField("embedding_score") and c.HasField("fof_score")
+    try:
+        with RecommenderClient(settings, f"127.0.0.1:{service.port}") as client:
+            for row in rows:
+                same_blend += _served_as_evaluated(
+                    client, data, row, fof, embedding, emb_top, blend_top, source, ranker, depth
                 )
+    finally:
+        del index.get_vectors
+        if service is not stack.service:
+            service.stop(grace=None)
     # HNSW's top 100 equals exact search's, all 100 in order, for about half of the users (the
     # blend of the others is compared nowhere: its input differs, not its merge).
     assert same_blend >= 20
+    assert bool(gets) == reads_vectors, gets
+
+
+def _served_as_evaluated(client, data, row, fof, embedding, emb_top, blend_top, source, ranker,
+                         depth) -> bool:  # fmt: skip
+    """One validation user's served lists against the offline ones; False where the ANN
+    search's top ``depth`` differs from exact search (the blends' inputs then differ)."""
+    user = int(data.user_ids[source.evalset.queries[row]])
+    served_fof = client.recommend(recommend_request(user, 50, source="fof")).candidates
+    want = [int(data.user_ids[u]) for u in fof[0][row, :50] if u >= 0]
+    assert [c.user_id for c in served_fof] == want, user
+    np.testing.assert_allclose([c.fof_score for c in served_fof], fof[1][row, : len(want)],
+                               rtol=1e-6)  # fmt: skip
+    assert all(c.source == recommender_pb2.FOF for c in served_fof)
+    served = client.recommend(recommend_request(user, 50, source="blend")).candidates
+    embedded = client.recommend(recommend_request(user, depth, source="embedding")).candidates
+    exact = [int(data.user_ids[u]) for u in emb_top[row] if u >= 0]
+    if [c.user_id for c in embedded] != exact:
+        return False
+    np.testing.assert_allclose(  # Milvus' inner products are numpy's, to float32 noise
+        [c.embedding_score for c in embedded], embedding[1][row, : len(exact)], atol=1e-5
+    )
+    offline = [int(data.user_ids[u]) for u in blend_top[row] if u >= 0]
+    _assert_same_up_to_float_noise(
+        [c.user_id for c in served], offline, source.inputs(embedding, fof, row), ranker, depth
+    )
+    for c in served:  # each candidate names its source(s) and their own scores
+        assert (c.source == recommender_pb2.BLEND) == (
+            c.HasField("embedding_score") and c.HasField("fof_score")
+        )
+    return True
 
 
 def _assert_same_up_to_float_noise(served, offline, inputs, ranker, depth):
@@ -232,6 +265,7 @@ def _assert_same_up_to_float_noise(served, offline, inputs, ranker, depth):
     if served == offline:
         return
     emb, fo, products, degrees, degree = inputs
+    products = products if ranker.reads_vectors else None
     users, x = blend_features(emb, fo, depth, products, degrees, degree)
     scores = ranker.score(x)
     moved = np.zeros(len(users))  # how far 1e-5 on each inner product moves each score

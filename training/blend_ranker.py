@@ -13,6 +13,7 @@ session 22).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -27,12 +28,14 @@ LEARNING_RATE = 3e-3
 
 
 def source_order(source: str) -> BlendRanker:
-    """A linear ranker that keeps one source's order: its candidates first, by rank."""
+    """A linear ranker that keeps one source's order: its candidates first, by rank (it reads
+    no vectors)."""
     weight = np.array(
         [1e3 if f == source else -1.0 if f == f"{source}_log_rank" else 0.0 for f in BLEND_FEATURES]
     )
     width = len(BLEND_FEATURES)
-    return BlendRanker(np.zeros(width), np.ones(width), ((weight[:, None], np.zeros(1)),))
+    layers = ((weight[:, None], np.zeros(1)),)
+    return BlendRanker(np.zeros(width), np.ones(width), layers, reads_vectors=False)
 
 
 def fit_ranker(
@@ -41,9 +44,11 @@ def fit_ranker(
     epochs: int = EPOCHS,
     seed: int = 0,
     members: int = MEMBERS,
+    reads_vectors: bool = True,
 ) -> BlendRanker:
     """A ranker fitted to ``groups``: per user, its candidates' ``BLEND_FEATURES`` [c, f] and
-    whether each is a held-out friend [c] (users with none teach nothing and are left out).
+    whether each is a held-out friend [c] (users with none teach nothing and are left out);
+    ``reads_vectors``: whether their inner products were read or bounded (``blend_features``).
 
     The mean of ``members`` perceptrons fitted from different seeds: on a few thousand
     validation users one fit's Recall@50 moves by about half a point with its seed, and the
@@ -55,7 +60,7 @@ def fit_ranker(
     # Six decimals: the ranker is the same object in a settings file as in memory (the service
     # reads the file, the evaluation the fit), and the file stays small.
     layers = tuple((np.round(w, DECIMALS), np.round(b, DECIMALS)) for w, b in ranker.layers)
-    return BlendRanker(ranker.mean, ranker.scale, layers)
+    return BlendRanker(ranker.mean, ranker.scale, layers, reads_vectors)
 
 
 def stack_members(rankers: Sequence[BlendRanker]) -> BlendRanker:
@@ -68,9 +73,12 @@ def stack_members(rankers: Sequence[BlendRanker]) -> BlendRanker:
         not np.array_equal(r.mean, first.mean)
         or not np.array_equal(r.scale, first.scale)
         or len(r.layers) != len(first.layers)
+        or r.reads_vectors != first.reads_vectors
         for r in rankers
     ):
-        raise ValueError("only perceptrons of the same depth and standardisation can be stacked")
+        raise ValueError(
+            "only perceptrons of the same depth, standardisation and inputs can be stacked"
+        )
     layers = [
         (
             np.concatenate([r.layers[0][0] for r in rankers], axis=1),
@@ -87,7 +95,7 @@ def stack_members(rankers: Sequence[BlendRanker]) -> BlendRanker:
     weight, bias = layers[-1]  # the stacked outputs, averaged into one
     out_w = weight.reshape(weight.shape[0], len(rankers), -1).sum(axis=1) / len(rankers)
     layers[-1] = (out_w, bias.reshape(len(rankers), -1).mean(axis=0))
-    return BlendRanker(first.mean, first.scale, tuple(layers))
+    return replace(first, layers=tuple(layers))
 
 
 def _fit_one(

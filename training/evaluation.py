@@ -590,12 +590,14 @@ def _blend_groups(
     embedding: tuple[np.ndarray, np.ndarray],
     fof: tuple[np.ndarray, np.ndarray],
     source: BlendSource,
+    reads_vectors: bool = True,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per query: its candidates' ``BLEND_FEATURES`` and which are held-out friends."""
     evalset, depth = source.evalset, embedding[0].shape[1]
     groups = []
     for i in range(evalset.num_queries):
         emb, fo, products, degrees, degree = source.inputs(embedding, fof, i)
+        products = products if reads_vectors else None
         users, x = blend_features(emb, fo, depth, products, degrees, degree)
         held = evalset.heldout.indices[evalset.heldout.indptr[i] : evalset.heldout.indptr[i + 1]]
         groups.append((x, np.isin(source.index_of(users), held).astype(np.float64)))
@@ -617,15 +619,18 @@ def fit_blend(
     fof: tuple[np.ndarray, np.ndarray],
     source: BlendSource,
     seed: int = 0,
+    reads_vectors: bool = True,
 ) -> tuple[BlendRanker, dict[str, Any]]:
-    """The blend's ranker fitted on this (validation) eval set (``training.blend_ranker``).
+    """The blend's ranker fitted on this (validation) eval set (``training.blend_ranker``);
+    ``reads_vectors``: whether it reads the missed friends of friends' vectors for their inner
+    products or is given a bound (``friendrec.fof.blend_features``).
 
     Its Recall@50 is first estimated out of sample (fitted on half of the users, scored on the
     other half, and back); where one source alone ranks these users better, the blend keeps that
     source's order (a small validation set can fit a ranker that loses to both lists). Reports
     what was chosen and the estimates."""
     evalset = source.evalset
-    groups = _blend_groups(embedding, fof, source)
+    groups = _blend_groups(embedding, fof, source, reads_vectors)
     held = np.diff(evalset.heldout.indptr)
     teaches = np.array([bool(y.any()) for _, y in groups])  # a held-out friend among them
     if not teaches.any():
@@ -636,7 +641,7 @@ def fit_blend(
         crossed: list[np.ndarray] = [np.zeros(0)] * len(groups)
         for part in (0, 1):
             train_on = [g for g, h in zip(groups, half, strict=True) if h != part]
-            fitted = fit_ranker(train_on, seed=seed)
+            fitted = fit_ranker(train_on, seed=seed, reads_vectors=reads_vectors)
             for i in np.flatnonzero(half == part):
                 crossed[i] = fitted.score(groups[i][0]) if len(groups[i][0]) else np.zeros(0)
         recall["blend"] = _recall_at(groups, crossed, held)
@@ -648,9 +653,13 @@ def fit_blend(
         recall[name] = _recall_at(groups, scores, held)
     masks = degree_buckets(evalset)
     chosen = max(recall, key=lambda name: (recall[name].mean(), name == "blend"))
-    ranker = fit_ranker(groups, seed=seed) if chosen == "blend" else source_order(chosen)
+    if chosen == "blend":
+        ranker = fit_ranker(groups, seed=seed, reads_vectors=reads_vectors)
+    else:
+        ranker = source_order(chosen)
     return ranker, {
         "features": list(BLEND_FEATURES),
+        "reads_vectors": ranker.reads_vectors,
         "chosen": chosen,
         "recall@50": {name: float(r.mean()) for name, r in recall.items()},
         "by_bucket": {

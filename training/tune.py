@@ -292,15 +292,19 @@ def blend_on_validation(
     emb: np.ndarray,
     valset: ev.EvalSet,
     fof_val: tuple[np.ndarray, np.ndarray],
+    reads_vectors: bool | None = None,
 ) -> tuple[BlendRanker, dict[str, Any]]:
     """A model's blend ranker, fitted on validation edges only (``emb``: its index vectors;
-    ``fof_val``: ``topk_fof`` of the same eval set, as deep as the service's blend), and what
-    was fitted, for reports."""
-    depth = ctx.settings.serving.blend_depth
+    ``fof_val``: ``topk_fof`` of the same eval set, as deep as the service's blend;
+    ``reads_vectors``: by default ``serving.blend_reads_vectors``), and what was fitted, for
+    reports."""
+    serving = ctx.settings.serving
+    reads = serving.blend_reads_vectors if reads_vectors is None else reads_vectors
     queries = tower.query_form(emb)
-    embedding = ev.embedding_topk(emb, valset, k=depth, queries=queries)
+    embedding = ev.embedding_topk(emb, valset, k=serving.blend_depth, queries=queries)
     source = ev.BlendSource(valset, ctx.data.user_ids, emb, queries)
-    ranker, info = ev.fit_blend(embedding, fof_val, source, seed=ctx.settings.training.seed)
+    seed = ctx.settings.training.seed
+    ranker, info = ev.fit_blend(embedding, fof_val, source, seed=seed, reads_vectors=reads)
     return ranker, {
         "ranker": ranker.as_dict(),
         "chosen": info["chosen"],
@@ -316,7 +320,10 @@ def write_outputs(result: TuneResult, output: Path) -> dict[str, Path]:
     settings = {
         "data": {"dataset": result.dataset},
         "training": result.best,
-        "serving": {"blend_ranker": result.blend["ranker"]},
+        "serving": {
+            "blend_reads_vectors": result.blend["ranker"]["reads_vectors"],
+            "blend_ranker": result.blend["ranker"],
+        },
     }
     header = (
         f"# friendrec tune {result.dataset}: chosen on validation edges "

@@ -123,6 +123,12 @@ def quality(
         help="> 1: also train the single-task model with this many data-parallel processes "
         "(`train --workers`) and compare it with the one-process model.",
     ),
+    blend_without_reads: bool = typer.Option(
+        False,
+        "--blend-without-reads",
+        help="Also fit and score each model's blend without the Milvus read of the friends of "
+        "friends' vectors (serving.blend_reads_vectors false): what that latency saving costs.",
+    ),
     output: Path = typer.Option(
         Path("bench/results/quality.json"), "--output", "-o", help="JSON result."
     ),
@@ -141,7 +147,15 @@ def quality(
         raise typer.BadParameter(f"objectives must include baseline and be among {OBJECTIVES}")
     names = None if datasets == "all" else _items(datasets)
     run_quality(
-        load_settings(), names, _counts(seeds), chosen, epochs, output, tune_minutes * 60, workers
+        load_settings(),
+        names,
+        _counts(seeds),
+        chosen,
+        epochs,
+        output,
+        tune_minutes * 60,
+        workers,
+        blend_without_reads,
     )
 
 
