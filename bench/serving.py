@@ -7,7 +7,9 @@ a process and measured from this process over loopback gRPC:
 
 - single requests one at a time: p50/p99 end to end (client side) and per stage (the service's
   ``server-timing`` trailer: alias, feast, friends, fof, tfserving, milvus, rank), for the default
-  source (the blend) and for each source alone (embedding; friends of friends);
+  source (the blend), for the blend without the Milvus read of the friends of friends' vectors
+  (``serving.blend_reads_vectors`` false, a second service) and for each source alone (embedding;
+  friends of friends);
 - throughput at concurrency 8 (threads, each with a blocking stub);
 - ANN recall@50 of the Milvus index against exact inner-product search over the same vectors;
 - the floors: one Milvus search alone, and exact numpy top-50 over the same matrix;
@@ -329,10 +331,21 @@ def measure_service(
         index_stats = measure_index(s, users, cfg, rng)
     finally:
         service.stop()
+    # The blend without the Milvus get (serving.blend_reads_vectors false), its own service.
+    no_reads = s.model_copy(update={"serving": s.serving.without_vector_reads()})
+    service = service_process(no_reads)
+    try:
+        service.start()
+        log.info("%s: single requests, the blend without vector reads", label)
+        without = measure_single(no_reads, users, cfg, np.random.default_rng(0))
+        by_source["blend_without_reads"] = without["end_to_end"]
+    finally:
+        service.stop()
     heavy = measure_heavy_user(s, users, cfg)
     return {
         "single": single,
         "by_source": by_source,
+        "blend_without_reads_stages": without,
         "concurrent": concurrent,
         "index": index_stats,
         "heavy_user": heavy,
@@ -434,13 +447,15 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
         ("index build, users/s", [_build_rate(r["index_build"]) for r in results]),
         ("end to end p50 / p99 (ms), blend", [pair(r["single"]["end_to_end"]) for r in results]),
     ]
-    for source in ("embedding", "fof"):
+    for source, label in (
+        ("blend_without_reads", "  blend without vector reads p50 / p99 (ms)"),
+        ("embedding", "  source embedding alone p50 / p99 (ms)"),
+        ("fof", "  source fof alone p50 / p99 (ms)"),
+    ):
         rows.append(
-            (
-                f"  source {source} alone p50 / p99 (ms)",
-                [pair(r["by_source"][source]) if "by_source" in r else "-" for r in results],
-            )
-        )
+            (label, [pair(r["by_source"][source]) if source in r.get("by_source", {}) else "-"
+                     for r in results])
+        )  # fmt: skip
     for stage in STAGES:
         rows.append(
             (

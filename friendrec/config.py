@@ -285,6 +285,12 @@ class ServingSettings(BaseModel):
 
         return BlendRanker.from_dict(value).as_dict()  # the shapes, or a precise error
 
+    def without_vector_reads(self) -> ServingSettings:
+        """These settings with ``blend_reads_vectors`` false and the default ranker fitted
+        without the reads (what ``bench serving`` and the tests set beside the default)."""
+        data = self.model_dump(exclude={"blend_ranker"})
+        return type(self).model_validate({**data, "blend_reads_vectors": False})
+
     @model_validator(mode="after")
     def _ranker_reads(self) -> ServingSettings:
         """Without vector reads, the default is the ranker fitted without them, and a ranker

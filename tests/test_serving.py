@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import SecretStr
 from tiny_models import ExportedModels
 
-from friendrec.config import ServingSettings, Settings
+from friendrec.config import Settings
 from friendrec.data.canonical import load_prepared
 from friendrec.feast_store import online_features, open_store
 from friendrec.fof import BLEND_FEATURES, BlendRanker, blend_features
@@ -173,21 +173,16 @@ def test_every_friend_is_excluded_not_only_the_sample(stack: Stack):
             state.close()
 
 
-def _without_vector_reads(settings: Settings) -> Settings:
-    """The settings with serving.blend_reads_vectors false, validated: the default ranker
-    becomes the one fitted without the reads."""
-    serving = settings.serving.model_dump(exclude={"blend_ranker"})
-    serving = ServingSettings.model_validate({**serving, "blend_reads_vectors": False})
-    return settings.model_copy(update={"serving": serving})
-
-
 @pytest.mark.parametrize("reads_vectors", [True, False], ids=["vector-reads", "no-reads"])
 def test_fof_and_blend_are_served_as_evaluation_scores_them(stack: Stack, reads_vectors: bool):
     """The service's friends-of-friends and blend lists equal the offline evaluation's
     (``topk_fof``, ``topk_blend``) for sampled validation users: the same cap, ties, weights.
     Without vector reads, the same holds for the ranker fitted without them, and the service
     makes no Milvus get (the real index, its calls counted)."""
-    settings = stack.settings if reads_vectors else _without_vector_reads(stack.settings)
+    settings = stack.settings
+    if not reads_vectors:
+        serving = settings.serving.without_vector_reads()
+        settings = settings.model_copy(update={"serving": serving})
     data = load_prepared(DatasetPaths.of(settings, "twitch/ENGB"))
     evalset = ev.EvalSet.from_prepared(data, "val")
     serving = settings.serving

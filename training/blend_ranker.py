@@ -98,6 +98,16 @@ def stack_members(rankers: Sequence[BlendRanker]) -> BlendRanker:
     return replace(first, layers=tuple(layers))
 
 
+def standardisation(
+    groups: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The features' mean and spread over the candidates of the users that teach (a constant
+    feature: spread 1), which the ranker's inputs are standardised by."""
+    x = np.concatenate([x for x, y in groups if len(x) and np.any(y)])
+    scale = x.std(axis=0)
+    return x.mean(axis=0), np.where(scale > 0, scale, 1.0)
+
+
 def _fit_one(
     groups: Sequence[tuple[np.ndarray, np.ndarray]],
     hidden: Sequence[int],
@@ -109,9 +119,7 @@ def _fit_one(
     groups = [(x, y) for x, y in groups if len(x) and np.any(y)]
     if not groups:
         raise ValueError("no validation user has a held-out friend among the candidates")
-    x_all = np.concatenate([x for x, _ in groups])
-    mean, scale = x_all.mean(axis=0), x_all.std(axis=0)
-    scale = np.where(scale > 0, scale, 1.0)
+    mean, scale = standardisation(groups)
     width = max(len(x) for x, _ in groups)
     features = np.zeros((len(groups), width, len(BLEND_FEATURES)), np.float32)
     labels = np.zeros((len(groups), width), np.float32)

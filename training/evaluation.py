@@ -586,7 +586,7 @@ def topk_blend(
     return out
 
 
-def _blend_groups(
+def blend_groups(
     embedding: tuple[np.ndarray, np.ndarray],
     fof: tuple[np.ndarray, np.ndarray],
     source: BlendSource,
@@ -614,6 +614,22 @@ def _recall_at(groups: Sequence[tuple[np.ndarray, np.ndarray]], scores: Sequence
     return out
 
 
+def cross_fitted_recall(
+    groups: Sequence[tuple[np.ndarray, np.ndarray]],
+    held: np.ndarray,
+    fit: Callable[[list[tuple[np.ndarray, np.ndarray]]], BlendRanker],
+) -> np.ndarray:
+    """Recall@50 per query of rankers judged out of sample: ``fit`` on the odd queries scores
+    the even ones, and the other way round (``held``: each query's held-out friend count)."""
+    half = np.arange(len(groups)) % 2
+    crossed: list[np.ndarray] = [np.zeros(0)] * len(groups)
+    for part in (0, 1):
+        fitted = fit([g for g, h in zip(groups, half, strict=True) if h != part])
+        for i in np.flatnonzero(half == part):
+            crossed[i] = fitted.score(groups[i][0]) if len(groups[i][0]) else np.zeros(0)
+    return _recall_at(groups, crossed, held)
+
+
 def fit_blend(
     embedding: tuple[np.ndarray, np.ndarray],
     fof: tuple[np.ndarray, np.ndarray],
@@ -630,7 +646,7 @@ def fit_blend(
     source's order (a small validation set can fit a ranker that loses to both lists). Reports
     what was chosen and the estimates."""
     evalset = source.evalset
-    groups = _blend_groups(embedding, fof, source, reads_vectors)
+    groups = blend_groups(embedding, fof, source, reads_vectors)
     held = np.diff(evalset.heldout.indptr)
     teaches = np.array([bool(y.any()) for _, y in groups])  # a held-out friend among them
     if not teaches.any():
@@ -638,13 +654,9 @@ def fit_blend(
     half = np.arange(len(groups)) % 2
     recall: dict[str, np.ndarray] = {}
     if all(teaches[half != part].any() for part in (0, 1)):
-        crossed: list[np.ndarray] = [np.zeros(0)] * len(groups)
-        for part in (0, 1):
-            train_on = [g for g, h in zip(groups, half, strict=True) if h != part]
-            fitted = fit_ranker(train_on, seed=seed, reads_vectors=reads_vectors)
-            for i in np.flatnonzero(half == part):
-                crossed[i] = fitted.score(groups[i][0]) if len(groups[i][0]) else np.zeros(0)
-        recall["blend"] = _recall_at(groups, crossed, held)
+        recall["blend"] = cross_fitted_recall(
+            groups, held, lambda fit_on: fit_ranker(fit_on, seed=seed, reads_vectors=reads_vectors)
+        )
     else:  # too few users to fit on one half and judge on the other: keep a source's order
         log.warning("blend: too few validation users with a held-out friend to fit a ranker")
     for name in ("embedding", "fof"):

@@ -246,6 +246,26 @@ def streaming(
     run(load_settings(), cfg, output)
 
 
+@app.command("blend-learning")
+def blend_learning(
+    datasets: str = typer.Option(
+        "twitch/TW,twitch/PTBR,twitch/ES", "--datasets", help="Comma-separated graphs."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Training seed of the single-task run."),
+    epochs: int = typer.Option(8, "--epochs", help="Max epochs of the single-task run."),
+    output: Path = typer.Option(
+        Path("bench/results/blend_learning.json"), "--output", "-o", help="JSON result."
+    ),
+) -> None:
+    """Whether the blend's ranker is short of validation users: its out-of-sample Recall@50
+    fitted on a half and a quarter of them, and the shipped default's, per graph (validation
+    edges; the `bench quality` runs, trained if missing)."""
+    from bench.blend_learning import run
+    from friendrec.config import load_settings
+
+    run(load_settings(), _items(datasets), seed, epochs, output)
+
+
 @app.command()
 def popularity(
     dataset: str = typer.Option("twitch/ENGB", "--dataset", help="Graph to measure."),
