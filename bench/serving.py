@@ -7,9 +7,9 @@ a process and measured from this process over loopback gRPC:
 
 - single requests one at a time: p50/p99 end to end (client side) and per stage (the service's
   ``server-timing`` trailer: alias, feast, friends, fof, tfserving, milvus, rank), for the default
-  source (the blend), for the blend without the Milvus read of the friends of friends' vectors
-  (``serving.blend_reads_vectors`` false, a second service) and for each source alone (embedding;
-  friends of friends);
+  source (the blend); then, interleaved request by request for the same users, the blend, the
+  blend without the Milvus read of the friends of friends' vectors (``serving.blend_reads_vectors``
+  false, a second service) and each source alone (embedding; friends of friends);
 - throughput at concurrency 8 (threads, each with a blocking stub);
 - ANN recall@50 of the Milvus index against exact inner-product search over the same vectors;
 - the floors: one Milvus search alone, and exact numpy top-50 over the same matrix;
@@ -179,6 +179,46 @@ def measure_single(
     }
 
 
+def measure_interleaved(
+    targets: dict[str, tuple[Settings, str]],
+    users: np.ndarray,
+    cfg: ServingBenchConfig,
+    rng: np.random.Generator,
+) -> dict[str, dict[str, Any]]:
+    """Single requests for the same users to each target (a service's settings and the source
+    asked of it), in turn: each user asked of every target before the next user, so that a
+    busy spell of the shared machine falls on all of them alike."""
+    client_ms: dict[str, list[float]] = {name: [] for name in targets}
+    stages: dict[str, dict[str, list[float]]] = {name: {} for name in targets}
+    clients = {name: RecommenderClient(settings) for name, (settings, _) in targets.items()}
+    try:
+        for i in range(cfg.warmup + cfg.requests):
+            user = int(rng.choice(users))
+            for name, (_, source) in targets.items():
+                client = clients[name]
+                request = recommend_request(user, cfg.k, source=source)
+                start = time.perf_counter()
+                _, call = client.stub.Recommend.with_call(
+                    request, timeout=10.0, metadata=client.metadata
+                )
+                elapsed = (time.perf_counter() - start) * 1e3
+                if i < cfg.warmup:
+                    continue
+                client_ms[name].append(elapsed)
+                for stage, ms in _server_timing(call).items():
+                    stages[name].setdefault(stage, []).append(ms)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {
+        name: {
+            "end_to_end": _percentiles(client_ms[name]),
+            "stages": {s: _percentiles(v) for s, v in stages[name].items()},
+        }
+        for name in targets
+    }
+
+
 def measure_concurrent(
     settings: Settings, users: np.ndarray, cfg: ServingBenchConfig
 ) -> dict[str, Any]:
@@ -315,37 +355,40 @@ def measure_service(
 ) -> dict[str, Any]:
     """Start `friendrec serve` over the settings' Milvus and measure it (then stop it)."""
     rng = np.random.default_rng(0)
-    service = service_process(s)
+    # Beside it, the blend without the Milvus get (serving.blend_reads_vectors false).
+    no_reads = s.model_copy(
+        update={
+            "serving": s.serving.without_vector_reads().model_copy(
+                update={"port": free_port(), "metrics_port": 0}
+            )
+        }
+    )
+    services = [service_process(s), service_process(no_reads)]
     try:
-        service.start()
+        for service in services:
+            service.start()
         log.info("%s: single requests", label)
         single = measure_single(s, users, cfg, rng)  # the default source: blend
-        by_source = {
-            source: measure_single(s, users, cfg, np.random.default_rng(0), source)["end_to_end"]
-            for source in ("embedding", "fof")
+        log.info("%s: each source and the blend without vector reads, interleaved", label)
+        targets = {
+            "blend": (s, "blend"),
+            "blend_without_reads": (no_reads, "blend"),
+            "embedding": (s, "embedding"),
+            "fof": (s, "fof"),
         }
-        by_source["blend"] = single["end_to_end"]
+        interleaved = measure_interleaved(targets, users, cfg, np.random.default_rng(0))
         log.info("%s: concurrency %d for %.0f s", label, cfg.concurrency, cfg.duration_s)
         concurrent = measure_concurrent(s, users, cfg)
         log.info("%s: ANN recall and search floors", label)
         index_stats = measure_index(s, users, cfg, rng)
     finally:
-        service.stop()
-    # The blend without the Milvus get (serving.blend_reads_vectors false), its own service.
-    no_reads = s.model_copy(update={"serving": s.serving.without_vector_reads()})
-    service = service_process(no_reads)
-    try:
-        service.start()
-        log.info("%s: single requests, the blend without vector reads", label)
-        without = measure_single(no_reads, users, cfg, np.random.default_rng(0))
-        by_source["blend_without_reads"] = without["end_to_end"]
-    finally:
-        service.stop()
+        for service in services:
+            service.stop()
     heavy = measure_heavy_user(s, users, cfg)
     return {
         "single": single,
-        "by_source": by_source,
-        "blend_without_reads_stages": without,
+        "by_source": {name: m["end_to_end"] for name, m in interleaved.items()},
+        "by_source_stages": {name: m["stages"] for name, m in interleaved.items()},
         "concurrent": concurrent,
         "index": index_stats,
         "heavy_user": heavy,
@@ -447,10 +490,11 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
         ("index build, users/s", [_build_rate(r["index_build"]) for r in results]),
         ("end to end p50 / p99 (ms), blend", [pair(r["single"]["end_to_end"]) for r in results]),
     ]
-    for source, label in (
-        ("blend_without_reads", "  blend without vector reads p50 / p99 (ms)"),
-        ("embedding", "  source embedding alone p50 / p99 (ms)"),
-        ("fof", "  source fof alone p50 / p99 (ms)"),
+    for source, label in (  # interleaved request by request, the same users
+        ("blend", "  interleaved: blend p50 / p99 (ms)"),
+        ("blend_without_reads", "  interleaved: blend without vector reads"),
+        ("embedding", "  interleaved: source embedding alone"),
+        ("fof", "  interleaved: source fof alone"),
     ):
         rows.append(
             (label, [pair(r["by_source"][source]) if source in r.get("by_source", {}) else "-"
