@@ -229,9 +229,9 @@ class ServingSettings(BaseModel):
     blend_reads_vectors: bool = Field(
         True,
         description="Whether the blend reads the stored vectors of the friends of friends the "
-        "search missed (one Milvus get, most of the blend's latency) for their inner products. "
-        "False: a ranker fitted on a bound instead (the default's twin; `friendrec tune` fits "
-        "a graph's own), a few tenths of a point of Recall@50 less (docs/quality.md).",
+        "search missed (one Milvus get beside the search) for their inner products. False: a "
+        "ranker fitted on a bound of them instead (the default's twin; `friendrec tune` fits a "
+        "graph's own); its cost in recall and saving in latency: docs/quality.md, docs/serving.md.",
     )
     blend_ranker: dict[str, Any] = Field(
         default_factory=lambda: json.loads(DEFAULT_BLEND_RANKER.read_text()),

@@ -16,10 +16,10 @@ reciprocal-rank fusion, which sees ranks only, cannot, and a linear score of the
 cannot say the second (docs/quality.md, session 22).
 
 The inner product of a friend of friends the embedding list missed takes one Milvus ``get`` of
-its stored vector, most of the blend's latency. A ranker fitted with ``reads_vectors=False``
-reads none: it is given the embedding list's last score instead, which that candidate's inner
-product cannot exceed (the search returned every user scoring more), and costs a few tenths of
-a point of Recall@50 (docs/quality.md, session 23).
+its stored vector, which slows the search it runs beside. A ranker fitted with
+``reads_vectors=False`` reads none: it is given the embedding list's last score instead, which
+that candidate's inner product cannot exceed (the search returned every user scoring more).
+What that costs in recall and saves in latency: docs/quality.md and docs/serving.md (session 23).
 """
 
 from __future__ import annotations
