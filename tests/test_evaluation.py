@@ -210,11 +210,24 @@ def test_blocked_topk_is_the_dense_topk():
     emb = np.random.default_rng(4).standard_normal((n, 17)).astype(np.float32)
     queries = np.random.default_rng(5).standard_normal((n, 17)).astype(np.float32)
     dense, dense_score = _dense_topk(evalset, k, 64, lambda rows: queries[rows] @ emb.T)
+    exact = queries[evalset.queries].astype(np.float64)
+
+    def assert_same_lists(got: np.ndarray) -> None:
+        """The dense lists, up to two candidates whose scores tie within float32 rounding
+        trading places (which of them float32 puts first depends on the BLAS kernel): at
+        every position the exact score is the dense list's, and such swaps are rare."""
+
+        def scores(top: np.ndarray) -> np.ndarray:
+            return np.einsum("qd,qkd->qk", exact, emb[top].astype(np.float64))
+
+        np.testing.assert_allclose(scores(got), scores(dense), rtol=0, atol=2e-5)
+        assert (got != dense).mean() < 1e-3
+
     for query_batch, block in ((7, 97), (256, 1 << 17), (33, 512)):
         got, score = blocked_topk(
             evalset, k, queries[evalset.queries], emb, query_batch=query_batch, block=block
         )
-        np.testing.assert_array_equal(got, dense)
+        assert_same_lists(got)
         np.testing.assert_allclose(score, dense_score, rtol=1e-6, atol=0)
     # Disjoint ranges of candidates (a data-parallel group's workers), merged: the same lists.
     for cuts in ((0, 1000, n), (0, 7, 1500, n), (0, n - 30, n)):
@@ -222,8 +235,7 @@ def test_blocked_topk_is_the_dense_topk():
             blocked_topk(evalset, k, queries[evalset.queries], emb[a:b], block=97, first_user=a)
             for a, b in itertools.pairwise(cuts)
         ]
-        merged = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
-        np.testing.assert_array_equal(merged, dense)
+        assert_same_lists(merge_topk([p[0] for p in parts], [p[1] for p in parts], k))
     with pytest.raises(ValueError, match="k must be"):
         blocked_topk(evalset, 0, queries[evalset.queries], emb)
     with pytest.raises(ValueError, match="one per query"):
