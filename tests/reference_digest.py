@@ -9,6 +9,13 @@ The reference was written by running commit 1ca5f57 (the last commit before the 
     python tests/reference_digest.py /tmp/old_work twitch/ENGB > tests/data/musae_reference.json
 
 (run from the new checkout for the last line).
+
+The neighbours' profile means are floats computed through a log transform, whose last bit
+differs between CPUs: on a machine without AVX-512 two of their exact digests differed. They are
+compared by ``float_fingerprint`` to a relative 1e-5 instead. Their fingerprints
+(``user_graph_fingerprints``) were added later, from this code's output on that machine, whose
+every exact digest besides those two matched 1ca5f57's: this code had matched all of them
+exactly on the machine that wrote the reference.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +57,16 @@ def column_digest(column: pa.ChunkedArray | pa.Array) -> str:
     return digest.hexdigest()
 
 
+def float_fingerprint(values: np.ndarray) -> list[float]:
+    """A float column's sum, sum of squares and three fixed random projections, in float64: equal
+    to a relative 1e-5 where two machines compute the column to float32 rounding (a transcendental
+    such as log1p may differ in its last bit between CPUs' SIMD paths), unequal where a value,
+    a row or the order differs."""
+    x = np.asarray(values, dtype=np.float64)
+    weights = np.random.default_rng(0).standard_normal((3, len(x)))
+    return [float(x.sum()), float((x * x).sum()), *map(float, weights @ x)]
+
+
 def nbr_profile_columns(column: pa.ChunkedArray) -> np.ndarray:
     """The fixed-width nbr_profile_mean lists as a float32 matrix [n, P]."""
     array = column.combine_chunks()
@@ -56,8 +74,8 @@ def nbr_profile_columns(column: pa.ChunkedArray) -> np.ndarray:
     return flat.reshape(len(array), -1)
 
 
-def digests(workdir: Path, slug: str) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
+def digests(workdir: Path, slug: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
     for name, (folder, file) in FILES.items():
         path = workdir / folder / slug / file
         if not path.is_file():
@@ -67,8 +85,12 @@ def digests(workdir: Path, slug: str) -> dict[str, dict[str, str]]:
             # One row per user of the latest snapshot (the build writes one snapshot here).
             out[name] = {c: column_digest(table.column(c)) for c in table.column_names}
             matrix = nbr_profile_columns(table.column("nbr_profile_mean"))
+            out["user_graph_fingerprints"] = {}
             for j in range(matrix.shape[1]):
                 out[name][f"nbr_profile_mean[{j}]"] = column_digest(pa.array(matrix[:, j]))
+                out["user_graph_fingerprints"][f"nbr_profile_mean[{j}]"] = float_fingerprint(
+                    matrix[:, j]
+                )
         else:
             out[name] = {c: column_digest(table.column(c)) for c in table.column_names}
     return out
