@@ -158,25 +158,8 @@ def measure_single(
     rng: np.random.Generator,
     source: str = "blend",
 ) -> dict[str, Any]:
-    client_ms: list[float] = []
-    stages: dict[str, list[float]] = {s: [] for s in STAGES}
-    with RecommenderClient(settings, timeout_s=10.0) as client:
-        for i in range(cfg.warmup + cfg.requests):
-            request = recommend_request(int(rng.choice(users)), cfg.k, source=source)
-            start = time.perf_counter()
-            _, call = client.stub.Recommend.with_call(
-                request, timeout=10.0, metadata=client.metadata
-            )
-            elapsed = (time.perf_counter() - start) * 1e3
-            if i < cfg.warmup:
-                continue
-            client_ms.append(elapsed)
-            for stage, ms in _server_timing(call).items():
-                stages.setdefault(stage, []).append(ms)
-    return {
-        "end_to_end": _percentiles(client_ms),
-        "stages": {s: _percentiles(v) for s, v in stages.items() if v},
-    }
+    """Single requests one at a time: end to end, and per stage of the service's timings."""
+    return measure_interleaved({source: (settings, source)}, users, cfg, rng)[source]
 
 
 def measure_interleaved(
