@@ -334,6 +334,54 @@ def test_view_noise_makes_the_views_differ_by_positive_mean_1_factors(ctx):
         assert run_name(cfg) == run_name(cfg.model_copy(update={"view_noise": 0.0}))
 
 
+def test_clean_cca_target_is_the_unaugmented_embedding_under_a_stop_gradient(ctx):
+    """``cca_target: clean``: with no augmentation the augmented view is the target, so the
+    loss is CCA-SSG of the unaugmented embedding with itself; the target takes no gradient, so
+    the gradient is exactly half of the symmetric loss's (which, at equal views, gets the same
+    gradient through either side). With augmentation the loss leaves that optimum. It names a
+    new run only where CCA-SSG reads it."""
+    tower = ctx.build_tower(SMALL)
+    batch = first_batch(ctx)
+    query, candidate = split_inputs(batch, "q/"), split_inputs(batch, "c/")
+    off = {"feature_drop": 0.0, "neighbour_drop": 0.0, "cca_fraction": 1.0, "cca_id_drop": 0.0}
+    models = {
+        target: SSMTLModel(tower, LossConfig.for_objective("cca", cca_target=target, **off))
+        for target in ("views", "clean")
+    }
+    friends = tower.friend_states(query)  # one draw of the friends for every pass
+    whole = tower.embed(
+        query,
+        exclude=candidate,
+        training=True,
+        friend_states=friends,
+        id_vector_keep=tf.ones([SMALL.batch_size, 1]),
+    )
+    optimum = float(cca_ssg_loss(whole, whole, models["clean"].loss_config.cca_lambda))
+    grads = {}
+    for target, model in models.items():
+        with tf.GradientTape() as tape:
+            loss = model.cca_loss(query, candidate, friends, training=True)
+        assert float(loss) == pytest.approx(optimum, rel=1e-5), target
+        variables = tower.trainable_variables
+        grads[target] = [
+            tf.convert_to_tensor(g) for g in tape.gradient(loss, variables) if g is not None
+        ]
+    assert grads["clean"], "the augmented side must take a gradient"
+    scale = max(float(tf.reduce_max(tf.abs(g))) for g in grads["views"])
+    assert scale > 1e-6
+    for clean, views in zip(grads["clean"], grads["views"], strict=True):
+        np.testing.assert_allclose(clean.numpy(), 0.5 * views.numpy(), atol=1e-4 * scale)
+    dropped = SSMTLModel(
+        tower, LossConfig.for_objective("cca", cca_target="clean", **{**off, "neighbour_drop": 0.5})
+    )
+    assert float(dropped.cca_loss(query, candidate, friends, training=True)) > optimum + 1e-3
+    for objective, differs in (("cca", True), ("ssmtl", True), ("baseline", False), ("mae", False)):
+        cfg = SMALL.model_copy(update={"objective": objective})
+        clean = cfg.model_copy(update={"cca_target": "clean"})
+        assert (run_name(cfg) != run_name(clean)) == differs
+    assert loss_config(SMALL.model_copy(update={"cca_target": "clean"})).cca_target == "clean"
+
+
 def test_runs_from_before_an_added_setting_read_back_as_trained(tmp_path):
     """A run folder written before ``cca_id_drop`` existed was trained with the tower's dropout in
     the views (None), not today's default, and keeps its name."""

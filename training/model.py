@@ -44,12 +44,15 @@ class LossConfig:
     # > 0: each view also scales every sparse id's weight, friend's weight and id-vector
     # dimension by a mean-1 log-normal factor of this sigma (perturbs what dropping removes).
     view_noise: float = 0.0
+    # "clean": one view is the user's unaugmented embedding under a stop-gradient, the other
+    # augmented; the invariance term then asks the augmented one to recover it.
+    cca_target: Literal["views", "clean"] = "views"
     mae_weight: float = 0.0
     mae_fraction: float = 0.5
     mae_gamma: float = 2.0
 
     @classmethod
-    def for_objective(cls, objective: Objective, **overrides: float) -> LossConfig:
+    def for_objective(cls, objective: Objective, **overrides: Any) -> LossConfig:
         weights = {
             "baseline": {"cca_weight": 0.0, "mae_weight": 0.0},
             # Tuned on twitch/ENGB validation edges (docs/quality.md): 0.2 / 1.0 beat
@@ -288,13 +291,32 @@ class SSMTLModel(tfrs.Model):
         neighbourhood: tf.Tensor | None = None,
         pairs: tf.Tensor | None = None,
     ) -> tf.Tensor:
-        """Two independently augmented views of the first M anchors: feature masking of their own
-        ids and neighbour dropping (their friends' states, and their guarded neighbourhood where
-        given, are shared with the main pass)."""
+        """Two views of the first M anchors (their friends' states, and their guarded
+        neighbourhood where given, are shared with the main pass): under ``cca_target``
+        'views', both independently augmented (feature masking of their own ids, neighbour
+        dropping, id-vector dropping, noise); under 'clean', the first is the anchors'
+        unaugmented embedding under a stop-gradient, a target the augmented one is pulled
+        towards but that the term cannot move."""
         cfg = self.loss_config
         m, q, c = self._heads(query, candidate, cfg.cca_fraction, pairs)
+        shared = {
+            "training": training,
+            "friend_states": friend_states[:m],
+            "neighbourhood": None if neighbourhood is None else neighbourhood[:m],
+        }
         views = []
-        for _ in range(2):
+        for view in range(2):
+            if view == 0 and cfg.cca_target == "clean":
+                # No id dropout either: the target is the embedding the service computes.
+                whole = tf.ones([m, 1])
+                own = None
+                if self.share_states:
+                    own = self.tower.encode_self(self_node(q), None, training, whole, pooled=True)
+                target = self.embed_pair_side(
+                    q, c, own_override=own, id_vector_keep=whole, **shared
+                )
+                views.append(tf.stop_gradient(target))
+                continue
             id_keep = tf.cast(
                 self.rng.uniform(tf.shape(q["self_sparse_ids"])) >= cfg.feature_drop, tf.float32
             )
@@ -325,9 +347,7 @@ class SSMTLModel(tfrs.Model):
                     id_keep=id_keep,
                     id_vector_keep=vector_keep,
                     friend_keep=friend_keep,
-                    training=training,
-                    friend_states=friend_states[:m],
-                    neighbourhood=None if neighbourhood is None else neighbourhood[:m],
+                    **shared,
                 )
             )
         if cfg.cca_projector_dim > 0:

@@ -63,6 +63,7 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
             "feature_drop",
             "neighbour_drop",
             "view_noise",
+            "cca_target",
             "mae_fraction",
             "mae_gamma",
         )
@@ -129,6 +130,7 @@ ADDED_SETTINGS: dict[str, tuple[object, tuple[str, ...] | None]] = {
     "uniform_negatives": (0, None),
     "aux_users": ("pairs", ("cca_weight", "mae_weight")),
     "view_noise": (0.0, ("cca_weight",)),
+    "cca_target": ("views", ("cca_weight",)),
 }
 
 
