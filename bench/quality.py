@@ -72,13 +72,8 @@ def interleaved_step_times(
     taking turns so that load on the shared machine hits each of them alike."""
     import tensorflow as tf
 
-    from training.train import (
-        aux_user_count,
-        build_model,
-        loss_config,
-        make_sampler,
-        make_train_step,
-    )
+    from training.model import SSMTLModel
+    from training.train import aux_user_count, loss_config, make_sampler, make_train_step
 
     cfg0 = ctx.settings.training
     configs = [cfg0.model_copy(update={"objective": o}) for o in objectives]
@@ -93,7 +88,7 @@ def interleaved_step_times(
     ]
     steps = {}
     for objective, cfg in zip(objectives, configs, strict=True):
-        model = build_model(ctx, cfg, seed=cfg.seed)
+        model = SSMTLModel(ctx.build_tower(cfg), loss_config(cfg), seed=cfg.seed)
         step = make_train_step(model, make_optimizer(cfg.learning_rate))
         step(fixed[0])  # trace
         steps[objective] = step

@@ -133,10 +133,13 @@ def _load(settings: Settings, cfg: TrainSpeedConfig):
 
 
 def _model(ctx, train_cfg: TrainingSettings, share_states: bool):
+    from training.model import SSMTLModel
     from training.optimizer import make_optimizer
-    from training.train import build_model
+    from training.train import loss_config
 
-    model = build_model(ctx, train_cfg, seed=0, share_states=share_states)
+    model = SSMTLModel(
+        ctx.build_tower(train_cfg), loss_config(train_cfg), seed=0, share_states=share_states
+    )
     return model, make_optimizer(train_cfg.learning_rate)
 
 

@@ -166,22 +166,13 @@ class TrainingSettings(BaseModel):
         "scales, in each CCA-SSG view, every sparse id's weight, friend's weight and dimension "
         "of the user-id vector (0: none; docs/quality.md).",
     )
-    cca_target: Literal["views", "clean", "ema"] = Field(
+    cca_target: Literal["views", "clean"] = Field(
         "views",
         description="What CCA-SSG pulls an augmented view towards: 'views', a second augmented "
         "view (the paper; both sides learn, and the term is met by ignoring what the views "
         "remove); 'clean', the user's unaugmented embedding held fixed (stop-gradient), so the "
         "term teaches the tower to recover from part of a user's inputs what it computes from "
-        "all of them, as it must for users with few friends; 'ema', that embedding by a "
-        "teacher tower, the moving average of the tower's weights, which ignoring an input "
-        "cannot move (docs/quality.md).",
-    )
-    cca_ema_momentum: float = Field(
-        0.99,
-        ge=0,
-        lt=1,
-        description="cca_target 'ema': the teacher keeps this share of its weights each step "
-        "and takes the rest from the tower's.",
+        "all of them, as it must for users with few friends (docs/quality.md).",
     )
     mae_weight: float | None = Field(None, ge=0, description="None: the objective's default.")
     mae_fraction: float = Field(0.5, gt=0, le=1)

@@ -30,13 +30,11 @@ from training.features import (
 )
 from training.losses import cca_ssg_loss, scaled_cosine_error
 from training.model import LossConfig, SSMTLModel, split_inputs
-from training.optimizer import make_optimizer
 from training.pipeline import PairSampler, embed_all
 from training.tower import UserTower, transform_constants, transform_profile_tf
 from training.train import (
     TrainingContext,
     aux_user_count,
-    build_model,
     loss_config,
     make_train_step,
     read_run_config,
@@ -382,48 +380,6 @@ def test_clean_cca_target_is_the_unaugmented_embedding_under_a_stop_gradient(ctx
         clean = cfg.model_copy(update={"cca_target": "clean"})
         assert (run_name(cfg) != run_name(clean)) == differs
     assert loss_config(SMALL.model_copy(update={"cca_target": "clean"})).cca_target == "clean"
-
-
-def test_ema_teacher_starts_as_the_towers_copy_and_follows_it_by_its_momentum(ctx):
-    """``cca_target: ema``: the teacher starts as the tower's copy (so with no augmentation the
-    loss is at the optimum), takes no gradient, and after a step holds momentum * itself +
-    (1 - momentum) * the updated tower. It names a new run only where CCA-SSG reads it."""
-    off = {"feature_drop": 0.0, "neighbour_drop": 0.0, "cca_fraction": 1.0, "cca_id_drop": 0.0}
-    cfg = SMALL.model_copy(
-        update={"objective": "cca", "cca_target": "ema", "cca_ema_momentum": 0.9, **off}
-    )
-    model = build_model(ctx, cfg, seed=1)
-    tower, teacher = model.tower, model.teacher
-    assert teacher is not None and teacher is not tower
-    before = [w.numpy().copy() for w in tower.weights]
-    assert len(before) == len(teacher.weights) > 3
-    for t, s in zip(teacher.weights, before, strict=True):
-        np.testing.assert_array_equal(t.numpy(), s)
-    assert not {id(v) for v in teacher.weights} & {id(v) for v in model.trainable_variables}
-
-    batch = first_batch(ctx)
-    query, candidate = split_inputs(batch, "q/"), split_inputs(batch, "c/")
-    friends = tower.friend_states(query)
-    whole = teacher.embed(query, exclude=candidate)
-    optimum = float(cca_ssg_loss(whole, whole, model.loss_config.cca_lambda))
-    got = float(model.cca_loss(query, candidate, friends, training=True))
-    assert got == pytest.approx(optimum, rel=1e-5)
-
-    step = make_train_step(model, make_optimizer(cfg.learning_rate))
-    step(batch)
-    moved = 0
-    for t, s0, s1 in zip(teacher.weights, before, tower.weights, strict=True):
-        np.testing.assert_allclose(t.numpy(), 0.9 * s0 + 0.1 * s1.numpy(), rtol=1e-5, atol=1e-7)
-        moved += int(not np.array_equal(s1.numpy(), s0))
-    assert moved > 3, "the step must have moved the tower"
-    for objective, differs in (("cca", True), ("ssmtl", True), ("baseline", False), ("mae", False)):
-        plain = SMALL.model_copy(update={"objective": objective})
-        ema = plain.model_copy(update={"cca_target": "ema"})
-        assert (run_name(plain) != run_name(ema)) == differs
-        faster = ema.model_copy(update={"cca_ema_momentum": 0.9})
-        assert (run_name(ema) != run_name(faster)) == differs
-    with pytest.raises(ValueError, match="teacher"):
-        SSMTLModel(tower, LossConfig.for_objective("cca", cca_target="ema"))
 
 
 def test_runs_from_before_an_added_setting_read_back_as_trained(tmp_path):

@@ -45,11 +45,8 @@ class LossConfig:
     # dimension by a mean-1 log-normal factor of this sigma (perturbs what dropping removes).
     view_noise: float = 0.0
     # "clean": one view is the user's unaugmented embedding under a stop-gradient, the other
-    # augmented; the invariance term then asks the augmented one to recover it. "ema": that
-    # embedding by a teacher tower whose weights are the moving average of the tower's (this
-    # momentum per step), which the tower's ignoring an input does not move.
-    cca_target: Literal["views", "clean", "ema"] = "views"
-    cca_ema_momentum: float = 0.99
+    # augmented; the invariance term then asks the augmented one to recover it.
+    cca_target: Literal["views", "clean"] = "views"
     mae_weight: float = 0.0
     mae_fraction: float = 0.5
     mae_gamma: float = 2.0
@@ -110,16 +107,9 @@ class SSMTLModel(tfrs.Model):
     """Training-time wrapper: serving uses ``self.tower`` alone."""
 
     def __init__(
-        self,
-        tower: UserTower,
-        losses: LossConfig,
-        seed: int = 0,
-        share_states: bool = True,
-        teacher: UserTower | None = None,
+        self, tower: UserTower, losses: LossConfig, seed: int = 0, share_states: bool = True
     ) -> None:
-        """``teacher``: a second tower of the same shape, CCA-SSG's target under ``cca_target``
-        'ema' (``start_teacher`` makes it the tower's copy; ``update_teacher`` moves it after
-        each step). ``share_states``: compute each distinct friend's layer 0 once per batch, each
+        """``share_states``: compute each distinct friend's layer 0 once per batch, each
         anchor's own encoding and guarded neighbourhood once for every pass that uses them, and
         look embeddings up only for the ids present (``pooled_lookup``): the same loss and
         gradients, to float rounding, several times faster on CPU (docs/model.md). False: every
@@ -128,12 +118,6 @@ class SSMTLModel(tfrs.Model):
         super().__init__()
         self.tower = tower
         self.loss_config = losses
-        self.teacher = None
-        if losses.cca_weight > 0 and losses.cca_target == "ema":
-            if teacher is None:
-                raise ValueError("cca_target 'ema' needs a teacher tower of the tower's shape")
-            teacher.trainable = False  # it learns by ``update_teacher`` alone
-            self.teacher = teacher
         self.share_states = share_states
         # Mean over the batch, as in PAPER.md (TFRS defaults to a sum, which would rescale the
         # auxiliary weights with the batch size). Keras refuses SUM_OVER_BATCH_SIZE inside a
@@ -172,31 +156,6 @@ class SSMTLModel(tfrs.Model):
         self.loss_trackers = {
             name: tf.keras.metrics.Mean(name=name) for name in ("retrieval", "cca", "mae")
         }
-
-    def _teacher_pairs(self) -> list[tuple[tf.Variable, tf.Variable]]:
-        pairs = list(zip(self.teacher.weights, self.tower.weights, strict=True))
-        for t, s in pairs:
-            if t.shape != s.shape:
-                raise ValueError(f"teacher weight {t.name} {t.shape} against {s.name} {s.shape}")
-        return pairs
-
-    def start_teacher(self, inputs: dict[str, tf.Tensor]) -> None:
-        """Build the tower and the teacher on ``inputs`` (a few users) and make the teacher
-        the tower's copy; a restored checkpoint then overwrites both. No teacher: a no-op."""
-        if self.teacher is None:
-            return
-        self.tower(inputs)
-        self.teacher(inputs)
-        for t, s in self._teacher_pairs():
-            t.assign(s)
-
-    def update_teacher(self) -> None:
-        """After a step: teacher <- momentum * teacher + (1 - momentum) * tower."""
-        if self.teacher is None:
-            return
-        momentum = self.loss_config.cca_ema_momentum
-        for t, s in self._teacher_pairs():
-            t.assign(momentum * t + (1.0 - momentum) * s)
 
     def embed_pair_side(
         self, side: dict[str, tf.Tensor], other: dict[str, tf.Tensor] | None, **hooks: Any
@@ -337,8 +296,7 @@ class SSMTLModel(tfrs.Model):
         'views', both independently augmented (feature masking of their own ids, neighbour
         dropping, id-vector dropping, noise); under 'clean', the first is the anchors'
         unaugmented embedding under a stop-gradient, a target the augmented one is pulled
-        towards but that the term cannot move; under 'ema', that embedding by the teacher
-        (its own friends' states and neighbourhood, inference mode)."""
+        towards but that the term cannot move."""
         cfg = self.loss_config
         m, q, c = self._heads(query, candidate, cfg.cca_fraction, pairs)
         shared = {
@@ -348,9 +306,6 @@ class SSMTLModel(tfrs.Model):
         }
         views = []
         for view in range(2):
-            if view == 0 and self.teacher is not None:
-                views.append(tf.stop_gradient(self.teacher.embed(q, exclude=c)))
-                continue
             if view == 0 and cfg.cca_target == "clean":
                 # No id dropout either: the target is the embedding the service computes.
                 whole = tf.ones([m, 1])

@@ -33,7 +33,7 @@ from training.evaluation import (
     per_user_metrics,
     topk_from_embeddings,
 )
-from training.features import FeatureTable, InputSpec, sample_neighbours, tower_inputs
+from training.features import FeatureTable, InputSpec
 from training.model import LossConfig, SSMTLModel
 from training.optimizer import make_optimizer
 from training.pipeline import PairSampler, embed_all, layer1_states, readout_rows
@@ -64,7 +64,6 @@ def loss_config(cfg: TrainingSettings) -> LossConfig:
             "neighbour_drop",
             "view_noise",
             "cca_target",
-            "cca_ema_momentum",
             "mae_fraction",
             "mae_gamma",
         )
@@ -132,7 +131,6 @@ ADDED_SETTINGS: dict[str, tuple[object, tuple[str, ...] | None]] = {
     "aux_users": ("pairs", ("cca_weight", "mae_weight")),
     "view_noise": (0.0, ("cca_weight",)),
     "cca_target": ("views", ("cca_weight",)),
-    "cca_ema_momentum": (0.99, ("cca_weight",)),
 }
 
 
@@ -231,25 +229,6 @@ class TrainingContext:
         )
 
 
-def build_model(
-    ctx: TrainingContext, cfg: TrainingSettings, seed: int, share_states: bool = True
-) -> SSMTLModel:
-    """The training model of ``cfg``: its tower, and under ``cca_target`` 'ema' a teacher tower
-    of the same shape, built and made the tower's copy (on the first few users)."""
-    losses = loss_config(cfg)
-    tower = ctx.build_tower(cfg)
-    teacher = None
-    if losses.cca_weight > 0 and losses.cca_target == "ema":
-        teacher = ctx.build_tower(cfg)
-    model = SSMTLModel(tower, losses, seed=seed, share_states=share_states, teacher=teacher)
-    if teacher is not None:
-        rows = np.arange(min(4, len(ctx.table.user_ids)))
-        neighbours = sample_neighbours(ctx.table, rows, cfg.fanout, np.random.default_rng(0))
-        inputs = tower_inputs(ctx.table, rows, neighbours)
-        model.start_teacher({k: tf.constant(v) for k, v in inputs.items()})
-    return model
-
-
 @dataclass(frozen=True)
 class Cluster:
     """This process's place in a data-parallel group (``training/distributed.py`` starts one
@@ -303,8 +282,6 @@ def make_train_step(
         optimizer.apply_gradients(
             [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
         )
-        if strategy is None:
-            model.update_teacher()
         return loss
 
     if strategy is None:
@@ -313,7 +290,6 @@ def make_train_step(
     @tf.function(reduce_retracing=True)
     def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
         per_replica = strategy.run(step, args=(batch,))
-        model.update_teacher()  # cross-replica: every replica's copy gets the same update
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
     return train_step
@@ -440,8 +416,8 @@ def _train(
     chief = cluster is None or cluster.is_chief
     shard, shards = (cluster.index, cluster.size) if cluster else (0, 1)
     with cluster.strategy.scope() if cluster else contextlib.nullcontext():
-        model = build_model(ctx, cfg, seed=cfg.seed + 7919 * shard)
-        tower = model.tower
+        tower = ctx.build_tower(cfg)
+        model = SSMTLModel(tower, loss_config(cfg), seed=cfg.seed + 7919 * shard)
         optimizer = make_optimizer(cfg.learning_rate)
     sampler = make_sampler(ctx, cfg, shard, shards)
     # Every worker of a group takes part in validation (``group_topk``).
