@@ -280,6 +280,25 @@ def test_cca_projector_is_trained_through_the_cca_loss_only(ctx):
     assert run_name(cfg) == run_name(cfg.model_copy(update={"cca_projector_dim": 0}))
 
 
+def unaugmented_optimum(
+    tower: UserTower,
+    query: dict[str, tf.Tensor],
+    candidate: dict[str, tf.Tensor],
+    friends: tf.Tensor,
+    lambd: float,
+) -> float:
+    """CCA-SSG of the anchors' unaugmented embedding (no id dropout) with itself: the loss when
+    both views are that embedding, its optimum for these users."""
+    view = tower.embed(
+        query,
+        exclude=candidate,
+        friend_states=friends,
+        training=True,
+        id_vector_keep=tf.ones([tf.shape(friends)[0], 1]),
+    )
+    return float(cca_ssg_loss(view, view, lambd))
+
+
 def test_cca_id_drop_sets_the_views_user_id_augmentation(ctx):
     """``cca_id_drop`` replaces the tower's id dropout inside the CCA views: at 0 (and no other
     augmentation) both views are the same embedding, so the invariance term is at its optimum;
@@ -290,14 +309,7 @@ def test_cca_id_drop_sets_the_views_user_id_augmentation(ctx):
     friends = tower.friend_states(query, training=True)
     rates = {"feature_drop": 0.0, "neighbour_drop": 0.0, "cca_fraction": 1.0}
     same = SSMTLModel(tower, LossConfig.for_objective("cca", cca_id_drop=0.0, **rates), seed=1)
-    view = tower.embed(
-        query,
-        exclude=candidate,
-        friend_states=friends,
-        training=True,
-        id_vector_keep=tf.ones([SMALL.batch_size, 1]),
-    )
-    expected = float(cca_ssg_loss(view, view, same.loss_config.cca_lambda))
+    expected = unaugmented_optimum(tower, query, candidate, friends, same.loss_config.cca_lambda)
     got = float(same.cca_loss(query, candidate, friends, training=True))
     assert got == pytest.approx(expected, rel=1e-5)
     dropped = SSMTLModel(tower, LossConfig.for_objective("cca", cca_id_drop=None, **rates), seed=1)
@@ -349,14 +361,9 @@ def test_clean_cca_target_is_the_unaugmented_embedding_under_a_stop_gradient(ctx
         for target in ("views", "clean")
     }
     friends = tower.friend_states(query)  # one draw of the friends for every pass
-    whole = tower.embed(
-        query,
-        exclude=candidate,
-        training=True,
-        friend_states=friends,
-        id_vector_keep=tf.ones([SMALL.batch_size, 1]),
+    optimum = unaugmented_optimum(
+        tower, query, candidate, friends, models["clean"].loss_config.cca_lambda
     )
-    optimum = float(cca_ssg_loss(whole, whole, models["clean"].loss_config.cca_lambda))
     grads = {}
     for target, model in models.items():
         with tf.GradientTape() as tape:
