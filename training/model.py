@@ -304,52 +304,47 @@ class SSMTLModel(tfrs.Model):
             "friend_states": friend_states[:m],
             "neighbourhood": None if neighbourhood is None else neighbourhood[:m],
         }
-        views = []
-        for view in range(2):
-            if view == 0 and cfg.cca_target == "clean":
-                # No id dropout either: the target is the embedding the service computes.
-                whole = tf.ones([m, 1])
-                own = None
-                if self.share_states:
-                    own = self.tower.encode_self(self_node(q), None, training, whole, pooled=True)
-                target = self.embed_pair_side(
-                    q, c, own_override=own, id_vector_keep=whole, **shared
+
+        def view(augmented: bool) -> tf.Tensor:
+            """One view; unaugmented: no drop and no id dropout (what the service computes)."""
+            id_keep = friend_keep = None
+            vector_keep = None if augmented else tf.ones([m, 1])
+            if augmented:
+                id_keep = tf.cast(
+                    self.rng.uniform(tf.shape(q["self_sparse_ids"])) >= cfg.feature_drop,
+                    tf.float32,
                 )
-                views.append(tf.stop_gradient(target))
-                continue
-            id_keep = tf.cast(
-                self.rng.uniform(tf.shape(q["self_sparse_ids"])) >= cfg.feature_drop, tf.float32
-            )
-            friend_keep = tf.cast(
-                self.rng.uniform(tf.shape(q["friend_mask"])) >= cfg.neighbour_drop, tf.float32
-            )
-            vector_keep = None
-            if cfg.cca_id_drop is not None:
-                kept = tf.cast(self.rng.uniform([m, 1]) >= cfg.cca_id_drop, tf.float32)
-                vector_keep = kept / (1.0 - cfg.cca_id_drop)  # dropout's scaling
-            if cfg.view_noise > 0:
-                id_keep *= self._noise(tf.shape(id_keep))
-                friend_keep *= self._noise(tf.shape(friend_keep))
-                if self.tower.id_dim:
-                    if vector_keep is None:  # the tower's id dropout, as without noise
-                        vector_keep = self.tower.draw_id_keep([m], training)
-                    vector_keep *= self._noise([m, self.tower.id_dim])
+                friend_keep = tf.cast(
+                    self.rng.uniform(tf.shape(q["friend_mask"])) >= cfg.neighbour_drop,
+                    tf.float32,
+                )
+                if cfg.cca_id_drop is not None:
+                    kept = tf.cast(self.rng.uniform([m, 1]) >= cfg.cca_id_drop, tf.float32)
+                    vector_keep = kept / (1.0 - cfg.cca_id_drop)  # dropout's scaling
+                if cfg.view_noise > 0:
+                    id_keep *= self._noise(tf.shape(id_keep))
+                    friend_keep *= self._noise(tf.shape(friend_keep))
+                    if self.tower.id_dim:
+                        if vector_keep is None:  # the tower's id dropout, as without noise
+                            vector_keep = self.tower.draw_id_keep([m], training)
+                        vector_keep *= self._noise([m, self.tower.id_dim])
             own = None
             if self.share_states:  # training's lookups (``pooled_lookup``), as the main pass
                 own = self.tower.encode_self(
                     self_node(q), id_keep, training, vector_keep, pooled=True
                 )
-            views.append(
-                self.embed_pair_side(
-                    q,
-                    c,
-                    own_override=own,
-                    id_keep=id_keep,
-                    id_vector_keep=vector_keep,
-                    friend_keep=friend_keep,
-                    **shared,
-                )
+            return self.embed_pair_side(
+                q,
+                c,
+                own_override=own,
+                id_keep=id_keep,
+                id_vector_keep=vector_keep,
+                friend_keep=friend_keep,
+                **shared,
             )
+
+        first = view(True) if cfg.cca_target == "views" else tf.stop_gradient(view(False))
+        views = [first, view(True)]
         if cfg.cca_projector_dim > 0:
             views = [self.cca_projector(v) for v in views]
         return cca_ssg_loss(views[0], views[1], cfg.cca_lambda)

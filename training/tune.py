@@ -2,22 +2,23 @@
 
 What works depends on the graph (docs/quality.md: CCA-SSG carries the Twitch gain, masked
 reconstruction GitHub's), so the choice is a command a team runs on its own graph. A bounded,
-ordered search: first the settings as they are (the defaults), then the auxiliary-loss weights (the
-single-task baseline among them), then, around the best so far, the auxiliary losses on uniformly
-drawn users, CCA-SSG's fixed target, the paper's feature masking in CCA-SSG's views, the
-temperature, the embedding and id widths, mixed negatives and the log-Q strength. Each trial is an
-ordinary training run (early stopping on validation Recall@50, cached by its settings, so a second
-`tune` reuses finished trials, and a change that leaves the model as it is, none at all); no trial
-starts once the time budget would be exceeded by a trial as long as the average trained one (cached
-ones restore in seconds and do not count). Every trial's gain over the defaults is reported with its
-paired-bootstrap 95 % CI over validation users, so a team sees how much of it a sample of this size
-can resolve. The best validation Recall@50 is chosen; with ``require_significance`` a trial replaces
-the defaults only where that CI lies above 0 (the best trial that clears it, else the defaults), for
-teams that would rather not ship a change noise may have chosen. Not the default: on the six Twitch
-graphs (1-4k validation users, CIs 2.6-7.8 points wide) it kept the defaults everywhere and gave up
-test gains the plain choice had (PTBR +2.3 %, FR +1.5 %, both with CIs above 0; docs/quality.md,
-`friendrec bench tune-gate`). Then the blend of the chosen model with friends-of-friends is fitted
-on the same edges.
+ordered search: first the settings as they are (the defaults), then the auxiliary-loss weights
+(the single-task baseline among them), then, around the best so far, the auxiliary losses on
+uniformly drawn users, CCA-SSG's fixed target, the paper's feature masking in CCA-SSG's views,
+the temperature, the embedding and id widths, mixed negatives and the log-Q strength. Each trial
+is an ordinary training run (early stopping on validation Recall@50, cached by its settings, so a
+second `tune` reuses finished trials, and a change that leaves the model as it is, none at all);
+no trial starts once the time budget would be exceeded by a trial as long as the average trained
+one (cached ones restore in seconds and do not count). Every trial's gain over the defaults is
+reported with its paired-bootstrap 95 % CI over validation users, so a team sees how much of it
+a sample of this size can resolve. The best validation Recall@50 is chosen; with
+``require_significance`` a trial replaces the defaults only where that CI lies above 0 (the
+best trial that clears it, else the defaults), for teams that would rather not ship a change
+noise may have chosen. Not the default: on the six Twitch graphs (1-4k validation users, CIs
+2.6-7.8 points wide) it kept the defaults everywhere and gave up test gains the plain choice
+had (PTBR +2.3 %, FR +1.5 %, both with CIs above 0; docs/quality.md, `friendrec bench
+tune-gate`). Then the blend of the chosen model with friends-of-friends is fitted on the same
+edges.
 
 Writes a settings YAML (``friendrec --config tuned.yaml train`` takes it; ``friendrec up`` serves
 with its blend) and the table of what was tried (markdown and JSON beside it). Test edges are
