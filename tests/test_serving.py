@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -67,7 +69,18 @@ def stack(exported_models: ExportedModels, tmp_path_factory) -> Iterator[Stack]:
     milvus.start()
     settings = _with(exported_models.settings, "milvus", uri=milvus.uri)
     settings = _with(settings, "tfserving", port=free_port(), poll_seconds=0.2)
-    settings = _with(settings, "serving", metrics_port=free_port(), alias_refresh_s=0.2)
+    # The 1 s production deadlines are latency budgets; these tests check answers, and on a
+    # loaded 2-core CI runner (client threads plus an index build in this process) a store read
+    # can wait past 1 s for the GIL. test_a_slow_store_gives_deadline_exceeded_... checks them.
+    settings = _with(
+        settings,
+        "serving",
+        metrics_port=free_port(),
+        alias_refresh_s=0.2,
+        feast_timeout_s=10.0,
+        tfserving_timeout_s=10.0,
+        milvus_timeout_s=10.0,
+    )
     settings = _with(settings, "streaming", state_path=work / "friend_state.db")
     tfserving = TFServingProcess(settings, settings.tfserving.port)
     tfserving.start()
@@ -446,6 +459,33 @@ def test_a_stopped_dependency_gives_unavailable_and_the_service_recovers(stack: 
                     time.sleep(0.2)
 
 
+def test_a_slow_store_gives_deadline_exceeded_and_the_service_recovers(stack: Stack):
+    """A TF Serving that holds the call (its process paused) costs one DEADLINE_EXCEEDED near
+    the configured deadline, not a hung worker; once it answers again so does the service."""
+    deadline_s = 0.5
+    settings = _with(stack.settings, "serving", tfserving_timeout_s=deadline_s, metrics_port=0)
+    service = start_service(settings, port=0, probe_seconds=0.2)
+    users = [int(u) for u in stack.models.user_ids[20:23]]
+    pid = stack.tfserving.proc.pid
+    try:
+        with RecommenderClient(settings, f"127.0.0.1:{service.port}", timeout_s=30) as client:
+            client.recommend(recommend_request(users[0], 5))  # the input spec is now cached
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as err:
+                    client.recommend(recommend_request(users[1], 5))
+                waited = time.monotonic() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+            assert err.value.details() == "TF Serving did not answer in time"
+            assert deadline_s <= waited < 10 * deadline_s + 5
+            assert len(client.recommend(recommend_request(users[2], 5)).candidates) == 5
+    finally:
+        service.stop(grace=None)
+
+
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
@@ -496,7 +536,6 @@ def test_tls_and_bearer_token(stack: Stack, tmp_path: Path):
 
 def test_cli_recommend_takes_the_address_from_the_settings(stack: Stack):
     import json
-    import os
     import sys
 
     user = int(stack.models.user_ids[11])
