@@ -71,7 +71,8 @@ def stack(exported_models: ExportedModels, tmp_path_factory) -> Iterator[Stack]:
     settings = _with(settings, "tfserving", port=free_port(), poll_seconds=0.2)
     # The 1 s production deadlines are latency budgets; these tests check answers, and on a
     # loaded 2-core CI runner (client threads plus an index build in this process) a store read
-    # can wait past 1 s for the GIL. test_a_slow_store_gives_deadline_exceeded_... checks them.
+    # can wait past 1 s for the GIL. The deadlines themselves:
+    # test_a_slow_store_gives_deadline_exceeded_and_the_service_recovers.
     settings = _with(
         settings,
         "serving",
