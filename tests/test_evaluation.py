@@ -398,6 +398,24 @@ def test_stacked_perceptrons_score_the_mean_of_their_members():
         stack_members([member((4,)), member(())])
 
 
+def test_ranker_members_fitted_together_are_each_the_fit_it_would_be_alone():
+    """The members of a ranker share one training step; each must still be the perceptron its
+    seed gives alone (its own initial weights and batch order, no coupling through the loss),
+    and different seeds must give different members."""
+    from training.blend_ranker import _fit_members
+
+    rng = np.random.default_rng(4)
+    groups = []
+    for _ in range(150):
+        x = rng.standard_normal((int(rng.integers(5, 30)), len(BLEND_FEATURES)))
+        groups.append((x, (x[:, 0] + x[:, 8] * x[:, 9] > 1.0).astype(float)))
+    together = _fit_members(groups, (8, 8), 3, [1, 1001])
+    alone = _fit_members(groups, (8, 8), 3, [1001])[0]
+    probe = rng.standard_normal((60, len(BLEND_FEATURES)))
+    np.testing.assert_allclose(together[1].score(probe), alone.score(probe), rtol=1e-3, atol=1e-3)
+    assert not np.allclose(together[0].score(probe), together[1].score(probe), atol=1e-2)
+
+
 def test_blend_ranker_fitted_on_validation_learns_a_degree_preference_that_flips():
     """Held-out friends planted at the candidate of highest degree for users with at most 20
     friends and at the one of lowest degree for the others: neither source alone puts it

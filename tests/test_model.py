@@ -3,6 +3,7 @@ training progress, export round trip, and training/serving parity through Feast.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -651,17 +652,28 @@ def test_train_resumes_and_evaluate_writes_the_report(ctx, tmp_path):
     assert "adamic_adar" in (tmp_path / "report" / "metrics.md").read_text()
 
 
-def test_bench_quality_reports_the_blend_its_ceiling_and_the_degree_buckets(engb_store, tmp_path):
+@pytest.fixture(scope="module")
+def quality_entry(engb_store, tmp_path_factory):
+    """One ``bench quality`` per-graph entry on 3-step models, with ``--tune-minutes`` (a budget
+    that stops `tune` after its first trial) and ``--blend-without-reads``: its settings, the
+    entry and the report folder. Two tests read it; each run costs minutes on 2 cores."""
+    from bench.quality import evaluate_dataset
+
+    out = tmp_path_factory.mktemp("quality")
+    quick = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 3})
+    settings = engb_store.model_copy(update={"training": quick, "workdir": out / "w"})
+    entry = evaluate_dataset(
+        settings, "twitch/ENGB", [0], ["baseline"], 1, out, tune_budget_s=1.0,
+        blend_without_reads=True,
+    )  # fmt: skip
+    return settings, entry, out
+
+
+def test_bench_quality_reports_the_blend_its_ceiling_and_the_degree_buckets(quality_entry):
     """``bench quality``'s per-graph entry on a 3-step model: the blend fitted on validation and
     judged on test, never above the recall of the two lists it merges; with
     ``--blend-without-reads`` the blend without vector reads beside it, fitted on the bound."""
-    from bench.quality import evaluate_dataset
-
-    quick = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 3})
-    settings = engb_store.model_copy(update={"training": quick})
-    entry = evaluate_dataset(
-        settings, "twitch/ENGB", [0], ["baseline"], 1, tmp_path, blend_without_reads=True
-    )
+    _, entry, out = quality_entry
     results = entry["results"]
     blends = {
         "blend (baseline)": "blend_gain",
@@ -688,23 +700,20 @@ def test_bench_quality_reports_the_blend_its_ceiling_and_the_degree_buckets(engb
         assert 0.0 < chosen["val_recall50"] <= 1.0
         # A source's order reads no vectors; a fitted ranker reads them as it was asked.
         assert chosen["ranker"]["reads_vectors"] == (reads and chosen["chosen"] == "blend")
-    assert (tmp_path / "twitch_engb" / "metrics.md").exists()
+    assert (out / "twitch_engb" / "metrics.md").exists()
 
 
-def test_tune_gate_replays_the_recorded_trials_without_training(engb_store, tmp_path):
+def test_tune_gate_replays_the_recorded_trials_without_training(quality_entry, tmp_path):
     """`bench tune-gate` on a `bench quality --tune-minutes` entry: the trial restored from its
     cached run, scored per validation user, gives the validation figure `tune` recorded; no run
     is trained; the rule's choice and its test figures come out."""
-    from bench.quality import evaluate_dataset
     from bench.tune_gate import replay
     from bench.tune_gate import run as run_gate
     from friendrec.errors import FriendrecError
     from training.runs import runs_dir
 
-    quick = SMALL.model_copy(update={"epochs": 1, "max_steps_per_epoch": 3})
-    settings = engb_store.model_copy(update={"training": quick, "workdir": tmp_path / "w"})
-    entry = evaluate_dataset(settings, "twitch/ENGB", [0], ["baseline", "ssmtl"], 1, tmp_path,
-                             tune_budget_s=1.0)  # fmt: skip
+    settings, entry, _ = quality_entry
+    entry = copy.deepcopy(entry)  # the fixture's is shared; a trial is added below
     ctx = TrainingContext.load(settings, "twitch/ENGB")
     runs = sorted(p.name for p in runs_dir(ctx).iterdir())
     replayed = replay(settings, entry, 1)
