@@ -118,9 +118,8 @@ def _fit_members(
     order, its own Adam moments), but all in one training step: the members' weights are
     stacked on a leading axis and the step minimises the sum of their losses, whose gradient
     for each member is its own loss's (Adam's moments are per weight). One traced step instead
-    of one per member, and a third of the steps: the fits took two thirds of a `bench quality`
-    entry on a small graph; on 2,000 users of 100-200 candidates a fit of three now takes 12 s
-    against 14 s on 2 cores (the arithmetic is the same; tracing and per-step overhead go)."""
+    of one per member, and a third of the steps: fitted one by one, the members took most of a
+    `bench quality` entry's time on a small graph (`pytest --durations`)."""
     import tensorflow as tf
 
     groups = [(x, y) for x, y in groups if len(x) and np.any(y)]
